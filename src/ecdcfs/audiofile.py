@@ -1,0 +1,303 @@
+"""Random access to an .ecdc file as the bytes of a WAV file.
+
+Bytes map to samples, samples to the frames whose decoded output overlaps them; those
+frames come from the shared :class:`~ecdcfs.scheduler.FrameScheduler` (decoded once) and
+are blended with encodec's triangular overlap-add, reproduced sample for sample.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import logging
+import math
+import os
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .codec import Codec, DecodedFrame, ModelUnavailable, decode_lm_frame, overlap_add_weights
+from .container import SCALE, ContainerError, EcdcError, Header, ModelSpec, read_header
+from .container import parse_header, unpack_codes
+from .index import CodeIndex, IndexStore
+from .scheduler import FrameScheduler
+from .wav import WavLayout, float_to_pcm16
+
+log = logging.getLogger(__name__)
+
+# Until 24 kHz files stream in bounded memory they are decoded whole; cap what that costs.
+MAX_WHOLE_FILE_SECONDS = 600
+# Read-ahead never asks for more than this share of the cache, so it cannot evict itself.
+READ_AHEAD_CACHE_SHARE = 4
+MAX_READ_AHEAD_FRAMES = 64
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/ecdcfs`` (``~/.cache/ecdcfs``): where LM code indexes persist."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "ecdcfs"
+
+
+@dataclass
+class Settings:
+    """Everything a user can tune about decoding."""
+
+    device: str | None = None  # None: cuda when available, else cpu
+    cache_mb: int = 512  # decoded-frame cache cap
+    bufsize: int = 1  # initial read-ahead window, in frames; grows by this much per step
+    cache_dir: Path | None = field(default_factory=default_cache_dir)  # None: no persistence
+
+
+def wav_layout(header: Header) -> WavLayout:
+    """The WAV file that presents this header's audio."""
+    return WavLayout(
+        header.model.channels, header.sample_rate, header.audio_length, header.title, header.source
+    )
+
+
+def probe(path: Path) -> WavLayout:
+    """WAV layout of an .ecdc file from its header alone (no decoding, no torch)."""
+    with open(path, "rb") as f:
+        return wav_layout(read_header(f, os.fstat(f.fileno()).st_size))
+
+
+class Engine:
+    """Decoding machinery shared by every open file: models, frame cache, code indexes."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        self.scheduler = FrameScheduler(self.settings.cache_mb << 20)
+        self.indexes = IndexStore(self.settings.cache_dir)
+        self._codecs: dict[str, Codec | ModelUnavailable] = {}
+        self._codec_lock = threading.Lock()
+
+    @property
+    def max_read_ahead(self) -> int:
+        frame_bytes = 2 * 48_000 * 4  # a 48 kHz stereo float32 frame, the common case
+        share = self.scheduler.capacity_bytes // (READ_AHEAD_CACHE_SHARE * frame_bytes)
+        return max(self.settings.bufsize, min(MAX_READ_AHEAD_FRAMES, share))
+
+    def codec(self, spec: ModelSpec) -> Codec:
+        """The loaded model for ``spec``; a load failure is reported once and remembered."""
+        with self._codec_lock:
+            entry = self._codecs.get(spec.name)
+            if entry is None:
+                try:
+                    from .codec import default_device
+
+                    entry = Codec(spec, self.settings.device or default_device())
+                except ModelUnavailable as exc:
+                    log.error("%s", exc)
+                    entry = exc
+                self._codecs[spec.name] = entry
+        if isinstance(entry, ModelUnavailable):
+            raise entry
+        return entry
+
+    def open(self, path: Path) -> AudioFile:
+        """Snapshot and validate an .ecdc file; raise :class:`EcdcError` if it is unusable."""
+        data = Path(path).read_bytes()
+        return AudioFile(self, Path(path), data, parse_header(data, len(data)))
+
+    def close(self) -> None:
+        self.scheduler.close()
+
+
+class AudioFile:
+    """One .ecdc file, snapshotted in memory, readable as WAV bytes at any offset.
+
+    The snapshot (the compressed file, tens of kbps) makes every handle see one version of
+    the file; the content hash keys the shared frame cache, so a replaced source never
+    serves stale frames and identical files share them.
+    """
+
+    def __init__(self, engine: Engine, path: Path, data: bytes, header: Header) -> None:
+        self.engine = engine
+        self.path = path
+        self.header = header
+        self.layout = header.layout
+        self.wav = wav_layout(header)
+        self.size = self.wav.size
+        self.identity = hashlib.blake2b(data, digest_size=16).hexdigest()
+        self._data = data
+        self._wav_header = self.wav.header
+        self._index: CodeIndex | None = None
+
+    def reader(self) -> Reader:
+        """A handle with its own read-ahead window."""
+        return Reader(self)
+
+    def read(self, offset: int, size: int, reader: Reader | None = None) -> bytes:
+        """WAV bytes ``[offset, offset + size)``, short at end of file."""
+        stop = min(offset + size, self.size)
+        if offset >= stop:
+            return b""
+        header_size = len(self._wav_header)
+        head = self._wav_header[offset:stop]
+        if stop <= header_size:
+            return head
+        data_start, data_stop = max(offset, header_size) - header_size, stop - header_size
+        first, last = self.wav.samples_for_bytes(data_start, data_stop)
+        pcm = float_to_pcm16(self.samples(first, last, reader))
+        skip = data_start - first * self.wav.block_align
+        return head + pcm[skip : skip + data_stop - data_start]
+
+    def samples(self, start: int, stop: int, reader: Reader | None = None) -> np.ndarray:
+        """Decoded float32 audio ``[channels, stop - start]``, equal to encodec's decode."""
+        needed = self.layout.frames_covering(start, stop)
+        futures = {i: self.frame(i) for i in needed}
+        if reader is not None:
+            reader.read_ahead(needed)
+        frames = {i: future.result() for i, future in futures.items()}
+        if self.header.model.segment is None:  # one frame, no overlap-add
+            return frames[0].audio[:, start:stop]
+        return self._overlap_add(frames, start, stop)
+
+    def frame(self, index: int, urgent: bool = True) -> Future:
+        """Future decoded frame ``index``, shared through the engine's cache."""
+        return self.engine.scheduler.request(
+            (self.identity, index), functools.partial(self._decode, index), urgent
+        )
+
+    def _overlap_add(self, frames: dict[int, DecodedFrame], start: int, stop: int) -> np.ndarray:
+        """encodec's ``_linear_overlap_add`` restricted to ``[start, stop)``, same float order."""
+        weights = overlap_add_weights(self.layout.decoded_length(0))
+        out = np.zeros((self.wav.channels, stop - start), dtype=np.float32)
+        weight_sum = np.zeros(stop - start, dtype=np.float32)
+        for i, frame in sorted(frames.items()):
+            frame_start = self.layout.frame_start(i)
+            lo = max(start, frame_start)
+            hi = min(stop, frame_start + frame.audio.shape[-1])
+            span = slice(lo - frame_start, hi - frame_start)
+            out[:, lo - start : hi - start] += weights[span] * frame.audio[:, span]
+            weight_sum[lo - start : hi - start] += weights[span]
+        return out / weight_sum
+
+    def _decode(self, index: int) -> DecodedFrame:
+        model = self.header.model
+        if model.segment is None and self.header.audio_length > MAX_WHOLE_FILE_SECONDS * (
+            model.sample_rate
+        ):
+            raise EcdcError(
+                f"{model.name} files longer than {MAX_WHOLE_FILE_SECONDS} s cannot be decoded yet"
+            )
+        codec = self.engine.codec(model)
+        scale, codes = self._lm_codes(codec, index) if self.header.use_lm else self._codes(index)
+        if scale is not None and not math.isfinite(scale):
+            raise ContainerError(f"frame {index} has a non-finite scale {scale}")
+        return codec.decode_frame(codes.astype(np.int64), scale)
+
+    def _codes(self, index: int) -> tuple[float | None, np.ndarray]:
+        """Scale and codes of a bit-packed frame, located from the header alone."""
+        layout, model = self.layout, self.header.model
+        offset = self.header.payload_offset + layout.plain_frame_offset(index)
+        scale = None
+        if model.normalize:
+            (scale,) = SCALE.unpack_from(self._data, offset)
+            offset += SCALE.size
+        end = self.header.payload_offset + layout.plain_frame_offset(index)
+        end += layout.plain_frame_bytes(index)
+        codes = unpack_codes(
+            self._data[offset:end], layout.num_codebooks, layout.code_steps(index), model.bits
+        )
+        return scale, codes
+
+    def _lm_codes(self, codec: Codec, index: int) -> tuple[float | None, np.ndarray]:
+        """Scale and codes of an LM-coded frame, entropy-decoding (once) up to it."""
+        layout = self.layout
+        if self._index is None:
+            self._index = self.engine.indexes.get(
+                self.identity, layout.frame_count, layout.num_codebooks
+            )
+        index_ = self._index
+        with index_.lock:
+            first = len(index_)
+            base = self.header.payload_offset
+            progress = _Progress(self.path, first, index + 1) if index >= first else None
+            while len(index_) <= index:
+                frame = len(index_)
+                scale, codes, next_offset = decode_lm_frame(
+                    codec.lm,
+                    self._data,
+                    base + index_.next_offset,
+                    layout.num_codebooks,
+                    layout.code_steps(frame),
+                    self.header.model.normalize,
+                )
+                index_.append(scale, codes, next_offset - base)
+                if progress:
+                    progress.update(frame + 1)
+            scale, codes = index_.scales[index], index_.codes[index]
+        if index_.complete:
+            self.persist_index()
+        return scale, codes
+
+    def persist_index(self) -> None:
+        """Save the LM code index if it grew (no-op for bit-packed files)."""
+        if self._index is not None:
+            self.engine.indexes.persist(self.identity, self._index)
+
+
+class _Progress:
+    """Logs entropy-decoding progress every 10%, when the scan is long enough to matter."""
+
+    def __init__(self, path: Path, first: int, stop: int) -> None:
+        self.path, self.first, self.stop = path, first, stop
+        self.reported = 0
+
+    def update(self, done: int) -> None:
+        total = self.stop - self.first
+        percent = 100 * (done - self.first) // total
+        if total >= 10 and percent >= self.reported + 10:
+            self.reported = percent - percent % 10
+            log.info("indexing %s: %d%% (frame %d of %d)", self.path.name, percent, done, self.stop)
+
+
+class Reader:
+    """One open handle: reads plus a growing read-ahead window (Encodec-Stream's idea).
+
+    A reader moving forward gets a window that starts at ``bufsize`` frames and grows by
+    ``bufsize`` each time it advances into a new frame; a seek starts a new window.
+    """
+
+    def __init__(self, audio: AudioFile) -> None:
+        self.audio = audio
+        self.window = 0
+        self._last: range | None = None
+        self._ahead: list[int] = []
+
+    def read(self, offset: int, size: int) -> bytes:
+        return self.audio.read(offset, size, self)
+
+    def read_ahead(self, needed: range) -> None:
+        """Queue the frames after ``needed`` that this reader will probably want next."""
+        if not needed:
+            return
+        engine = self.audio.engine
+        bufsize = engine.settings.bufsize
+        last = self._last
+        if last is not None and last.start <= needed.start <= last.stop:
+            if needed.stop > last.stop:
+                self.window = min(self.window + bufsize, engine.max_read_ahead)
+        else:
+            self._cancel()
+            self.window = bufsize
+        self._last = needed
+        stop = min(needed.stop + self.window, self.audio.layout.frame_count)
+        for index in range(needed.stop, stop):
+            if index not in self._ahead:
+                self.audio.frame(index, urgent=False)
+                self._ahead.append(index)
+        self._ahead = [i for i in self._ahead if i >= needed.start]
+
+    def _cancel(self) -> None:
+        for index in self._ahead:
+            self.audio.engine.scheduler.cancel((self.audio.identity, index))
+        self._ahead.clear()
+
+    def close(self) -> None:
+        self._cancel()
+        self.audio.persist_index()

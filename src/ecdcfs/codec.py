@@ -1,0 +1,197 @@
+"""Encodec models: loading (standard torch.hub path), frame decoding and LM code decoding.
+
+torch and encodec are imported lazily, so that listing a folder never pays for them and a
+daemon imports them only after it has forked.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .container import SCALE, ContainerError, EcdcError, ModelSpec
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = {
+    "encodec_48khz": "encodec_48khz-7e698e3e.th",
+    "encodec_24khz": "encodec_24khz-d7cc33bc.th",
+}
+LM_CHECKPOINTS = {
+    "encodec_48khz": "encodec_lm_48khz-7add9fc3.th",
+    "encodec_24khz": "encodec_lm_24khz-1608e3c0.th",
+}
+
+
+class ModelUnavailable(EcdcError):
+    """A model could not be loaded (missing checkpoint offline, bad device...)."""
+
+
+def checkpoint_dir() -> Path:
+    """Where torch.hub looks for (and downloads) checkpoints: ``$TORCH_HOME/hub/checkpoints``."""
+    import torch.hub
+
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _load(what: str, file_name: str, loader: Any) -> Any:
+    """Run an encodec loader, turning a failed download into one clear error."""
+    try:
+        return loader()
+    except Exception as exc:  # urllib, OSError, RuntimeError from torch.load...
+        path = checkpoint_dir() / file_name
+        if path.exists():
+            raise ModelUnavailable(f"cannot load {what} from {path}: {exc}") from exc
+        raise ModelUnavailable(
+            f"{what} checkpoint {file_name} is missing and could not be downloaded ({exc}); "
+            f"put it in {path.parent}/ (or set TORCH_HOME)"
+        ) from exc
+
+
+@dataclass
+class DecodedFrame:
+    """One frame's decoder output, before overlap-add: float32 ``[channels, samples]``."""
+
+    audio: np.ndarray
+
+    @property
+    def nbytes(self) -> int:
+        return self.audio.nbytes
+
+
+class Codec:
+    """One Encodec model on one device. Frame decodes are serialised by the caller."""
+
+    def __init__(self, spec: ModelSpec, device: str) -> None:
+        from encodec import EncodecModel
+
+        constructor = {
+            "encodec_48khz": EncodecModel.encodec_model_48khz,
+            "encodec_24khz": EncodecModel.encodec_model_24khz,
+        }[spec.name]
+        self.spec = spec
+        self.device = device
+        model = _load(spec.name, CHECKPOINTS[spec.name], constructor)
+        try:
+            self.model = model.to(device)
+        except (RuntimeError, AssertionError) as exc:
+            raise ModelUnavailable(f"cannot use device {device!r}: {exc}") from exc
+        self._check_spec()
+        self._lm: Any = None
+        self._lm_lock = threading.Lock()
+        log.info("loaded %s on %s", spec.name, device)
+
+    def _check_spec(self) -> None:
+        spec, model = self.spec, self.model
+        actual = (
+            model.sample_rate,
+            model.channels,
+            model.segment_length,
+            model.segment_stride,
+            model.bits_per_codebook,
+            model.quantizer.n_q,
+            model.normalize,
+        )
+        expected = (
+            spec.sample_rate,
+            spec.channels,
+            spec.segment,
+            spec.stride,
+            spec.bits,
+            spec.max_codebooks,
+            spec.normalize,
+        )
+        if actual != expected:
+            raise ModelUnavailable(f"{spec.name} does not match its spec: {actual} != {expected}")
+
+    def decode_frame(self, codes: np.ndarray, scale: float | None) -> DecodedFrame:
+        """Decode one frame's codes ``[codebooks, steps]`` exactly as encodec does."""
+        import torch
+
+        with torch.no_grad():
+            code_tensor = torch.from_numpy(codes).to(self.device)[None]
+            scale_tensor = (
+                None if scale is None else torch.tensor(scale, device=self.device).view(1)
+            )
+            out = self.model._decode_frame((code_tensor, scale_tensor))
+        return DecodedFrame(out[0].float().cpu().numpy())
+
+    @property
+    def lm(self) -> Any:
+        """Encodec's language model for entropy-coded files (CPU: it is small and sequential)."""
+        with self._lm_lock:
+            if self._lm is None:
+                import torch
+
+                with torch.random.fork_rng(devices=[]):  # get_lm_model reseeds the global RNG
+                    lm = _load(
+                        f"{self.spec.name} LM",
+                        LM_CHECKPOINTS[self.spec.name],
+                        self.model.get_lm_model,
+                    )
+                self._lm = lm.cpu()
+            return self._lm
+
+
+@functools.lru_cache(maxsize=8)
+def overlap_add_weights(frame_length: int) -> np.ndarray:
+    """encodec's triangular overlap-add weights for frames of ``frame_length`` samples."""
+    import torch
+
+    t = torch.linspace(0, 1, frame_length + 2, dtype=torch.float32)[1:-1]
+    return (0.5 - (t - 0.5).abs()).numpy()
+
+
+def decode_lm_frame(
+    lm: Any, payload: bytes, offset: int, num_codebooks: int, steps: int, has_scale: bool
+) -> tuple[float | None, np.ndarray, int]:
+    """Entropy-decode one LM-coded frame starting at ``offset`` in ``payload``.
+
+    Returns ``(scale, codes [codebooks, steps], offset of the next frame)``. The coder and
+    LM state start fresh for every frame, as encodec writes them.
+    """
+    import torch
+    from encodec.quantization.ac import ArithmeticDecoder, build_stable_quantized_cdf
+
+    stream = io.BytesIO(payload)
+    stream.seek(offset)
+    scale = None
+    if has_scale:
+        raw = stream.read(SCALE.size)
+        if len(raw) < SCALE.size:
+            raise ContainerError("payload truncated before a frame scale")
+        (scale,) = SCALE.unpack(raw)
+    decoder = ArithmeticDecoder(stream)
+    codes = np.zeros((num_codebooks, steps), dtype=np.int64)
+    states: Any = None
+    lm_offset = 0
+    previous = torch.zeros(1, num_codebooks, 1, dtype=torch.long)
+    with torch.no_grad():
+        for t in range(steps):
+            probas, states, lm_offset = lm(previous, states, lm_offset)
+            for k in range(num_codebooks):
+                cdf = build_stable_quantized_cdf(
+                    probas[0, :, k, 0], decoder.total_range_bits, check=False
+                )
+                try:
+                    code = decoder.pull(cdf)
+                except RuntimeError as exc:  # "Binary search failed": garbage payload
+                    raise ContainerError(f"corrupt LM payload: {exc}") from None
+                if code is None:
+                    raise ContainerError("payload truncated inside an LM-coded frame")
+                codes[k, t] = code
+            previous = 1 + torch.from_numpy(codes[:, t : t + 1])[None]
+    return scale, codes, stream.tell()

@@ -1,0 +1,123 @@
+"""Decoded frames, each decoded once: a byte-bounded LRU cache in front of one decode worker.
+
+Readers ask for frames they need now (urgent) or will need soon (read-ahead). Urgent work
+always runs first; a request for a frame that is cached or already being decoded shares
+that result, so two readers never decode the same frame twice.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import threading
+from collections.abc import Callable, Hashable
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from cachetools import LRUCache
+
+from .codec import DecodedFrame
+
+log = logging.getLogger(__name__)
+
+URGENT, READ_AHEAD = 0, 1
+
+
+@dataclass
+class _Job:
+    key: Hashable
+    produce: Callable[[], DecodedFrame]
+    urgent: bool
+    future: Future = field(default_factory=Future)
+    started: bool = False
+
+
+class FrameScheduler:
+    """Cache of decoded frames plus the single worker thread that fills it.
+
+    One worker keeps CPU decoding deterministic (one frame at a time, fixed torch thread
+    count) and leaves the other cores to the readers.
+    """
+
+    def __init__(self, capacity_bytes: int) -> None:
+        self.capacity_bytes = capacity_bytes
+        self.decoded_count = 0  # frames produced since start (for benchmarks and tests)
+        self._cache: LRUCache = LRUCache(maxsize=capacity_bytes, getsizeof=lambda f: f.nbytes)
+        self._jobs: dict[Hashable, _Job] = {}
+        self._queue: list[tuple[int, int, _Job]] = []
+        self._order = itertools.count()
+        self._lock = threading.Lock()
+        self._wakeup = threading.Condition(self._lock)
+        self._closed = False
+        self._worker = threading.Thread(target=self._run, name="ecdcfs-decoder", daemon=True)
+        self._worker.start()
+
+    def request(
+        self, key: Hashable, produce: Callable[[], DecodedFrame], urgent: bool = True
+    ) -> Future:
+        """A future for frame ``key``, decoding it with ``produce`` unless cached or queued."""
+        with self._lock:
+            cached = self._cache.get(key)
+            if cached is not None:
+                done: Future = Future()
+                done.set_result(cached)
+                return done
+            job = self._jobs.get(key)
+            if job is None:
+                job = self._jobs[key] = _Job(key, produce, urgent)
+                self._push(job)
+            elif urgent and not job.urgent:
+                job.urgent = True
+                self._push(job)  # the stale read-ahead entry is skipped when popped
+            return job.future
+
+    def cancel(self, key: Hashable) -> None:
+        """Drop a queued read-ahead request nobody is waiting for."""
+        with self._lock:
+            job = self._jobs.get(key)
+            if job is not None and not job.urgent and not job.started:
+                job.future.cancel()
+                del self._jobs[key]
+
+    def is_cached(self, key: Hashable) -> bool:
+        with self._lock:
+            return key in self._cache
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            self._wakeup.notify_all()
+        self._worker.join(timeout=30)
+
+    def _push(self, job: _Job) -> None:
+        heapq.heappush(self._queue, (URGENT if job.urgent else READ_AHEAD, next(self._order), job))
+        self._wakeup.notify()
+
+    def _next_job(self) -> _Job | None:
+        with self._lock:
+            while True:
+                while not self._queue and not self._closed:
+                    self._wakeup.wait()
+                if self._closed:
+                    return None
+                _, _, job = heapq.heappop(self._queue)
+                if not job.started and not job.future.cancelled():
+                    job.started = True
+                    return job
+
+    def _run(self) -> None:
+        while (job := self._next_job()) is not None:
+            try:
+                frame = job.produce()
+            except BaseException as exc:  # handed to every waiting reader
+                with self._lock:
+                    del self._jobs[job.key]
+                job.future.set_exception(exc)
+                continue
+            with self._lock:
+                self.decoded_count += 1
+                if frame.nbytes <= self.capacity_bytes:
+                    self._cache[job.key] = frame
+                del self._jobs[job.key]
+            job.future.set_result(frame)
