@@ -20,8 +20,16 @@ from pathlib import Path
 import numpy as np
 
 from .codec import Codec, DecodedFrame, ModelUnavailable, decode_lm_frame, overlap_add_weights
-from .container import SCALE, ContainerError, EcdcError, Header, ModelSpec, read_header
-from .container import parse_header, unpack_codes
+from .container import (
+    SCALE,
+    ContainerError,
+    EcdcError,
+    Header,
+    ModelSpec,
+    parse_header,
+    read_header,
+    unpack_codes,
+)
 from .index import CodeIndex, IndexStore
 from .scheduler import FrameScheduler
 from .wav import WavLayout, float_to_pcm16
