@@ -133,6 +133,7 @@ class AudioFile:
         self._data = data
         self._wav_header = self.wav.header
         self._index: CodeIndex | None = None
+        self._index_lock = threading.Lock()
 
     def reader(self) -> Reader:
         """A handle with its own read-ahead window."""
@@ -156,7 +157,7 @@ class AudioFile:
     def samples(self, start: int, stop: int, reader: Reader | None = None) -> np.ndarray:
         """Decoded float32 audio ``[channels, stop - start]``, equal to encodec's decode."""
         needed = self.layout.frames_covering(start, stop)
-        futures = {i: self.frame(i) for i in needed}
+        futures = {i: self.frame(i) for i in needed}  # urgent: never None
         if reader is not None:
             reader.read_ahead(needed)
         frames = {i: future.result() for i, future in futures.items()}
@@ -164,11 +165,21 @@ class AudioFile:
             return frames[0].audio[:, start:stop]
         return self._overlap_add(frames, start, stop)
 
-    def frame(self, index: int, urgent: bool = True) -> Future:
-        """Future decoded frame ``index``, shared through the engine's cache."""
-        return self.engine.scheduler.request(
-            (self.identity, index), functools.partial(self._decode, index), urgent
-        )
+    def frame(self, index: int, urgent: bool = True) -> Future | None:
+        """Future decoded frame ``index``, shared through the engine's cache.
+
+        For an LM-coded file the caller first waits (urgent) for the index to reach the
+        frame, so the decode worker never blocks on indexing; read-ahead of a frame not
+        indexed yet returns None.
+        """
+        key = (self.identity, index)
+        if self.header.use_lm and not self.engine.scheduler.is_cached(key):
+            lm_index = self._lm_index()
+            if urgent:
+                lm_index.get(index)
+            elif not lm_index.has(index):
+                return None
+        return self.engine.scheduler.request(key, functools.partial(self._decode, index), urgent)
 
     def _overlap_add(self, frames: dict[int, DecodedFrame], start: int, stop: int) -> np.ndarray:
         """encodec's ``_linear_overlap_add`` restricted to ``[start, stop)``, same float order."""
@@ -193,7 +204,7 @@ class AudioFile:
                 f"{model.name} files longer than {MAX_WHOLE_FILE_SECONDS} s cannot be decoded yet"
             )
         codec = self.engine.codec(model)
-        scale, codes = self._lm_codes(codec, index) if self.header.use_lm else self._codes(index)
+        scale, codes = self._lm_index().get(index) if self.header.use_lm else self._codes(index)
         if scale is not None and not math.isfinite(scale):
             raise ContainerError(f"frame {index} has a non-finite scale {scale}")
         return codec.decode_frame(codes.astype(np.int64), scale)
@@ -213,55 +224,29 @@ class AudioFile:
         )
         return scale, codes
 
-    def _lm_codes(self, codec: Codec, index: int) -> tuple[float | None, np.ndarray]:
-        """Scale and codes of an LM-coded frame, entropy-decoding (once) up to it."""
-        layout = self.layout
-        if self._index is None:
-            self._index = self.engine.indexes.get(
-                self.identity, layout.frame_count, layout.num_codebooks
-            )
-        index_ = self._index
-        with index_.lock:
-            first = len(index_)
-            base = self.header.payload_offset
-            progress = _Progress(self.path, first, index + 1) if index >= first else None
-            while len(index_) <= index:
-                frame = len(index_)
-                scale, codes, next_offset = decode_lm_frame(
-                    codec.lm,
-                    self._data,
-                    base + index_.next_offset,
-                    layout.num_codebooks,
-                    layout.code_steps(frame),
-                    self.header.model.normalize,
+    def _lm_index(self) -> CodeIndex:
+        """The shared code index of this LM-coded file, building in the background."""
+        with self._index_lock:
+            if self._index is None:
+                layout = self.layout
+                self._index = self.engine.indexes.get(
+                    self.identity, layout.frame_count, layout.num_codebooks
                 )
-                index_.append(scale, codes, next_offset - base)
-                if progress:
-                    progress.update(frame + 1)
-            scale, codes = index_.scales[index], index_.codes[index]
-        if index_.complete:
-            self.persist_index()
-        return scale, codes
+                self.engine.indexes.build(self.identity, self._index, self._scan, self.path.name)
+            return self._index
 
-    def persist_index(self) -> None:
-        """Save the LM code index if it grew (no-op for bit-packed files)."""
-        if self._index is not None:
-            self.engine.indexes.persist(self.identity, self._index)
-
-
-class _Progress:
-    """Logs entropy-decoding progress every 10%, when the scan is long enough to matter."""
-
-    def __init__(self, path: Path, first: int, stop: int) -> None:
-        self.path, self.first, self.stop = path, first, stop
-        self.reported = 0
-
-    def update(self, done: int) -> None:
-        total = self.stop - self.first
-        percent = 100 * (done - self.first) // total
-        if total >= 10 and percent >= self.reported + 10:
-            self.reported = percent - percent % 10
-            log.info("indexing %s: %d%% (frame %d of %d)", self.path.name, percent, done, self.stop)
+    def _scan(self, frame: int, offset: int) -> tuple[float | None, np.ndarray, int]:
+        """Entropy-decode LM-coded ``frame`` at payload ``offset`` (for the index builder)."""
+        base, lm = self.header.payload_offset, self.engine.codec(self.header.model).lm
+        scale, codes, next_offset = decode_lm_frame(
+            lm,
+            self._data,
+            base + offset,
+            self.layout.num_codebooks,
+            self.layout.code_steps(frame),
+            self.header.model.normalize,
+        )
+        return scale, codes, next_offset - base
 
 
 class Reader:
@@ -297,7 +282,8 @@ class Reader:
         stop = min(needed.stop + self.window, self.audio.layout.frame_count)
         for index in range(needed.stop, stop):
             if index not in self._ahead:
-                self.audio.frame(index, urgent=False)
+                if self.audio.frame(index, urgent=False) is None:
+                    break
                 self._ahead.append(index)
         self._ahead = [i for i in self._ahead if i >= needed.start]
 
@@ -308,4 +294,3 @@ class Reader:
 
     def close(self) -> None:
         self._cancel()
-        self.audio.persist_index()

@@ -12,26 +12,38 @@ import logging
 import os
 import tempfile
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 from cachetools import LRUCache
+
+from .container import EcdcError
 
 log = logging.getLogger(__name__)
 
 _FORMAT = 1
 
 
+FrameScan = Callable[[int, int], tuple[float | None, np.ndarray, int]]
+"""``(frame, payload offset) -> (scale, codes, payload offset of the next frame)``."""
+
+
 class CodeIndex:
-    """Codes, scales and byte offsets of the first ``len(self)`` frames of one file."""
+    """Codes, scales and byte offsets of the first ``len(self)`` frames of one file.
+
+    One builder thread appends frames in order; readers wait for the frame they need.
+    """
 
     def __init__(self, frame_count: int) -> None:
         self.frame_count = frame_count
-        self.lock = threading.Lock()  # held while extending: frames decode strictly in order
+        self.changed = threading.Condition()
         self.scales: list[float | None] = []
         self.codes: list[np.ndarray] = []
         self.next_offset = 0  # payload offset of frame len(self)
         self.saved_frames = 0
+        self.error: EcdcError | None = None  # why frames from len(self) on cannot be had
+        self.building = False
 
     def __len__(self) -> int:
         return len(self.codes)
@@ -41,28 +53,50 @@ class CodeIndex:
         return len(self) >= self.frame_count
 
     def append(self, scale: float | None, codes: np.ndarray, next_offset: int) -> None:
-        self.scales.append(scale)
-        self.codes.append(codes.astype(np.uint16))
-        self.next_offset = next_offset
+        with self.changed:
+            self.scales.append(scale)
+            self.codes.append(codes.astype(np.uint16))
+            self.next_offset = next_offset
+            self.changed.notify_all()
+
+    def fail(self, error: EcdcError) -> None:
+        with self.changed:
+            self.error = error
+            self.changed.notify_all()
+
+    def has(self, frame: int) -> bool:
+        return frame < len(self)
+
+    def get(self, frame: int) -> tuple[float | None, np.ndarray]:
+        """Scale and codes of ``frame``, waiting for the builder to reach it."""
+        with self.changed:
+            while frame >= len(self) and self.error is None:
+                self.changed.wait()
+            if frame >= len(self):
+                raise self.error  # type: ignore[misc]
+            return self.scales[frame], self.codes[frame]
 
     def save(self, path: Path) -> None:
         """Write atomically (temp file + rename): readers never see half an index."""
-        lengths = np.array([c.shape[1] for c in self.codes], dtype=np.int64)
-        flat = np.concatenate([c.reshape(-1) for c in self.codes]) if self.codes else np.zeros(0)
-        scales = np.array([np.nan if s is None else s for s in self.scales], dtype=np.float64)
+        with self.changed:
+            codes, scales, next_offset = list(self.codes), list(self.scales), self.next_offset
+        arrays = {
+            "format": _FORMAT,
+            "frame_count": self.frame_count,
+            "next_offset": next_offset,
+            "lengths": np.array([c.shape[1] for c in codes], dtype=np.int64),
+            "scales": np.array([np.nan if s is None else s for s in scales], dtype=np.float64),
+            "codes": np.concatenate([c.reshape(-1) for c in codes] or [np.zeros(0, np.uint16)]),
+        }
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
-            np.savez(
-                tmp,
-                format=_FORMAT,
-                frame_count=self.frame_count,
-                next_offset=self.next_offset,
-                lengths=lengths,
-                scales=scales,
-                codes=flat.astype(np.uint16),
-            )
+            try:
+                np.savez(tmp, **arrays)
+            except BaseException:
+                os.unlink(tmp.name)
+                raise
         os.replace(tmp.name, path)
-        self.saved_frames = len(self)
+        self.saved_frames = len(codes)
 
     @classmethod
     def load(cls, path: Path, frame_count: int, num_codebooks: int) -> CodeIndex:
@@ -92,6 +126,7 @@ class IndexStore:
         self.directory = directory
         self._indexes: LRUCache = LRUCache(maxsize=in_memory)
         self._lock = threading.Lock()
+        self._builders = threading.Semaphore(1)  # indexing is CPU-bound: one file at a time
 
     def _path(self, identity: str) -> Path | None:
         return None if self.directory is None else self.directory / f"{identity}.codes.npz"
@@ -116,14 +151,47 @@ class IndexStore:
         log.info("loaded index %s (%d/%d frames)", path.name, len(index), frame_count)
         return index
 
+    def build(self, identity: str, index: CodeIndex, scan: FrameScan, label: str) -> None:
+        """Complete ``index`` in the background (once), one file at a time."""
+        with index.changed:
+            if index.building or index.complete or index.error is not None:
+                return
+            index.building = True
+        threading.Thread(
+            target=self._build,
+            args=(identity, index, scan, label),
+            name=f"ecdcfs-index-{label}",
+            daemon=True,
+        ).start()
+
+    def _build(self, identity: str, index: CodeIndex, scan: FrameScan, label: str) -> None:
+        with self._builders:
+            total, reported = index.frame_count, 0
+            while not index.complete:
+                try:
+                    index.append(*scan(len(index), index.next_offset))
+                except EcdcError as exc:
+                    log.error("%s: frame %d: %s", label, len(index), exc)
+                    index.fail(exc)
+                    break
+                except Exception as exc:  # a bug or a torch failure: fail this file only
+                    log.exception("%s: indexing failed at frame %d", label, len(index))
+                    index.fail(EcdcError(f"indexing failed: {exc}"))
+                    break
+                percent = 100 * len(index) // total
+                if total >= 10 and percent >= reported + 10:
+                    reported = percent - percent % 10
+                    log.info("indexing %s: %d%% (%d/%d frames)", label, percent, len(index), total)
+                    self.persist(identity, index)
+            self.persist(identity, index)
+
     def persist(self, identity: str, index: CodeIndex) -> None:
         """Save the index if it grew; a cache directory that fails only costs persistence."""
         path = self._path(identity)
         if path is None or len(index) <= index.saved_frames:
             return
         try:
-            with index.lock:
-                index.save(path)
+            index.save(path)
         except OSError as exc:
-            log.warning("cannot persist index to %s: %s", path, exc)
+            log.warning("cannot persist index to %s: %s; continuing without", path, exc)
             self.directory = None

@@ -1,0 +1,105 @@
+"""FUSE operations: each delegates to :class:`~ecdcfs.tree.SourceTree` (read-only).
+
+Errors map to errno values: :class:`~ecdcfs.container.EcdcError` (a bad file, a failed
+decode, a missing model) -> EIO, ``OSError`` -> its errno, any write -> EROFS. Files are
+opened without ``keep_cache``, so the kernel drops its cached pages of a file at every
+open and a source replaced since is read afresh (the frame cache is keyed by content).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Callable
+from typing import Any
+
+from mfusepy import FuseOSError, Operations
+
+from .container import EcdcError
+from .tree import SourceTree
+
+log = logging.getLogger(__name__)
+
+
+def _errno(func: Callable) -> Callable:
+    """Turn whatever an operation raises into a FuseOSError with the right errno."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any) -> Any:
+        try:
+            return func(*args)
+        except FuseOSError:
+            raise
+        except EcdcError as exc:
+            raise FuseOSError(errno.EIO) from exc
+        except OSError as exc:
+            raise FuseOSError(exc.errno if exc.errno else errno.EIO) from exc
+        except Exception as exc:
+            log.exception("unexpected error in %s%r", func.__name__, args[1:])
+            raise FuseOSError(errno.EIO) from exc
+
+    return wrapper
+
+
+def _read_only(*_args: Any) -> int:
+    raise FuseOSError(errno.EROFS)
+
+
+class EcdcFS(Operations):
+    """The mounted view of a SOURCE folder of ``.ecdc`` files."""
+
+    use_ns = True
+
+    def __init__(self, tree: SourceTree) -> None:
+        self.tree = tree
+
+    def init(self, path: str) -> None:
+        # Runs in the daemon, after the fork; the decoding engine starts on first open.
+        log.info("serving %s", self.tree.source)
+
+    def destroy(self, path: str) -> None:
+        self.tree.close()
+        log.info("unmounted %s", self.tree.source)
+
+    @_errno
+    def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+        return self.tree.getattr(path)
+
+    @_errno
+    def readdir(self, path: str, fh: int) -> list:
+        entries = [(name, {"st_mode": mode}, 0) for name, mode in self.tree.readdir(path)]
+        return [".", "..", *entries]
+
+    @_errno
+    def readlink(self, path: str) -> str:
+        return self.tree.readlink(path)
+
+    @_errno
+    def access(self, path: str, amode: int) -> int:
+        if amode & os.W_OK:
+            raise FuseOSError(errno.EROFS)
+        self.tree.resolve(path)
+        return 0
+
+    @_errno
+    def open(self, path: str, flags: int) -> int:
+        return self.tree.open(path, flags)
+
+    @_errno
+    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
+        return self.tree.read(fh, size, offset)
+
+    @_errno
+    def release(self, path: str, fh: int) -> int:
+        self.tree.release(fh)
+        return 0
+
+    @_errno
+    def statfs(self, path: str) -> dict[str, int]:
+        return self.tree.statfs()
+
+    chmod = chown = create = link = mkdir = mknod = rename = rmdir = _read_only
+    symlink = truncate = unlink = utimens = write = setxattr = removexattr = _read_only
+    fallocate = _read_only

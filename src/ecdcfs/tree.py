@@ -1,0 +1,493 @@
+"""The read-only view of a SOURCE folder that ecdcfs mounts (no FUSE here).
+
+Every regular file ``x.ecdc`` appears as ``x.wav``; everything else keeps its name:
+
+* subfolders are mirrored (a *folder* named ``x.ecdc`` stays ``x.ecdc``);
+* other regular files (cover art, playlists, text) pass through unchanged, read-only;
+* symlinks are shown as symlinks with their target text unchanged and are never followed
+  by ecdcfs itself: every path is resolved one component at a time with ``O_NOFOLLOW``,
+  so no content from outside SOURCE is ever served (a symlink named ``x.ecdc`` is a
+  symlink, not audio, so it is shown as ``x.ecdc``);
+* FIFOs, sockets and device nodes are not shown;
+* only the lowercase suffix ``.ecdc`` is converted, and a file named just ``.ecdc`` is not.
+
+Name collisions (a real entry always keeps its own name): if ``x.ecdc`` sits next to a
+real ``x.wav`` (file, folder or symlink), the decoded audio is shown as ``x.ecdc.wav``.
+If that name is taken too (by a real ``x.ecdc.wav``, or by the audio of ``x.ecdc.ecdc``,
+whose plain name it is), ``x.ecdc`` is shown unconverted under its own name. So every
+source entry stays reachable under exactly one name, and lookups need a few ``lstat``
+calls in one folder, never a listing.
+
+Attributes never decode and never load a model: an audio file's size comes from its
+header alone (:func:`~ecdcfs.audiofile.wav_layout`), cached by the source's identity
+(path, device, inode, size, mtime and ctime). Modes lose their write bits; times, owner
+and link count come from the source. A corrupt or unreadable ``.ecdc`` still lists and
+stats (size 0); opening it fails (:class:`~ecdcfs.container.EcdcError` or ``OSError``)
+with one log line naming the file and the reason.
+
+Opening ``x.wav`` snapshots the source (:class:`~ecdcfs.audiofile.AudioFile`, shared by
+every handle open on the same version of the file) and gives the handle its own
+:class:`~ecdcfs.audiofile.Reader`. The decoding :class:`~ecdcfs.audiofile.Engine` is
+created on the first audio open, so nothing decodes (and torch is not imported) before
+the mount daemon has forked.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import math
+import os
+import stat
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from cachetools import LRUCache
+
+from .audiofile import AudioFile, Engine, Reader, wav_layout
+from .codec import ModelUnavailable
+from .container import EcdcError, parse_header, read_header
+
+log = logging.getLogger(__name__)
+
+ECDC_SUFFIX = ".ecdc"
+WAV_SUFFIX = ".wav"
+WRITE_BITS = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+
+DIR, FILE, LINK, AUDIO = "dir", "file", "link", "audio"
+
+
+def _kind(mode: int) -> str | None:
+    """How a source entry of this type is shown (None: hidden)."""
+    if stat.S_ISDIR(mode):
+        return DIR
+    if stat.S_ISREG(mode):
+        return FILE
+    if stat.S_ISLNK(mode):
+        return LINK
+    return None
+
+
+def is_ecdc_name(name: str) -> bool:
+    return name.endswith(ECDC_SUFFIX) and len(name) > len(ECDC_SUFFIX)
+
+
+def placement(
+    name: str, exists: Callable[[str], bool], is_ecdc: Callable[[str], bool]
+) -> str | None:
+    """Name under which the regular file ``name`` (an ``.ecdc``) shows its audio.
+
+    ``exists(n)``: a visible real entry ``n`` is in the folder; ``is_ecdc(n)``: ``n`` is a
+    regular ``.ecdc`` file there. None: the file is shown unconverted (see module doc).
+    """
+    primary = name[: -len(ECDC_SUFFIX)] + WAV_SUFFIX
+    if not exists(primary):
+        return primary
+    fallback = name + WAV_SUFFIX
+    if not exists(fallback) and not is_ecdc(name + ECDC_SUFFIX):
+        return fallback
+    return None
+
+
+def audio_candidates(name: str) -> Iterator[str]:
+    """Source names whose audio could be shown as ``name``."""
+    if name.endswith(WAV_SUFFIX) and len(name) > len(WAV_SUFFIX):
+        stem = name[: -len(WAV_SUFFIX)]
+        yield stem + ECDC_SUFFIX
+        if is_ecdc_name(stem):
+            yield stem
+
+
+@dataclass(frozen=True)
+class Entry:
+    """What a path of the view is: its kind, its source path and the source's lstat."""
+
+    kind: str
+    source: str  # absolute source path
+    st: os.stat_result
+
+
+def _identity(path: str, st: os.stat_result) -> tuple:
+    """Changes whenever the file at ``path`` may have changed."""
+    return (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+
+
+class _Folder:
+    """Name checks inside one open source folder (``lstat`` relative to its fd)."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self._stats: dict[str, os.stat_result | None] = {}
+
+    def lstat(self, name: str) -> os.stat_result | None:
+        if name not in self._stats:
+            try:
+                self._stats[name] = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
+            except (FileNotFoundError, NotADirectoryError):
+                self._stats[name] = None
+        return self._stats[name]
+
+    def exists(self, name: str) -> bool:
+        st = self.lstat(name)
+        return st is not None and _kind(st.st_mode) is not None
+
+    def is_ecdc(self, name: str) -> bool:
+        if not is_ecdc_name(name):
+            return False
+        st = self.lstat(name)
+        return st is not None and stat.S_ISREG(st.st_mode)
+
+    def lookup(self, name: str) -> tuple[str, str, os.stat_result] | None:
+        """``(kind, source name, lstat)`` of the view's entry ``name``, or None."""
+        st = self.lstat(name)
+        kind = None if st is None else _kind(st.st_mode)
+        if kind is not None:
+            if self.is_ecdc(name) and placement(name, self.exists, self.is_ecdc):
+                return None  # shown as audio under another name
+            return kind, name, st
+        for source in audio_candidates(name):
+            if self.is_ecdc(source) and placement(source, self.exists, self.is_ecdc) == name:
+                return AUDIO, source, self.lstat(source)
+        return None
+
+
+def list_names(kinds: dict[str, str]) -> dict[str, tuple[str, str]]:
+    """The view of one folder: ``{shown name: (kind, source name)}``.
+
+    ``kinds`` maps each visible source entry to its kind (:data:`DIR`, :data:`FILE`, ...).
+    """
+
+    def is_ecdc(name: str) -> bool:
+        return is_ecdc_name(name) and kinds.get(name) == FILE
+
+    shown: dict[str, tuple[str, str]] = {}
+    for name, kind in kinds.items():
+        target = placement(name, kinds.__contains__, is_ecdc) if is_ecdc(name) else None
+        if target is None:
+            shown[name] = (kind, name)
+        else:
+            shown[target] = (AUDIO, name)
+    return shown
+
+
+class _LogOnce:
+    """Logs each (file, reason) once, remembering a bounded number of them."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self._seen: LRUCache = LRUCache(maxsize=size)
+        self._lock = threading.Lock()
+
+    def __call__(self, level: int, key: tuple, msg: str, *args, exc_info=None) -> None:
+        with self._lock:
+            if key in self._seen:
+                return
+            self._seen[key] = True
+        log.log(level, msg, *args, exc_info=exc_info)
+
+
+class AudioHandle:
+    """An open ``x.wav``: the shared AudioFile plus this handle's own Reader."""
+
+    def __init__(self, audio: AudioFile) -> None:
+        self.audio = audio
+        self.reader: Reader = audio.reader()
+        self.lock = threading.Lock()  # a Reader's read-ahead state is not thread-safe
+
+    def close(self) -> None:
+        with self.lock:
+            self.reader.close()
+
+
+class FileHandle:
+    """An open passthrough file: a read-only descriptor of the source file."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class SourceTree:
+    """The view of ``source`` (see the module doc). Paths are ``/``-rooted view paths.
+
+    Thread-safe: FUSE calls every method from many threads at once.
+    """
+
+    def __init__(
+        self,
+        source: str | os.PathLike,
+        engine_factory: Callable[[], Engine] = Engine,
+        probe_cache_size: int = 16384,
+        audio_cache_size: int = 32,
+    ) -> None:
+        self.source = os.path.realpath(os.fspath(source))
+        self._engine_factory = engine_factory
+        self._engine: Engine | None = None
+        self._lock = threading.Lock()
+        self._probes: LRUCache = LRUCache(maxsize=probe_cache_size)
+        self._audio: LRUCache = LRUCache(maxsize=audio_cache_size)
+        self._handles: dict[int, AudioHandle | FileHandle] = {}
+        self._next_fh = itertools.count(1)
+        self.log_once = _LogOnce()
+
+    # ----- shared machinery ---------------------------------------------------------
+
+    @property
+    def engine(self) -> Engine:
+        """The decoding engine, created on first use (after the daemon has forked)."""
+        with self._lock:
+            if self._engine is None:
+                self._engine = self._engine_factory()
+            return self._engine
+
+    def close(self) -> None:
+        """Close every handle and the engine (at unmount)."""
+        with self._lock:
+            handles, self._handles = list(self._handles.values()), {}
+            engine, self._engine = self._engine, None
+            self._audio.clear()
+        for handle in handles:
+            try:
+                handle.close()
+            except Exception:  # best effort at shutdown
+                log.debug("closing a handle failed", exc_info=True)
+        if engine is not None:
+            engine.close()
+
+    # ----- path resolution ----------------------------------------------------------
+
+    @staticmethod
+    def _split(path: str) -> list[str]:
+        parts = [p for p in path.split("/") if p]
+        if any(p in (".", "..") for p in parts):
+            raise FileNotFoundError(errno.ENOENT, "no such entry", path)
+        return parts
+
+    @contextmanager
+    def _folder(self, parts: list[str]) -> Iterator[tuple[_Folder, str]]:
+        """The source folder ``parts`` opened without following symlinks, and its path.
+
+        Folders keep their names in the view, so each component must be a real folder.
+        """
+        fd = os.open(self.source, _DIR_FLAGS)
+        try:
+            for part in parts:
+                try:
+                    next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                except OSError as exc:
+                    if exc.errno == errno.ELOOP:  # a symlink: the kernel resolves those
+                        raise NotADirectoryError(errno.ENOTDIR, "not a directory", part) from None
+                    raise
+                os.close(fd)
+                fd = next_fd
+            yield _Folder(fd), os.path.join(self.source, *parts)
+        finally:
+            os.close(fd)
+
+    @contextmanager
+    def _lookup(self, path: str) -> Iterator[tuple[Entry, _Folder | None]]:
+        """The view's entry at ``path`` and its open source folder (None for the root)."""
+        parts = self._split(path)
+        if not parts:
+            yield Entry(DIR, self.source, os.lstat(self.source)), None
+            return
+        with self._folder(parts[:-1]) as (folder, dirpath):
+            found = folder.lookup(parts[-1])
+            if found is None:
+                raise FileNotFoundError(errno.ENOENT, "no such entry", path)
+            kind, name, st = found
+            yield Entry(kind, os.path.join(dirpath, name), st), folder
+
+    def resolve(self, path: str) -> Entry:
+        """The view's entry at ``path``; FileNotFoundError if there is none."""
+        with self._lookup(path) as (entry, _):
+            return entry
+
+    # ----- metadata -----------------------------------------------------------------
+
+    def getattr(self, path: str) -> dict:
+        """stat(2)-like attributes (times in nanoseconds); never decodes."""
+        with self._lookup(path) as (entry, folder):
+            st = entry.st
+            attrs = {
+                "st_mode": st.st_mode if entry.kind == LINK else st.st_mode & ~WRITE_BITS,
+                "st_nlink": st.st_nlink,
+                "st_uid": st.st_uid,
+                "st_gid": st.st_gid,
+                "st_size": st.st_size,
+                "st_atime": st.st_atime_ns,
+                "st_mtime": st.st_mtime_ns,
+                "st_ctime": st.st_ctime_ns,
+                "st_blocks": st.st_blocks,
+            }
+            if entry.kind == AUDIO:
+                size = self._wav_size(entry, folder)
+                attrs.update(st_size=size, st_blocks=math.ceil(size / 512), st_nlink=1)
+        return attrs
+
+    def _wav_size(self, entry: Entry, folder: _Folder) -> int:
+        """Size of the WAV shown for an .ecdc, from its header (0 if it is unusable)."""
+        key = _identity(entry.source, entry.st)
+        with self._lock:
+            size = self._probes.get(key)
+        if size is None:
+            try:
+                fd = os.open(os.path.basename(entry.source), _FILE_FLAGS, dir_fd=folder.fd)
+                with open(fd, "rb") as f:
+                    size = wav_layout(read_header(f, os.fstat(f.fileno()).st_size)).size
+            except (EcdcError, OSError) as exc:
+                log.debug("cannot probe %s: %s", entry.source, exc)
+                size = 0
+            with self._lock:
+                self._probes[key] = size
+        return size
+
+    def readdir(self, path: str) -> list[tuple[str, int]]:
+        """``(name, file type bits)`` of every entry of the view's folder ``path``."""
+        kinds: dict[str, str] = {}
+        with self._folder(self._split(path)) as (folder, _), os.scandir(folder.fd) as it:
+            for dirent in it:
+                try:
+                    if dirent.is_symlink():
+                        kinds[dirent.name] = LINK
+                    elif dirent.is_dir(follow_symlinks=False):
+                        kinds[dirent.name] = DIR
+                    elif dirent.is_file(follow_symlinks=False):
+                        kinds[dirent.name] = FILE
+                except OSError:  # vanished meanwhile
+                    continue
+        types = {DIR: stat.S_IFDIR, FILE: stat.S_IFREG, LINK: stat.S_IFLNK, AUDIO: stat.S_IFREG}
+        return [(name, types[kind]) for name, (kind, _) in sorted(list_names(kinds).items())]
+
+    def readlink(self, path: str) -> str:
+        with self._lookup(path) as (entry, folder):
+            if entry.kind != LINK:
+                raise OSError(errno.EINVAL, "not a symlink", path)
+            return os.readlink(os.path.basename(entry.source), dir_fd=folder.fd)
+
+    def statfs(self) -> dict:
+        sv = os.statvfs(self.source)
+        return {
+            "f_bsize": sv.f_bsize,
+            "f_frsize": sv.f_frsize,
+            "f_blocks": sv.f_blocks,
+            "f_bfree": 0,
+            "f_bavail": 0,
+            "f_files": sv.f_files,
+            "f_ffree": 0,
+            "f_favail": 0,
+            "f_namemax": sv.f_namemax,
+        }
+
+    # ----- open files ---------------------------------------------------------------
+
+    def open(self, path: str, flags: int = os.O_RDONLY) -> int:
+        """A handle number for reading ``path``; OSError(EROFS) for any write access."""
+        if flags & _WRITE_FLAGS:
+            raise OSError(errno.EROFS, "read-only file system", path)
+        with self._lookup(path) as (entry, folder):
+            if entry.kind == DIR:
+                raise IsADirectoryError(errno.EISDIR, "is a directory", path)
+            if entry.kind == LINK:  # the kernel follows symlinks itself
+                raise OSError(errno.ELOOP, "is a symlink", path)
+            fd = os.open(os.path.basename(entry.source), _FILE_FLAGS, dir_fd=folder.fd)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise FileNotFoundError(errno.ENOENT, "changed while opening", path)
+            audio = self._audio_file(entry.source, fd, st) if entry.kind == AUDIO else None
+        except BaseException:
+            os.close(fd)
+            raise
+        handle: AudioHandle | FileHandle
+        if audio is None:
+            handle = FileHandle(fd)
+        else:
+            os.close(fd)
+            handle = AudioHandle(audio)
+        with self._lock:
+            fh = next(self._next_fh)
+            self._handles[fh] = handle
+        return fh
+
+    def _audio_file(self, source: str, fd: int, st: os.stat_result) -> AudioFile:
+        """The AudioFile of this version of ``source``, shared by its open handles."""
+        key = _identity(source, st)
+        with self._lock:
+            audio = self._audio.get(key)
+        if audio is not None:
+            return audio
+        try:
+            data = _read_all(fd, st.st_size)
+            header = parse_header(data, len(data))
+        except EcdcError as exc:
+            self.log_once(logging.ERROR, (source, str(exc)), "cannot open %s: %s", source, exc)
+            raise
+        except OSError as exc:
+            self.log_once(logging.ERROR, (source, str(exc)), "cannot read %s: %s", source, exc)
+            raise
+        # What Engine.open() does, but with the bytes read through our O_NOFOLLOW descriptor.
+        audio = AudioFile(self.engine, Path(source), data, header)
+        with self._lock:
+            return self._audio.setdefault(key, audio)
+
+    def read(self, fh: int, size: int, offset: int) -> bytes:
+        handle = self._handle(fh)
+        if isinstance(handle, FileHandle):
+            return os.pread(handle.fd, size, offset)
+        audio = handle.audio
+        try:
+            with handle.lock:
+                return handle.reader.read(offset, size)
+        except ModelUnavailable:
+            raise  # the engine logs it once
+        except EcdcError as exc:
+            self.log_once(
+                logging.ERROR, (str(audio.path), str(exc)), "cannot decode %s: %s", audio.path, exc
+            )
+            raise
+        except Exception as exc:  # a bug: report it once per file, fail the read
+            self.log_once(
+                logging.ERROR,
+                (str(audio.path), repr(exc)),
+                "unexpected error reading %s",
+                audio.path,
+                exc_info=True,
+            )
+            raise EcdcError(f"unexpected error: {exc!r}") from exc
+
+    def release(self, fh: int) -> None:
+        with self._lock:
+            handle = self._handles.pop(fh, None)
+        if handle is not None:
+            handle.close()
+
+    def _handle(self, fh: int) -> AudioHandle | FileHandle:
+        with self._lock:
+            handle = self._handles.get(fh)
+        if handle is None:
+            raise OSError(errno.EBADF, "bad file handle")
+        return handle
+
+    @property
+    def open_handles(self) -> int:
+        with self._lock:
+            return len(self._handles)
+
+
+def _read_all(fd: int, size_hint: int) -> bytes:
+    chunks, total = [], 0
+    while True:
+        chunk = os.pread(fd, max(size_hint - total, 1 << 16), total)
+        if not chunk:
+            return b"".join(chunks)
+        chunks.append(chunk)
+        total += len(chunk)
