@@ -1,0 +1,5 @@
+"""``python -m ecdcfs``: the ``ecdcfs`` command."""
+
+from .cli import main
+
+raise SystemExit(main())

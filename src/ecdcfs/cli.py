@@ -1,0 +1,473 @@
+"""The ``ecdcfs`` command: mount a folder of .ecdc files as .wav files, or unmount it."""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import logging
+import logging.handlers
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+log = logging.getLogger("ecdcfs")
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+# mount(8) / fstab options that mean nothing to ecdcfs or libfuse; dropped silently.
+_MOUNT_ONLY = {
+    "ro",
+    "defaults",
+    "auto",
+    "noauto",
+    "user",
+    "users",
+    "nouser",
+    "owner",
+    "group",
+    "_netdev",
+    "nofail",
+}
+
+DESCRIPTION = """\
+Mount SOURCE, a folder of Encodec .ecdc files, at MOUNTPOINT, read-only: every x.ecdc
+appears as x.wav (16-bit PCM, exact size, seekable), decoded on demand; subfolders and
+other files (cover art, playlists...) are shown unchanged; symlinks are shown as symlinks.
+If a real x.wav sits next to x.ecdc, the decoded one is shown as x.ecdc.wav."""
+
+EPILOG = """\
+-o options:
+  Every long option can also be given as -o key=value (a flag as -o key), e.g.
+    -o device=cpu,cache_mb=256,bufsize=2,log_level=debug,allow_other,no_persist
+  (dashes or underscores). Other -o options go to FUSE, e.g. allow_root, uid=N, gid=N,
+  umask=NNN, attr_timeout=S, entry_timeout=S, max_read=N, auto_unmount, debug.
+  mount(8)-only options (ro, defaults, noauto, user, _netdev, nofail...) are ignored, so
+  an fstab line works:  ecdcfs#/music/ecdc  /music/wav  fuse  defaults,allow_other  0 0
+  The mount is always read-only (rw is refused).
+
+decoding:
+  torch and the Encodec models are loaded on the first read of an audio file, after
+  the daemon has started. Checkpoints come from torch.hub's cache ($TORCH_HOME/hub/
+  checkpoints, downloaded there if missing); if one is missing offline, the error is
+  logged once and reads of that model's files fail with EIO. A corrupt .ecdc lists
+  with size 0 and fails to open with EIO; one log line names it and says why.
+
+logging:
+  In the foreground messages go to stderr (or --log-file); a daemon logs to --log-file,
+  else to syslog (/dev/log).
+
+unmounting:
+  ecdcfs -u MOUNTPOINT, or fusermount3 -u MOUNTPOINT. -u also clears a dead mount
+  ("Transport endpoint is not connected") left by a killed daemon. SIGTERM or SIGINT
+  to the daemon unmounts cleanly."""
+
+
+class UsageError(Exception):
+    """A bad command line: reported in one line, exit status 2."""
+
+
+@dataclass
+class Config:
+    """Everything the command line says."""
+
+    source: str = ""
+    mountpoint: str = ""
+    unmount: bool = False
+    foreground: bool = False
+    device: str | None = None
+    cache_mb: int = 512
+    bufsize: int = 1
+    cache_dir: str | None = None  # None: the default ($XDG_CACHE_HOME/ecdcfs)
+    persist: bool = True
+    log_level: str = "info"
+    log_file: str | None = None
+    allow_other: bool = False
+    fuse_options: dict[str, str | bool] = field(default_factory=dict)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # one line, not the whole usage
+        raise UsageError(f"{message} (see ecdcfs --help)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="ecdcfs",
+        usage="ecdcfs SOURCE MOUNTPOINT [options]\n       ecdcfs -u MOUNTPOINT",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument(
+        "paths",
+        nargs="*",
+        metavar="SOURCE MOUNTPOINT",
+        help="folder of .ecdc files, and the (existing) folder to mount it on",
+    )
+    p.add_argument(
+        "-u",
+        "--unmount",
+        action="store_true",
+        help="unmount MOUNTPOINT (also a dead mount) and exit",
+    )
+    p.add_argument(
+        "-f",
+        "--foreground",
+        action="store_true",
+        help="stay in the foreground (default: daemonize once mounted)",
+    )
+    p.add_argument(
+        "-o",
+        dest="options",
+        action="append",
+        default=[],
+        metavar="OPT[,OPT...]",
+        help="mount options: any long option as key=value, or FUSE options",
+    )
+    p.add_argument(
+        "--device",
+        help="torch device for decoding, e.g. cpu, cuda, cuda:1 "
+        "(default: cuda when available, else cpu)",
+    )
+    p.add_argument(
+        "--cache-mb",
+        type=_positive_int,
+        metavar="N",
+        help="memory for decoded frames, in MiB (default: 512)",
+    )
+    p.add_argument(
+        "--bufsize",
+        type=_positive_int,
+        metavar="N",
+        help="initial read-ahead, in frames; grows by N per sequential step (default: 1)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        metavar="DIR",
+        help="where code indexes of LM-coded files persist "
+        "(default: $XDG_CACHE_HOME/ecdcfs, i.e. ~/.cache/ecdcfs)",
+    )
+    p.add_argument("--no-persist", action="store_true", help="keep code indexes in memory only")
+    p.add_argument(
+        "--log-level",
+        type=_log_level,
+        metavar="LEVEL",
+        help=f"one of {', '.join(LOG_LEVELS)} (default: info)",
+    )
+    p.add_argument("--log-file", metavar="FILE", help="append log messages to FILE")
+    p.add_argument(
+        "--allow-other",
+        action="store_true",
+        help="let other users read the mount (FUSE allow_other, with "
+        "default_permissions; non-root users need user_allow_other in "
+        "/etc/fuse.conf)",
+    )
+    return p
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _log_level(text: str) -> str:
+    if text.lower() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
+    return text.lower()
+
+
+def split_options(text: str) -> list[str]:
+    """Split ``-o`` text at commas; ``\\,`` is a literal comma (as libfuse reads it)."""
+    items, current, chars = [], [], iter(text)
+    for ch in chars:
+        if ch == "\\":
+            current.append(next(chars, "\\"))
+        elif ch == ",":
+            items.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+    items.append("".join(current))
+    return [item for item in items if item]
+
+
+# -o keys that set ecdcfs options: key -> (attribute, converter; None for a flag)
+_OPTION_KEYS = {
+    "device": ("device", str),
+    "cache_mb": ("cache_mb", _positive_int),
+    "bufsize": ("bufsize", _positive_int),
+    "cache_dir": ("cache_dir", str),
+    "no_persist": ("no_persist", None),
+    "log_level": ("log_level", _log_level),
+    "log_file": ("log_file", str),
+    "allow_other": ("allow_other", None),
+    "foreground": ("foreground", None),
+}
+
+
+def parse_mount_options(texts: list[str]) -> tuple[dict[str, object], dict[str, str | bool]]:
+    """``-o`` texts -> (ecdcfs options by attribute name, FUSE options)."""
+    ours: dict[str, object] = {}
+    fuse: dict[str, str | bool] = {}
+    for text in texts:
+        for item in split_options(text):
+            key, has_value, value = item.partition("=")
+            name = key.strip().replace("-", "_")
+            if name in _OPTION_KEYS:
+                attr, convert = _OPTION_KEYS[name]
+                if convert is None:
+                    if has_value:
+                        raise UsageError(f"-o {name} takes no value")
+                    ours[attr] = True
+                else:
+                    if not has_value or not value:
+                        raise UsageError(f"-o {name} needs a value ({name}=...)")
+                    try:
+                        ours[attr] = convert(value)
+                    except argparse.ArgumentTypeError as exc:
+                        raise UsageError(f"-o {name}: {exc}") from None
+            elif name == "rw":
+                raise UsageError("ecdcfs is read-only: -o rw is not supported")
+            elif name in _MOUNT_ONLY or name.startswith(("x-", "comment")):
+                continue
+            elif not name:
+                raise UsageError(f"bad -o option {item!r}")
+            else:
+                fuse[key] = value if has_value else True
+    return ours, fuse
+
+
+def parse_args(argv: list[str] | None = None) -> Config:
+    """The command line as a Config; UsageError if it makes no sense (no file checks)."""
+    args = build_parser().parse_args(argv)
+    ours, fuse = parse_mount_options(args.options)
+    cfg = Config(unmount=args.unmount, fuse_options=fuse)
+    # -o key=value first, then the long options (which win).
+    for attr, value in ours.items():
+        if attr == "no_persist":
+            cfg.persist = False
+        else:
+            setattr(cfg, attr, value)
+    for attr in ("device", "cache_mb", "bufsize", "cache_dir", "log_level", "log_file"):
+        value = getattr(args, attr)
+        if value is not None:
+            setattr(cfg, attr, value)
+    cfg.foreground = cfg.foreground or args.foreground
+    cfg.allow_other = cfg.allow_other or args.allow_other
+    cfg.persist = cfg.persist and not args.no_persist
+    if args.unmount:
+        if len(args.paths) != 1:
+            raise UsageError("-u takes exactly one argument: the MOUNTPOINT")
+        cfg.mountpoint = args.paths[0]
+        return cfg
+    if len(args.paths) != 2:
+        raise UsageError("expected SOURCE and MOUNTPOINT")
+    cfg.source, cfg.mountpoint = args.paths
+    return cfg
+
+
+def _inside(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or below it (both resolved)."""
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
+def check_paths(cfg: Config) -> None:
+    """Resolve SOURCE, MOUNTPOINT and the other paths; UsageError if they cannot work.
+
+    The daemon must never read its own mount point (it would wait on itself), so neither
+    folder may contain the other, nor may the cache or log file live under the mount.
+    """
+    source = os.path.realpath(cfg.source)
+    if not os.path.isdir(source):
+        raise UsageError(f"SOURCE {cfg.source!r} is not a directory")
+    try:
+        if not os.path.isdir(cfg.mountpoint):
+            raise UsageError(f"MOUNTPOINT {cfg.mountpoint!r} is not a directory")
+    except OSError as exc:
+        raise UsageError(
+            f"MOUNTPOINT {cfg.mountpoint!r}: {exc.strerror}"
+            + (" (a dead mount? try: ecdcfs -u MOUNTPOINT)" if exc.errno == errno.ENOTCONN else "")
+        ) from None
+    mountpoint = os.path.realpath(cfg.mountpoint)
+    if _inside(mountpoint, source):
+        raise UsageError(f"MOUNTPOINT {cfg.mountpoint!r} is inside SOURCE {cfg.source!r}")
+    if _inside(source, mountpoint):
+        raise UsageError(f"SOURCE {cfg.source!r} is inside MOUNTPOINT {cfg.mountpoint!r}")
+    cfg.source, cfg.mountpoint = source, mountpoint
+    if cfg.persist:
+        from .audiofile import default_cache_dir
+
+        cfg.cache_dir = os.path.realpath(cfg.cache_dir or default_cache_dir())
+        if _inside(cfg.cache_dir, mountpoint):
+            raise UsageError(f"the cache dir {cfg.cache_dir!r} is inside MOUNTPOINT")
+    if cfg.log_file:
+        cfg.log_file = os.path.realpath(cfg.log_file)
+        if _inside(cfg.log_file, mountpoint):
+            raise UsageError(f"the log file {cfg.log_file!r} is inside MOUNTPOINT")
+
+
+def setup_logging(cfg: Config) -> logging.Handler:
+    """Log to stderr (foreground), else to --log-file, else to syslog."""
+    fmt = "%(asctime)s ecdcfs[%(process)d] %(levelname)s %(name)s: %(message)s"
+    handler: logging.Handler
+    if cfg.log_file:
+        try:
+            handler = logging.FileHandler(cfg.log_file)
+        except OSError as exc:
+            raise UsageError(f"cannot open the log file {cfg.log_file!r}: {exc.strerror}") from None
+    elif cfg.foreground:
+        handler = logging.StreamHandler(sys.stderr)
+    elif os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(
+            "/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON
+        )
+        fmt = "ecdcfs[%(process)d]: %(levelname)s %(name)s: %(message)s"
+    else:
+        sys.stderr.write(
+            "ecdcfs: warning: no syslog (/dev/log); the daemon's messages are "
+            "lost (use --log-file or -f)\n"
+        )
+        handler = logging.NullHandler()
+    handler.setFormatter(logging.Formatter(fmt))
+    root = logging.getLogger()
+    root.addHandler(handler)
+    level = getattr(logging, cfg.log_level.upper())
+    root.setLevel(level)
+    # mfusepy logs a traceback for every errno at debug level (-o debug shows libfuse's trace).
+    logging.getLogger("fuse").setLevel(max(level, logging.WARNING))
+    return handler
+
+
+def fuse_options(cfg: Config) -> dict[str, str | bool]:
+    options: dict[str, str | bool] = {"ro": True, "fsname": "ecdcfs", "subtype": "ecdcfs"}
+    if cfg.allow_other:
+        options.update(allow_other=True, default_permissions=True)
+    options.update(cfg.fuse_options)
+    return options
+
+
+def mount(cfg: Config) -> int:
+    """Mount and serve until unmounted (in a daemon unless ``cfg.foreground``)."""
+    from mfusepy import FUSE
+
+    from .audiofile import Engine, Settings
+    from .fs import EcdcFS
+    from .tree import SourceTree
+
+    settings = Settings(
+        device=cfg.device,
+        cache_mb=cfg.cache_mb,
+        bufsize=cfg.bufsize,
+        cache_dir=Path(cfg.cache_dir) if cfg.persist and cfg.cache_dir else None,
+    )
+    # Nothing may start a thread or import torch before libfuse forks the daemon: the
+    # engine is created by the first open, in the daemon.
+    tree = SourceTree(cfg.source, engine_factory=lambda: Engine(settings))
+    log.debug("mounting %s on %s with %s", cfg.source, cfg.mountpoint, fuse_options(cfg))
+    try:
+        FUSE(
+            EcdcFS(tree),
+            cfg.mountpoint,
+            foreground=cfg.foreground,
+            encoding=sys.getfilesystemencoding(),
+            errors="surrogateescape",
+            **fuse_options(cfg),
+        )
+    except RuntimeError as exc:
+        log.error("mounting %s on %s failed (%s)", cfg.source, cfg.mountpoint, exc)
+        sys.stderr.write(
+            f"ecdcfs: error: cannot mount {cfg.mountpoint!r} (see the message above)\n"
+        )
+        return 1
+    finally:
+        tree.close()
+    return 0
+
+
+# ----- unmounting -------------------------------------------------------------------
+
+
+def _unescape_mount_path(text: str) -> str:
+    """Mount points in /proc/self/mountinfo escape space, tab, newline and backslash."""
+    raw = text.encode("utf-8", "surrogateescape")
+    out, i = bytearray(), 0
+    while i < len(raw):
+        if raw[i : i + 1] == b"\\" and raw[i + 1 : i + 4].isdigit():
+            out.append(int(raw[i + 1 : i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return bytes(out).decode("utf-8", "surrogateescape")
+
+
+def mount_points() -> set[str]:
+    """Every mount point of this mount namespace (a dead FUSE mount included)."""
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
+            return {_unescape_mount_path(line.split(" ")[4]) for line in f if line.strip()}
+    except OSError:
+        return set()
+
+
+def is_mounted(path: str) -> bool:
+    points = mount_points()
+    if points:
+        return os.path.abspath(path) in points
+    try:
+        return os.path.ismount(path)
+    except OSError:
+        return False
+
+
+def unmount(mountpoint: str) -> int:
+    """Unmount with fusermount3, fusermount, then lazily; 0 on success."""
+    path = os.path.abspath(mountpoint)
+    if not is_mounted(path):
+        sys.stderr.write(f"ecdcfs: error: {mountpoint!r} is not mounted\n")
+        return 1
+    attempts = (
+        ["fusermount3", "-u"],
+        ["fusermount", "-u"],
+        ["fusermount3", "-uz"],
+        ["fusermount", "-uz"],
+        ["umount", "-l"],
+    )
+    reason = "no fusermount3, fusermount or umount found"
+    for command in attempts:
+        if shutil.which(command[0]) is None:
+            continue
+        try:
+            done = subprocess.run([*command, path], capture_output=True, text=True, timeout=30)
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            reason = f"{command[0]}: {exc}"
+            continue
+        if not is_mounted(path):
+            return 0
+        reason = (
+            done.stderr.strip().splitlines()[-1]
+            if done.stderr.strip()
+            else (f"{' '.join(command)} exited with {done.returncode}")
+        )
+    sys.stderr.write(f"ecdcfs: error: cannot unmount {mountpoint!r}: {reason}\n")
+    return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(argv)
+        if cfg.unmount:
+            return unmount(cfg.mountpoint)
+        check_paths(cfg)
+        setup_logging(cfg)
+    except UsageError as exc:
+        sys.stderr.write(f"ecdcfs: error: {exc}\n")
+        return 2
+    return mount(cfg)
