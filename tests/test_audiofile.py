@@ -1,0 +1,224 @@
+"""The FUSE-free core: WAV bytes of .ecdc files equal encodec's own decode, whatever the reads."""
+
+from __future__ import annotations
+
+import random
+import threading
+import wave
+from io import BytesIO
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import synth
+from ecdcfs import codec
+from ecdcfs.audiofile import Engine, Settings
+from ecdcfs.container import EcdcError
+from ecdcfs.wav import WavLayout
+
+READ = 128 * 1024  # what the kernel asks a FUSE filesystem for
+
+
+@pytest.fixture
+def engine(torch_home, tmp_path):
+    engine = Engine(Settings(device="cpu", cache_dir=tmp_path / "cache"))
+    yield engine
+    engine.close()
+
+
+def write(tmp_path: Path, name: str, data: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def expected_wav(data: bytes, sample_rate: int | None = None, title=None, source=None) -> bytes:
+    pcm = synth.reference_pcm(data)
+    layout = WavLayout(pcm.shape[1], sample_rate or 48_000, pcm.shape[0], title, source)
+    return layout.header + pcm.astype("<i2").tobytes()
+
+
+def read_all(reader, size: int = READ) -> bytes:
+    out = bytearray()
+    while chunk := reader.read(len(out), size):
+        out += chunk
+    return bytes(out)
+
+
+CASES = [
+    # (samples, kbps, lm): every bandwidth, then the edge lengths of the frame grid
+    (150_000, 3, False),
+    (150_000, 6, False),
+    (150_000, 12, False),
+    (150_000, 24, False),
+    (30_000, 6, False),  # under one frame
+    (47_521, 6, False),  # a stride + 1
+    (48_000, 6, False),  # a stride + 480: the second frame is one overlap long
+    (54_240, 6, False),  # upstream's float frame length fails here
+    (100_000, 3, True),
+    (54_240, 6, True),
+    (30_000, 24, True),
+]
+
+
+@pytest.mark.parametrize(("samples", "kbps", "lm"), CASES)
+def test_sequential_read_equals_encodec_decode(engine, tmp_path, samples, kbps, lm):
+    data = synth.make_ecdc(samples=samples, kbps=kbps, lm=lm)
+    audio = engine.open(write(tmp_path, "x.ecdc", data))
+    expected = expected_wav(data)
+    assert audio.size == len(expected)
+    assert read_all(audio.reader()) == expected
+    assert engine.scheduler.decoded_count == audio.layout.frame_count
+
+
+def test_encodec_stream_header_sets_rate_and_tags(engine, tmp_path):
+    v0 = synth.make_ecdc(samples=60_000, kbps=6)
+    data = synth.to_v193(v0, sr=44_100, name="Sóng [live]", source="https://example.org/x")
+    audio = engine.open(write(tmp_path, "x.ecdc", data))
+    wav_bytes = read_all(audio.reader())
+    assert wav_bytes == expected_wav(v0, 44_100, "Sóng [live]", "https://example.org/x")
+    with wave.open(BytesIO(wav_bytes)) as w:
+        assert (w.getframerate(), w.getnchannels(), w.getnframes()) == (44_100, 2, 60_000)
+
+
+def test_random_tail_first_and_past_eof_reads(engine, tmp_path):
+    data = synth.make_ecdc(samples=150_000, kbps=6)
+    audio = engine.open(write(tmp_path, "x.ecdc", data))
+    expected = expected_wav(data)
+    size = audio.size
+    assert audio.read(size - 1000, 5000) == expected[-1000:]  # tail first, short at EOF
+    assert audio.read(size, 10) == b"" and audio.read(size + 10**9, 10) == b""
+    rng = random.Random(1)
+    for _ in range(200):
+        offset, length = rng.randrange(size), rng.choice([1, 2, 3, 4095, 4096, READ, 300_000])
+        assert audio.read(offset, length) == expected[offset : offset + length]
+
+
+def test_concurrent_readers_decode_each_frame_once(engine, tmp_path):
+    data = synth.make_ecdc(samples=200_000, kbps=12)
+    path = write(tmp_path, "x.ecdc", data)
+    expected = expected_wav(data)
+    results, errors = {}, []
+
+    def run(n: int) -> None:
+        try:
+            audio = engine.open(path)
+            reader = audio.reader()
+            rng = random.Random(n)
+            offsets = list(range(0, audio.size, 50_000))
+            if n % 2:
+                rng.shuffle(offsets)
+            results[n] = {o: reader.read(o, 50_000) for o in offsets}
+            reader.close()
+        except Exception as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(n,)) for n in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors
+    for chunks in results.values():
+        assert all(chunk == expected[o : o + 50_000] for o, chunk in chunks.items())
+    assert engine.scheduler.decoded_count == engine.open(path).layout.frame_count
+
+
+def test_tiny_cache_still_exact(torch_home, tmp_path):
+    data = synth.make_ecdc(samples=150_000, kbps=6)
+    engine = Engine(Settings(device="cpu", cache_mb=1, cache_dir=None))
+    try:
+        audio = engine.open(write(tmp_path, "x.ecdc", data))
+        assert read_all(audio.reader(), 4096 * 7) == expected_wav(data)
+    finally:
+        engine.close()
+
+
+def test_replaced_source_serves_new_audio(engine, tmp_path):
+    first = synth.make_ecdc(samples=60_000, kbps=6, seed=0)
+    second = synth.make_ecdc(samples=60_000, kbps=6, seed=1)
+    path = write(tmp_path, "x.ecdc", first)
+    old = engine.open(path)
+    assert read_all(old.reader()) == expected_wav(first)
+    write(tmp_path, "x.ecdc", second)
+    assert read_all(engine.open(path).reader()) == expected_wav(second)
+    assert read_all(old.reader()) == expected_wav(first)  # an open handle keeps its snapshot
+
+
+def test_lm_index_is_persisted_and_reused(torch_home, tmp_path, monkeypatch):
+    data = synth.make_ecdc(samples=100_000, kbps=3, lm=True)
+    path = write(tmp_path, "x.ecdc", data)
+    settings = Settings(device="cpu", cache_dir=tmp_path / "cache")
+    engine = Engine(settings)
+    audio = engine.open(path)
+    assert read_all(audio.reader()) == expected_wav(data)
+    engine.close()
+    assert list((tmp_path / "cache").glob(f"{audio.identity}.codes.npz"))
+
+    def no_lm(*args, **kwargs):
+        raise AssertionError("the persisted index should have been used")
+
+    monkeypatch.setattr("ecdcfs.audiofile.decode_lm_frame", no_lm)
+    engine = Engine(settings)
+    try:
+        assert read_all(engine.open(path).reader()) == expected_wav(data)
+    finally:
+        engine.close()
+
+
+def test_unwritable_cache_dir_only_costs_persistence(torch_home, tmp_path):
+    data = synth.make_ecdc(samples=54_240, kbps=6, lm=True)
+    blocker = write(tmp_path, "not-a-dir", b"")
+    engine = Engine(Settings(device="cpu", cache_dir=blocker / "cache"))
+    try:
+        audio = engine.open(write(tmp_path, "x.ecdc", data))
+        assert read_all(audio.reader()) == expected_wav(data)
+    finally:
+        engine.close()
+
+
+def test_truncated_lm_payload_fails_cleanly(engine, tmp_path):
+    data = synth.make_ecdc(samples=100_000, kbps=3, lm=True)
+    audio = engine.open(write(tmp_path, "x.ecdc", data[:-40]))
+    good = expected_wav(data)
+    assert audio.read(0, 4096) == good[:4096]  # the intact first frame still plays
+    with pytest.raises(EcdcError, match="truncated"):
+        read_all(audio.reader())
+
+
+def test_bad_files_are_rejected_at_open(engine, tmp_path):
+    data = synth.make_ecdc(samples=60_000, kbps=6)
+    for name, bad in {"magic": b"XXXX" + data[4:], "truncated": data[:-1], "empty": b""}.items():
+        with pytest.raises(EcdcError):
+            engine.open(write(tmp_path, f"{name}.ecdc", bad))
+
+
+def test_missing_checkpoint_names_file_and_directory(tmp_path, monkeypatch):
+    data = synth.make_ecdc(samples=30_000, kbps=6)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-home"))
+    monkeypatch.setattr("torch.hub.download_url_to_file", fail_download)
+    engine = Engine(Settings(device="cpu", cache_dir=None))
+    try:
+        audio = engine.open(write(tmp_path, "x.ecdc", data))
+        for _ in range(2):  # reported once, then remembered
+            with pytest.raises(codec.ModelUnavailable) as info:
+                audio.read(0, 100_000)
+            message = str(info.value)
+            assert "encodec_48khz-7e698e3e.th" in message
+            assert str(tmp_path / "empty-home" / "hub" / "checkpoints") in message
+    finally:
+        engine.close()
+
+
+def fail_download(*args, **kwargs):
+    raise OSError("network is unreachable")
+
+
+def test_24khz_short_file_equals_encodec_decode(engine, tmp_path):
+    data = synth.make_ecdc(model="encodec_24khz", samples=40_000, kbps=6)
+    audio = engine.open(write(tmp_path, "x.ecdc", data))
+    expected = expected_wav(data, 24_000)
+    assert read_all(audio.reader()) == expected
+    assert audio.read(50_000, 999) == expected[50_000:50_999]
+    assert np.frombuffer(expected[44:], "<i2").std() > 100  # not silence
