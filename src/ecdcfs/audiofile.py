@@ -7,6 +7,7 @@ are blended with encodec's triangular overlap-add, reproduced sample for sample.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import logging
@@ -21,6 +22,7 @@ import numpy as np
 
 from .codec import Codec, DecodedFrame, ModelUnavailable, decode_lm_frame, overlap_add_weights
 from .container import (
+    MODELS,
     SCALE,
     ContainerError,
     EcdcError,
@@ -104,6 +106,19 @@ class Engine:
         if isinstance(entry, ModelUnavailable):
             raise entry
         return entry
+
+    def warm_up(self) -> None:
+        """Load every model whose checkpoint is already on disk, so the first read is fast.
+
+        Meant for a background thread right after the daemon forks; a model that fails
+        here fails again (once, clearly) at the first read that needs it.
+        """
+        from .codec import CHECKPOINTS, checkpoint_dir
+
+        for name, spec in MODELS.items():
+            if (checkpoint_dir() / CHECKPOINTS[name]).exists():
+                with contextlib.suppress(ModelUnavailable):
+                    self.codec(spec)
 
     def open(self, path: Path) -> AudioFile:
         """Snapshot and validate an .ecdc file; raise :class:`EcdcError` if it is unusable."""
