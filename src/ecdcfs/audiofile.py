@@ -38,8 +38,9 @@ from .wav import WavLayout, float_to_pcm16
 
 log = logging.getLogger(__name__)
 
-# Until 24 kHz files stream in bounded memory they are decoded whole; cap what that costs.
-MAX_WHOLE_FILE_SECONDS = 600
+# Until 24 kHz files stream in bounded memory they are decoded whole (~17 MB of working
+# memory per second of audio); cap what that costs.
+MAX_WHOLE_FILE_SECONDS = 60
 # Read-ahead never asks for more than this share of the cache, so it cannot evict itself.
 READ_AHEAD_CACHE_SHARE = 4
 MAX_READ_AHEAD_FRAMES = 64

@@ -8,6 +8,7 @@ import logging
 import logging.handlers
 import os
 import shutil
+import stat
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -288,13 +289,14 @@ def check_paths(cfg: Config) -> None:
     if not os.path.isdir(source):
         raise UsageError(f"SOURCE {cfg.source!r} is not a directory")
     try:
-        if not os.path.isdir(cfg.mountpoint):
-            raise UsageError(f"MOUNTPOINT {cfg.mountpoint!r} is not a directory")
+        is_dir = stat.S_ISDIR(os.stat(cfg.mountpoint).st_mode)
+        if is_dir:
+            os.statvfs(cfg.mountpoint)  # not answered from a cache: finds a dead mount
     except OSError as exc:
-        raise UsageError(
-            f"MOUNTPOINT {cfg.mountpoint!r}: {exc.strerror}"
-            + (" (a dead mount? try: ecdcfs -u MOUNTPOINT)" if exc.errno == errno.ENOTCONN else "")
-        ) from None
+        hint = " (a dead mount? try: ecdcfs -u MOUNTPOINT)" if exc.errno == errno.ENOTCONN else ""
+        raise UsageError(f"MOUNTPOINT {cfg.mountpoint!r}: {exc.strerror}{hint}") from None
+    if not is_dir:
+        raise UsageError(f"MOUNTPOINT {cfg.mountpoint!r} is not a directory")
     mountpoint = os.path.realpath(cfg.mountpoint)
     if _inside(mountpoint, source):
         raise UsageError(f"MOUNTPOINT {cfg.mountpoint!r} is inside SOURCE {cfg.source!r}")

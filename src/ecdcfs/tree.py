@@ -283,7 +283,8 @@ class SourceTree:
                 try:
                     next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
                 except OSError as exc:
-                    if exc.errno == errno.ELOOP:  # a symlink: the kernel resolves those
+                    # A symlink (the kernel resolves those), or a file of the view.
+                    if exc.errno == errno.ELOOP or _Folder(fd).lookup(part) is not None:
                         raise NotADirectoryError(errno.ENOTDIR, "not a directory", part) from None
                     raise
                 os.close(fd)
@@ -340,7 +341,7 @@ class SourceTree:
             size = self._probes.get(key)
         if size is None:
             try:
-                fd = os.open(os.path.basename(entry.source), _FILE_FLAGS, dir_fd=folder.fd)
+                fd = _open_noatime(os.path.basename(entry.source), folder.fd)
                 with open(fd, "rb") as f:
                     size = wav_layout(read_header(f, os.fstat(f.fileno()).st_size)).size
             except (EcdcError, OSError) as exc:
@@ -481,6 +482,14 @@ class SourceTree:
     def open_handles(self) -> int:
         with self._lock:
             return len(self._handles)
+
+
+def _open_noatime(name: str, dir_fd: int) -> int:
+    """Open to read a header without touching the source's atime (where allowed)."""
+    try:
+        return os.open(name, _FILE_FLAGS | os.O_NOATIME, dir_fd=dir_fd)
+    except PermissionError:  # O_NOATIME needs to own the file
+        return os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
 
 
 def _read_all(fd: int, size_hint: int) -> bytes:
