@@ -1,0 +1,45 @@
+"""Shared pytest fixtures.
+
+``torch_home`` provides seeded random-init Encodec checkpoints (see ``synth.py``) so the
+unmodified upstream loaders work offline. ``import synth`` in tests for ``make_ecdc``,
+``to_v193`` and ``reference_pcm``.
+
+Environment knobs:
+  ECDCFS_TEST_NO_CACHE=1       generate checkpoints afresh instead of using
+                               ~/.cache/ecdcfs-tests (or $XDG_CACHE_HOME/ecdcfs-tests)
+  ECDCFS_TEST_NO_DISK_CACHE=1  don't cache encoded files / reference PCM on disk
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import synth
+
+
+@pytest.fixture(scope="session")
+def torch_home() -> Iterator[Path]:
+    """Temp TORCH_HOME with the four Encodec checkpoints in ``hub/checkpoints``.
+
+    Sets ``os.environ["TORCH_HOME"]`` for the whole session (daemons spawned by tests
+    inherit it) and restores it afterwards.
+    """
+    home = Path(tempfile.mkdtemp(prefix="ecdcfs-torch-home-"))
+    cache = not os.environ.get("ECDCFS_TEST_NO_CACHE")
+    old = os.environ.get("TORCH_HOME")
+    try:
+        synth.prepare_torch_home(home, cache)
+        os.environ["TORCH_HOME"] = str(home)
+        yield home
+    finally:
+        if old is None:
+            os.environ.pop("TORCH_HOME", None)
+        else:
+            os.environ["TORCH_HOME"] = old
+        shutil.rmtree(home, ignore_errors=True)
