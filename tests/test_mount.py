@@ -1,0 +1,566 @@
+"""Real FUSE mounts of ``ecdcfs``: what programs see through the mount.
+
+One foreground mount serves most tests (module-scoped); the daemon, SIGTERM and SIGKILL
+tests mount their own. Every mount is unmounted in teardown, lazily if need be.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import random
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import threading
+import time
+import wave
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import synth
+
+pytestmark = pytest.mark.mount
+
+SR = 48_000
+SONG_SAMPLES = 2 * SR  # 2 s, 3 frames
+SHORT_SAMPLES = SR  # 1 s, 2 frames
+TITLE = "Título [live] ☃"
+HAVE_FFMPEG = shutil.which("ffmpeg") is not None and shutil.which("ffprobe") is not None
+
+
+def _fuse_available() -> bool:
+    return os.path.exists("/dev/fuse") and any(
+        shutil.which(c) for c in ("fusermount3", "fusermount")
+    )
+
+
+if not _fuse_available():
+    pytest.skip("needs /dev/fuse and fusermount", allow_module_level=True)
+
+
+# ----- helpers ------------------------------------------------------------------------
+
+
+def wav_bytes(pcm: np.ndarray, rate: int, title: str | None = None) -> bytes:
+    """A 16-bit PCM WAV of ``pcm`` [samples, channels], built independently of ecdcfs."""
+    channels = pcm.shape[1]
+    data = pcm.astype("<i2").tobytes()
+    fmt = struct.pack(
+        "<4sIHHIIHH", b"fmt ", 16, 1, channels, rate, rate * channels * 2, channels * 2, 16
+    )
+    info = b""
+    if title:
+        text = title.encode() + b"\0"
+        text += b"\0" * (len(text) % 2)
+        inam = b"INAM" + struct.pack("<I", len(title.encode()) + 1) + text
+        info = b"LIST" + struct.pack("<I", 4 + len(inam)) + b"INFO" + inam
+    body = b"WAVE" + fmt + info + b"data" + struct.pack("<I", len(data)) + data
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def unmount(mnt: Path) -> None:
+    """Unmount whatever is at ``mnt`` (a dead mount included), lazily as a last resort."""
+    for cmd in (
+        ["fusermount3", "-u"],
+        ["fusermount", "-u"],
+        ["fusermount3", "-uz"],
+        ["fusermount", "-uz"],
+        ["umount", "-l"],
+    ):
+        if not is_mounted(mnt):
+            return
+        if shutil.which(cmd[0]):
+            subprocess.run([*cmd, str(mnt)], capture_output=True, timeout=30)
+
+
+def is_mounted(mnt: Path) -> bool:
+    from ecdcfs.cli import is_mounted as cli_is_mounted
+
+    return cli_is_mounted(str(mnt))
+
+
+def ecdcfs_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "ecdcfs", *args]
+
+
+def wait_mounted(mnt: Path, proc: subprocess.Popen | None = None, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.ismount(mnt):
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"ecdcfs exited with {proc.returncode}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{mnt} not mounted after {timeout} s")
+        time.sleep(0.05)
+
+
+class Mount:
+    """A foreground ``ecdcfs SRC MNT -f`` subprocess."""
+
+    def __init__(self, src: Path, mnt: Path, log: Path, *extra: str) -> None:
+        self.src, self.mnt, self.log = src, mnt, log
+        mnt.mkdir(exist_ok=True)
+        self.proc = subprocess.Popen(
+            ecdcfs_cmd(
+                str(src),
+                str(mnt),
+                "-f",
+                "--no-persist",
+                "--device",
+                "cpu",
+                "--log-file",
+                str(log),
+                *extra,
+            ),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        try:
+            wait_mounted(mnt, self.proc)
+        except AssertionError:
+            self.stop()
+            raise
+
+    def stop(self) -> None:
+        unmount(self.mnt)
+        try:
+            self.proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+        unmount(self.mnt)
+
+    def log_text(self) -> str:
+        return self.log.read_text() if self.log.exists() else ""
+
+
+# ----- fixtures -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def media(torch_home) -> dict:
+    """Encoded test files and their reference PCM."""
+    song = synth.make_ecdc(samples=SONG_SAMPLES, seed=11)
+    short = synth.make_ecdc(samples=SHORT_SAMPLES, seed=12)
+    return {
+        "song": song,
+        "song_pcm": synth.reference_pcm(song),
+        "short": short,
+        "short_pcm": synth.reference_pcm(short),
+        "short_v193": synth.to_v193(short, sr=44_100, name=TITLE),
+        # Same audio, other bytes: decoded afresh (the frame cache is keyed by content).
+        "short_v192": synth.to_v193(short, sr=SR, version=192),
+        "lm": (lm := synth.make_ecdc(samples=SHORT_SAMPLES, lm=True, seed=13)),
+        "lm_pcm": synth.reference_pcm(lm),
+    }
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory, media) -> Path:
+    src = tmp_path_factory.mktemp("library")
+    (src / "song.ecdc").write_bytes(media["song"])
+    (src / "titled.ecdc").write_bytes(media["short_v193"])
+    (src / "Disc 1 [bonus]").mkdir()
+    (src / "Disc 1 [bonus]" / "Ünïcode track.ecdc").write_bytes(media["short"])
+    (src / "Disc 1 [bonus]" / "notes.txt").write_text("liner notes\n")
+    (src / "cold.ecdc").write_bytes(media["short_v192"])
+    (src / "entropy coded.ecdc").write_bytes(media["lm"])
+    (src / "cover.jpg").write_bytes(random.Random(5).randbytes(300_000))
+    (src / "bad magic.ecdc").write_bytes(b"RIFF" + media["short"][4:])
+    (src / "truncated.ecdc").write_bytes(media["song"][: len(media["song"]) // 2])
+    os.symlink("cover.jpg", src / "cover link.jpg")
+    return src
+
+
+@pytest.fixture(scope="module")
+def mount(library, tmp_path_factory) -> Iterator[Mount]:
+    base = tmp_path_factory.mktemp("mount")
+    m = Mount(library, base / "mnt", base / "ecdcfs.log")
+    try:
+        yield m
+    finally:
+        m.stop()
+    assert not is_mounted(m.mnt)
+
+
+@pytest.fixture(scope="module")
+def song_bytes(mount) -> bytes:
+    """song.wav read sequentially (``cp``) through the mount."""
+    out = mount.mnt.parent / "copy.wav"
+    subprocess.run(["cp", str(mount.mnt / "song.wav"), str(out)], check=True, timeout=300)
+    return out.read_bytes()
+
+
+# ----- through the mount --------------------------------------------------------------
+
+
+def test_listing_and_sizes(mount, media):
+    listing = subprocess.run(
+        ["ls", "-l", str(mount.mnt), str(mount.mnt / "Disc 1 [bonus]")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert listing.returncode == 0, listing.stderr
+    assert sorted(os.listdir(mount.mnt)) == sorted(
+        [
+            "song.wav",
+            "titled.wav",
+            "cold.wav",
+            "entropy coded.wav",
+            "Disc 1 [bonus]",
+            "cover.jpg",
+            "bad magic.wav",
+            "truncated.wav",
+            "cover link.jpg",
+        ]
+    )
+    assert sorted(os.listdir(mount.mnt / "Disc 1 [bonus]")) == ["notes.txt", "Ünïcode track.wav"]
+    assert os.stat(mount.mnt / "song.wav").st_size == 44 + SONG_SAMPLES * 2 * 2
+    titled = len(wav_bytes(media["short_pcm"], 44_100, TITLE))
+    assert os.stat(mount.mnt / "titled.wav").st_size == titled
+    st = os.stat(mount.mnt / "song.wav")
+    src_st = os.stat(mount.src / "song.ecdc")
+    assert st.st_mtime_ns == src_st.st_mtime_ns
+    assert st.st_mode & 0o777 == src_st.st_mode & 0o555
+    assert os.readlink(mount.mnt / "cover link.jpg") == "cover.jpg"
+
+
+def test_sequential_read_is_the_reference(song_bytes, media):
+    assert song_bytes == wav_bytes(media["song_pcm"], SR)
+    with _wave(song_bytes) as w:
+        assert (w.getnchannels(), w.getsampwidth(), w.getframerate(), w.getnframes()) == (
+            2,
+            2,
+            SR,
+            SONG_SAMPLES,
+        )
+        data = w.readframes(SONG_SAMPLES)
+    assert data == media["song_pcm"].astype("<i2").tobytes()
+
+
+def _wave(data: bytes):
+    import io
+
+    return wave.open(io.BytesIO(data), "rb")
+
+
+def test_random_tail_first_and_past_eof_reads(mount, song_bytes):
+    size = len(song_bytes)
+    rng = random.Random(1)
+    fd = os.open(mount.mnt / "song.wav", os.O_RDONLY)
+    try:
+        assert os.pread(fd, 1000, size - 1000) == song_bytes[-1000:]  # tail first
+        assert os.pread(fd, 100, size - 10) == song_bytes[-10:]
+        assert os.pread(fd, 100, size) == b""
+        assert os.pread(fd, 100, size + 12345) == b""
+        for _ in range(40):
+            offset = rng.randrange(size)
+            length = rng.choice([1, 3, 44, 4096, 100_000, 200_000])
+            assert os.pread(fd, length, offset) == song_bytes[offset : offset + length]
+    finally:
+        os.close(fd)
+
+
+def test_concurrent_cold_reads(mount, media):
+    """Threads reading a file nothing has decoded yet, through shared and own handles."""
+    expected = wav_bytes(media["short_pcm"], SR)
+    size = len(expected)
+    errors: list[str] = []
+    path = mount.mnt / "cold.wav"
+    shared = os.open(path, os.O_RDONLY)
+
+    def worker(seed: int) -> None:
+        rng = random.Random(seed)
+        own = os.open(path, os.O_RDONLY)
+        try:
+            for i in range(20):
+                fd = rng.choice([own, shared])
+                length = rng.choice([7, 4096, 65_536, 131_072])
+                offset = size - 5000 if i == 0 and seed % 2 else rng.randrange(size)
+                got = os.pread(fd, length, offset)
+                if got != expected[offset : offset + length]:
+                    errors.append(f"seed {seed}: mismatch at {offset}+{length}")
+        except OSError as exc:
+            errors.append(f"seed {seed}: {exc}")
+        finally:
+            os.close(own)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    os.close(shared)
+    assert not errors
+    assert path.read_bytes() == expected
+
+
+def test_entropy_coded_file(mount, media):
+    path = mount.mnt / "entropy coded.wav"
+    expected = wav_bytes(media["lm_pcm"], SR)
+    with open(path, "rb") as f:  # tail first, then all of it
+        f.seek(-3000, os.SEEK_END)
+        assert f.read() == expected[-3000:]
+    assert path.read_bytes() == expected
+
+
+def test_v193_rate_and_title(mount, media):
+    data = (mount.mnt / "titled.wav").read_bytes()
+    assert data == wav_bytes(media["short_pcm"], 44_100, TITLE)
+    with _wave(data) as w:
+        assert w.getframerate() == 44_100 and w.getnframes() == SHORT_SAMPLES
+    assert b"INAM" in data[:200] and TITLE.encode() in data[:200]
+
+
+def test_subfolder_with_unicode_names(mount, media):
+    data = (mount.mnt / "Disc 1 [bonus]" / "Ünïcode track.wav").read_bytes()
+    assert data == wav_bytes(media["short_pcm"], SR)
+    assert (mount.mnt / "Disc 1 [bonus]" / "notes.txt").read_text() == "liner notes\n"
+
+
+@pytest.mark.skipif(not HAVE_FFMPEG, reason="needs ffmpeg and ffprobe")
+def test_ffprobe_and_ffmpeg_seek(mount, media):
+    probe = subprocess.run(
+        [
+            "ffprobe",
+            "-v",
+            "error",
+            "-show_entries",
+            "stream=sample_rate,channels,duration,codec_name",
+            "-of",
+            "json",
+            str(mount.mnt / "song.wav"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    stream = json.loads(probe.stdout)["streams"][0]
+    assert stream["codec_name"] == "pcm_s16le"
+    assert int(stream["sample_rate"]) == SR and stream["channels"] == 2
+    assert float(stream["duration"]) == pytest.approx(SONG_SAMPLES / SR, abs=1e-3)
+    out = subprocess.run(
+        [
+            "ffmpeg",
+            "-v",
+            "error",
+            "-ss",
+            "1.5",
+            "-i",
+            str(mount.mnt / "song.wav"),
+            "-f",
+            "s16le",
+            "-",
+        ],
+        capture_output=True,
+        timeout=120,
+        check=True,
+    ).stdout
+    start = int(1.5 * SR)
+    assert out == media["song_pcm"][start:].astype("<i2").tobytes()
+
+
+def test_passthrough_files_identical(mount, library):
+    for name in ("cover.jpg", "cover link.jpg"):
+        assert (mount.mnt / name).read_bytes() == (library / "cover.jpg").read_bytes()
+
+
+def test_corrupt_files_fail_with_eio_and_the_rest_works(mount, song_bytes):
+    for name in ("bad magic.wav", "truncated.wav"):
+        path = mount.mnt / name
+        assert os.stat(path).st_size == 0
+        started = time.monotonic()
+        done = subprocess.run(["cat", str(path)], capture_output=True, text=True, timeout=60)
+        assert done.returncode != 0
+        assert "Input/output error" in done.stderr
+        assert time.monotonic() - started < 5
+        with pytest.raises(OSError) as info:
+            path.read_bytes()
+        assert info.value.errno == errno.EIO
+    assert (mount.mnt / "song.wav").read_bytes() == song_bytes
+    log = mount.log_text()
+    assert log.count("bad magic.ecdc") == 1 and log.count("truncated.ecdc") == 1
+    assert "Traceback" not in log
+
+
+def test_writes_fail_with_erofs(mount):
+    attempts = [
+        lambda: open(mount.mnt / "new.txt", "w"),  # noqa: SIM115
+        lambda: open(mount.mnt / "song.wav", "r+b"),  # noqa: SIM115
+        lambda: open(mount.mnt / "cover.jpg", "ab"),  # noqa: SIM115
+        lambda: os.remove(mount.mnt / "cover.jpg"),
+        lambda: os.mkdir(mount.mnt / "d"),
+        lambda: os.rename(mount.mnt / "cover.jpg", mount.mnt / "c.jpg"),
+        lambda: os.chmod(mount.mnt / "song.wav", 0o777),
+        lambda: os.symlink("x", mount.mnt / "l"),
+        lambda: os.truncate(mount.mnt / "song.wav", 0),
+    ]
+    for attempt in attempts:
+        with pytest.raises(OSError) as info:
+            attempt()
+        assert info.value.errno == errno.EROFS
+    assert (mount.src / "cover.jpg").exists()
+
+
+def test_statfs(mount):
+    sv = os.statvfs(mount.mnt)
+    assert sv.f_bavail == 0 and sv.f_bsize > 0
+
+
+# ----- mount life cycle ---------------------------------------------------------------
+
+
+@pytest.fixture
+def small_library(tmp_path, media) -> Path:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "x.ecdc").write_bytes(media["short"])
+    (src / "a.txt").write_text("a")
+    return src
+
+
+def _daemon_pids(mnt: Path) -> list[int]:
+    """Processes whose command line names ``mnt`` (the ecdcfs daemon)."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if str(mnt).encode() in cmdline and b"ecdcfs" in b" ".join(cmdline):
+                pids.append(int(entry))
+    return pids
+
+
+def test_replaced_source_is_read_afresh(small_library, tmp_path, media):
+    m = Mount(small_library, tmp_path / "mnt", tmp_path / "log")
+    try:
+        target = small_library / "x.ecdc"
+        before = (m.mnt / "x.wav").read_bytes()
+        assert before == wav_bytes(media["short_pcm"], SR)
+        old = os.stat(target)
+        # Same WAV size, same mtime: only the header's sample rate differs.
+        (small_library / "new").write_bytes(synth.to_v193(media["short"], sr=44_100))
+        os.replace(small_library / "new", target)
+        os.utime(target, ns=(old.st_atime_ns, old.st_mtime_ns))
+        after = (m.mnt / "x.wav").read_bytes()
+        assert after == wav_bytes(media["short_pcm"], 44_100)
+    finally:
+        m.stop()
+
+
+def test_sigterm_unmounts_cleanly(small_library, tmp_path):
+    m = Mount(small_library, tmp_path / "mnt", tmp_path / "log")
+    try:
+        assert (m.mnt / "a.txt").read_text() == "a"
+        m.proc.send_signal(signal.SIGTERM)
+        assert m.proc.wait(timeout=30) == 0
+        assert not is_mounted(m.mnt)
+    finally:
+        m.stop()
+
+
+def test_sigkill_then_unmount_clears_dead_mount_and_remount_works(small_library, tmp_path):
+    m = Mount(small_library, tmp_path / "mnt", tmp_path / "log")
+    try:
+        m.proc.kill()
+        m.proc.wait(timeout=30)
+        with pytest.raises(OSError) as info:
+            os.listdir(m.mnt)
+        assert info.value.errno == errno.ENOTCONN
+        assert is_mounted(m.mnt)
+        refused = subprocess.run(
+            ecdcfs_cmd(str(small_library), str(m.mnt)), capture_output=True, text=True, timeout=60
+        )
+        assert refused.returncode != 0 and "ecdcfs -u" in refused.stderr
+        done = subprocess.run(
+            ecdcfs_cmd("-u", str(m.mnt)), capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert not is_mounted(m.mnt)
+        again = Mount(small_library, m.mnt, tmp_path / "log2")
+        try:
+            assert (again.mnt / "a.txt").read_text() == "a"
+        finally:
+            again.stop()
+    finally:
+        m.stop()
+
+
+def test_daemon_mode_and_unmount(small_library, tmp_path, media):
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "daemon.log"
+    try:
+        started = subprocess.run(
+            ecdcfs_cmd(
+                str(small_library),
+                str(mnt),
+                "--no-persist",
+                "--log-file",
+                str(log),
+                "-o",
+                "device=cpu,cache_mb=64,bufsize=2",
+            ),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert started.returncode == 0, started.stderr
+        assert os.path.ismount(mnt)  # mounted by the time the command returns
+        pids = _daemon_pids(mnt)
+        assert len(pids) == 1
+        assert (mnt / "x.wav").read_bytes() == wav_bytes(media["short_pcm"], SR)
+        done = subprocess.run(
+            ecdcfs_cmd("-u", str(mnt)), capture_output=True, text=True, timeout=60
+        )
+        assert done.returncode == 0, done.stderr
+        assert not is_mounted(mnt)
+        deadline = time.monotonic() + 30
+        while _daemon_pids(mnt) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _daemon_pids(mnt), "the daemon did not exit after unmount"
+        text = log.read_text()
+        assert "serving" in text and "unmounted" in text and "loaded encodec_48khz" in text
+    finally:
+        unmount(mnt)
+        for pid in _daemon_pids(mnt):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_missing_checkpoint_fails_reads_with_one_log_line(small_library, tmp_path):
+    env_home = os.environ.get("TORCH_HOME")
+    empty = tmp_path / "empty-torch-home"
+    empty.mkdir()
+    os.environ["TORCH_HOME"] = str(empty)
+    os.environ["https_proxy"] = os.environ["http_proxy"] = "http://127.0.0.1:9"  # no network
+    try:
+        m = Mount(small_library, tmp_path / "mnt", tmp_path / "log")
+    finally:
+        os.environ.pop("https_proxy")
+        os.environ.pop("http_proxy")
+        if env_home is None:
+            os.environ.pop("TORCH_HOME")
+        else:
+            os.environ["TORCH_HOME"] = env_home
+    try:
+        for _ in range(3):
+            with pytest.raises(OSError) as info:
+                (m.mnt / "x.wav").read_bytes()
+            assert info.value.errno == errno.EIO
+        assert (m.mnt / "a.txt").read_text() == "a"
+        errors = [line for line in m.log_text().splitlines() if " ERROR " in line]
+        assert len(errors) == 1, errors
+        assert "encodec_48khz-7e698e3e.th" in errors[0] and str(empty) in errors[0]
+        assert "Traceback" not in m.log_text()
+    finally:
+        m.stop()

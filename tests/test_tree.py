@@ -1,0 +1,524 @@
+"""The view of SOURCE (ecdcfs.tree) and the FUSE operations (ecdcfs.fs), without mounting.
+
+Files here are hand-built headers with zero-filled payloads: enough to stat, list and
+open, never decoded, so no torch and no model is needed.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+import struct
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from mfusepy import FuseOSError
+
+from ecdcfs.container import MODELS, EcdcError, FrameLayout
+from ecdcfs.fs import EcdcFS
+from ecdcfs.tree import AUDIO, DIR, FILE, LINK, SourceTree, list_names
+
+
+def ecdc(
+    samples: int = 4800, model: str = "encodec_48khz", nc: int = 2, version: int = 0, **extra
+) -> bytes:
+    """A valid header plus a zero-filled payload of exactly the size the header needs."""
+    meta = {"m": model, "al": samples, "nc": nc, "lm": False, **extra}
+    body = json.dumps(meta).encode()
+    payload = bytes(FrameLayout(MODELS[model], samples, nc).plain_payload_bytes())
+    return struct.pack("!4sBI", b"ECDC", version, len(body)) + body + payload
+
+
+def wav_size(samples: int, channels: int = 2) -> int:
+    return 44 + samples * channels * 2
+
+
+class NoEngine:
+    """Engine factory that fails the test if anything asks for decoding machinery."""
+
+    calls = 0
+
+    def __call__(self):
+        NoEngine.calls += 1
+        raise AssertionError("the engine must not be created")
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    d = tmp_path / "src"
+    d.mkdir()
+    return d
+
+
+@pytest.fixture
+def tree(src: Path):
+    t = SourceTree(src)
+    yield t
+    t.close()
+
+
+def names(tree: SourceTree, path: str = "/") -> dict[str, int]:
+    return dict(tree.readdir(path))
+
+
+def test_ecdc_shown_as_wav_with_exact_size_and_source_attributes(src, tree):
+    (src / "x.ecdc").write_bytes(ecdc(48_000))
+    os.chmod(src / "x.ecdc", 0o664)
+    os.utime(src / "x.ecdc", ns=(1_600_000_000_123_456_789, 1_500_000_000_987_654_321))
+    listing = names(tree)
+    assert list(listing) == ["x.wav"]
+    assert stat.S_ISREG(listing["x.wav"])
+    attrs = tree.getattr("/x.wav")
+    source = os.lstat(src / "x.ecdc")
+    assert attrs["st_size"] == wav_size(48_000)
+    assert attrs["st_blocks"] == -(-wav_size(48_000) // 512)
+    assert attrs["st_mode"] == stat.S_IFREG | 0o444
+    assert attrs["st_mtime"] == 1_500_000_000_987_654_321
+    assert attrs["st_atime"] == source.st_atime_ns
+    assert attrs["st_ctime"] == source.st_ctime_ns
+    assert (attrs["st_uid"], attrs["st_gid"], attrs["st_nlink"]) == (
+        source.st_uid,
+        source.st_gid,
+        1,
+    )
+    with pytest.raises(FileNotFoundError):
+        tree.getattr("/x.ecdc")
+    with pytest.raises(FileNotFoundError):
+        tree.getattr("/nothing.wav")
+
+
+def test_v193_header_size_includes_info_chunk(src, tree):
+    # v193 with sr and a title: 44-byte header + LIST/INFO with INAM "Song\0" (padded).
+    (src / "t.ecdc").write_bytes(ecdc(9_600, version=193, sr=44_100, n="Song", br=6.0))
+    info = 4 + (8 + 6)  # "INFO" + INAM chunk of "Song\0" padded to 6 bytes
+    assert tree.getattr("/t.wav")["st_size"] == 44 + 8 + info + 9_600 * 4
+
+
+def test_24khz_mono_size(src, tree):
+    (src / "m.ecdc").write_bytes(ecdc(24_000, model="encodec_24khz", nc=4))
+    assert tree.getattr("/m.wav")["st_size"] == wav_size(24_000, channels=1)
+
+
+def test_subfolders_mirrored_and_folders_named_ecdc_kept(src, tree):
+    (src / "Album").mkdir()
+    (src / "Album" / "01 intro.ecdc").write_bytes(ecdc())
+    (src / "folder.ecdc").mkdir()
+    (src / "folder.ecdc" / "inner.ecdc").write_bytes(ecdc())
+    os.chmod(src / "Album", 0o775)
+    assert names(tree) == {"Album": stat.S_IFDIR, "folder.ecdc": stat.S_IFDIR}
+    assert list(names(tree, "/Album")) == ["01 intro.wav"]
+    assert list(names(tree, "/folder.ecdc")) == ["inner.wav"]
+    attrs = tree.getattr("/Album")
+    assert attrs["st_mode"] == stat.S_IFDIR | 0o555
+    assert attrs["st_nlink"] == os.lstat(src / "Album").st_nlink
+    assert tree.getattr("/folder.ecdc")["st_mode"] & stat.S_IFDIR
+    assert tree.getattr("/folder.ecdc/inner.wav")["st_size"] == wav_size(4800)
+    with pytest.raises(FileNotFoundError):
+        tree.getattr("/folder.wav")
+    with pytest.raises(NotADirectoryError):
+        tree.getattr("/Album/01 intro.wav/x")
+
+
+def test_passthrough_files_read_only_and_identical(src, tree):
+    data = os.urandom(100_000)
+    (src / "cover.jpg").write_bytes(data)
+    (src / "list.m3u").write_text("x.wav\n")
+    os.chmod(src / "cover.jpg", 0o644)
+    assert set(names(tree)) == {"cover.jpg", "list.m3u"}
+    attrs = tree.getattr("/cover.jpg")
+    assert attrs["st_size"] == len(data)
+    assert attrs["st_mode"] == stat.S_IFREG | 0o444
+    fh = tree.open("/cover.jpg", os.O_RDONLY)
+    try:
+        assert tree.read(fh, 4096, 0) == data[:4096]
+        assert tree.read(fh, 10_000, 95_000) == data[95_000:]
+        assert tree.read(fh, 100, 200_000) == b""
+    finally:
+        tree.release(fh)
+    assert tree.open_handles == 0
+
+
+@pytest.mark.parametrize(
+    "flags",
+    [
+        os.O_WRONLY,
+        os.O_RDWR,
+        os.O_RDONLY | os.O_TRUNC,
+        os.O_RDONLY | os.O_APPEND,
+        os.O_WRONLY | os.O_CREAT,
+    ],
+)
+def test_write_opens_fail_with_erofs(src, tree, flags):
+    (src / "x.ecdc").write_bytes(ecdc())
+    (src / "a.txt").write_text("a")
+    for path in ("/x.wav", "/a.txt"):
+        with pytest.raises(OSError) as info:
+            tree.open(path, flags)
+        assert info.value.errno == errno.EROFS
+
+
+def test_symlinks_shown_verbatim_and_never_followed(src, tree, tmp_path):
+    outside = tmp_path / "secret.txt"
+    outside.write_text("secret")
+    (tmp_path / "outside").mkdir()
+    (tmp_path / "outside" / "o.ecdc").write_bytes(ecdc())
+    (src / "x.ecdc").write_bytes(ecdc())
+    os.symlink(outside, src / "secret")
+    os.symlink("x.ecdc", src / "y.ecdc")
+    os.symlink(tmp_path / "outside", src / "linkdir")
+    os.symlink("missing", src / "dangling.wav")
+    listing = names(tree)
+    assert listing == {
+        "x.wav": stat.S_IFREG,
+        "secret": stat.S_IFLNK,
+        "y.ecdc": stat.S_IFLNK,
+        "linkdir": stat.S_IFLNK,
+        "dangling.wav": stat.S_IFLNK,
+    }
+    assert tree.readlink("/secret") == str(outside)
+    assert tree.readlink("/y.ecdc") == "x.ecdc"
+    assert tree.readlink("/dangling.wav") == "missing"
+    assert stat.S_ISLNK(tree.getattr("/secret")["st_mode"])
+    assert stat.S_ISLNK(tree.getattr("/linkdir")["st_mode"])
+    with pytest.raises(OSError) as info:
+        tree.open("/secret")
+    assert info.value.errno == errno.ELOOP
+    # A path through a symlinked folder never reaches outside SOURCE.
+    for op in (tree.getattr, tree.readdir, tree.open):
+        with pytest.raises(NotADirectoryError):
+            op("/linkdir/o.wav" if op is not tree.readdir else "/linkdir")
+    with pytest.raises(OSError) as info:
+        tree.readlink("/x.wav")
+    assert info.value.errno == errno.EINVAL
+
+
+def test_special_files_are_hidden(src, tree):
+    os.mkfifo(src / "pipe")
+    (src / "a.ecdc").write_bytes(ecdc())
+    assert list(names(tree)) == ["a.wav"]
+    with pytest.raises(FileNotFoundError):
+        tree.getattr("/pipe")
+
+
+def test_collision_real_wav_wins_decoded_becomes_ecdc_wav(src, tree):
+    (src / "x.ecdc").write_bytes(ecdc(9_600))
+    (src / "x.wav").write_bytes(b"RIFF real")
+    listing = names(tree)
+    assert set(listing) == {"x.wav", "x.ecdc.wav"}
+    assert tree.getattr("/x.wav")["st_size"] == len(b"RIFF real")
+    assert tree.getattr("/x.ecdc.wav")["st_size"] == wav_size(9_600)
+    assert tree.resolve("/x.ecdc.wav").kind == AUDIO
+    fh = tree.open("/x.wav")
+    assert tree.read(fh, 100, 0) == b"RIFF real"
+    tree.release(fh)
+    with pytest.raises(FileNotFoundError):
+        tree.getattr("/x.ecdc")
+
+
+def test_collision_with_both_names_taken_shows_raw_ecdc(src, tree):
+    (src / "x.ecdc").write_bytes(ecdc(9_600))
+    (src / "x.wav").mkdir()
+    (src / "x.ecdc.wav").write_bytes(b"real too")
+    assert set(names(tree)) == {"x.wav", "x.ecdc.wav", "x.ecdc"}
+    assert tree.resolve("/x.ecdc").kind == FILE
+    assert tree.resolve("/x.wav").kind == DIR
+    assert tree.getattr("/x.ecdc")["st_size"] == len(ecdc(9_600))
+
+
+def test_collision_chain_primary_name_wins_over_fallback(src, tree):
+    (src / "x.ecdc").write_bytes(ecdc(4_800))
+    (src / "x.wav").write_bytes(b"real")
+    (src / "x.ecdc.ecdc").write_bytes(ecdc(9_600))
+    listing = names(tree)
+    assert set(listing) == {"x.wav", "x.ecdc.wav", "x.ecdc"}
+    assert tree.resolve("/x.ecdc.wav").source == str(src / "x.ecdc.ecdc")
+    assert tree.getattr("/x.ecdc.wav")["st_size"] == wav_size(9_600)
+    assert tree.resolve("/x.ecdc").kind == FILE
+
+
+NAME_PARTS = [
+    "a",
+    "a.ecdc",
+    "a.wav",
+    "a.ecdc.wav",
+    "a.ecdc.ecdc",
+    "a.ecdc.ecdc.wav",
+    ".ecdc",
+    ".wav",
+    "b.ecdc",
+]
+
+
+@settings(
+    max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.dictionaries(
+        st.sampled_from(NAME_PARTS),
+        st.sampled_from([FILE, DIR, LINK, "fifo"]),
+        max_size=len(NAME_PARTS),
+    )
+)
+def test_lookup_agrees_with_listing_and_is_one_to_one(tmp_path_factory, entries):
+    src = tmp_path_factory.mktemp("src")
+    for name, kind in entries.items():
+        if kind == FILE:
+            (src / name).write_bytes(ecdc() if name.endswith(".ecdc") else b"x")
+        elif kind == DIR:
+            (src / name).mkdir()
+        elif kind == LINK:
+            os.symlink("target", src / name)
+        else:
+            os.mkfifo(src / name)
+    tree = SourceTree(src, engine_factory=NoEngine())
+    visible = {n: k for n, k in entries.items() if k != "fifo"}
+    shown = dict(tree.readdir("/"))
+    # Every visible source entry is shown exactly once; lookups find what was listed.
+    sources = [tree.resolve("/" + name).source for name in shown]
+    assert sorted(sources) == sorted(str(src / n) for n in visible)
+    for name in shown:
+        entry = tree.resolve("/" + name)
+        assert stat.S_IFMT(tree.getattr("/" + name)["st_mode"]) == shown[name]
+        if entry.kind == AUDIO:
+            assert name.endswith(".wav") and entry.source.endswith(".ecdc")
+        else:
+            assert entry.source == str(src / name)
+    for name in NAME_PARTS + ["a.wav.wav", "x"]:
+        if name not in shown:
+            with pytest.raises(FileNotFoundError):
+                tree.resolve("/" + name)
+    assert list_names(visible) == {
+        name: (k, os.path.basename(tree.resolve("/" + name).source))
+        for name, k in ((n, tree.resolve("/" + n).kind) for n in shown)
+    }
+
+
+def test_unusual_names(src, tree):
+    weird = ["Café [live] (1).ecdc", "a b  c.ecdc", "日本語.ecdc", "#1 - 100%.ecdc", "-x.ecdc"]
+    for name in weird:
+        (src / name).write_bytes(ecdc())
+    raw = os.fsencode(str(src)) + b"/caf\xe9 \xff.ecdc"
+    with open(raw, "wb") as f:
+        f.write(ecdc())
+    (src / "x.ecdc").write_bytes(ecdc())
+    (src / ".ecdc").write_bytes(ecdc())  # no stem: not converted
+    listing = names(tree)
+    bad = "caf\udce9 \udcff.wav"  # what mfusepy hands over (surrogateescape)
+    expected = {n[:-5] + ".wav" for n in weird} | {bad, "x.wav", ".ecdc"}
+    assert set(listing) == expected
+    for name in expected - {".ecdc"}:
+        assert tree.getattr("/" + name)["st_size"] == wav_size(4800)
+    fh = tree.open("/" + bad)
+    tree.release(fh)
+
+
+def test_unpublished_paths(src, tree):
+    for path in ("/../etc", "/./x", "/a/../b"):
+        with pytest.raises(FileNotFoundError):
+            tree.getattr(path)
+
+
+CORRUPT = {
+    "magic.ecdc": b"NOPE" + ecdc()[4:],
+    "truncated.ecdc": ecdc(48_000)[:-10],
+    "version.ecdc": ecdc()[:4] + bytes([7]) + ecdc()[5:],
+    "empty.ecdc": b"",
+    "json.ecdc": struct.pack("!4sBI", b"ECDC", 0, 5) + b"{oops",
+    "model.ecdc": ecdc()[:0]
+    + struct.pack("!4sBI", b"ECDC", 0, 40)
+    + b'{"m":"nope","al":1,"nc":1,"lm":false}   ',
+}
+
+
+def test_corrupt_files_list_and_stat_but_fail_to_open(src, caplog):
+    tree = SourceTree(src, engine_factory=NoEngine())
+    for name, data in CORRUPT.items():
+        (src / name).write_bytes(data)
+    (src / "ok.txt").write_text("fine")
+    listing = names(tree)
+    assert set(listing) == {n[:-5] + ".wav" for n in CORRUPT} | {"ok.txt"}
+    caplog.set_level(logging.INFO, logger="ecdcfs")
+    for name in CORRUPT:
+        path = "/" + name[:-5] + ".wav"
+        assert tree.getattr(path)["st_size"] == 0
+        for _ in range(3):
+            with pytest.raises(EcdcError):
+                tree.open(path)
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == len(CORRUPT)  # one line per file, however often it is opened
+    for record in errors:
+        assert record.exc_info is None
+        assert str(src) in record.getMessage()
+    assert {r.getMessage().split(": ")[0].rsplit("/", 1)[1] for r in errors} == set(CORRUPT)
+    fh = tree.open("/ok.txt")
+    assert tree.read(fh, 10, 0) == b"fine"
+    tree.release(fh)
+    assert NoEngine.calls == 0
+
+
+def test_unreadable_ecdc_stats_as_zero(src, tree):
+    if os.geteuid() == 0:
+        pytest.skip("root reads everything")
+    (src / "x.ecdc").write_bytes(ecdc())
+    os.chmod(src / "x.ecdc", 0)
+    assert tree.getattr("/x.wav")["st_size"] == 0
+
+
+def test_probe_cache_hits_and_invalidates_on_change(src, tree, monkeypatch):
+    import ecdcfs.tree as tree_module
+
+    calls = []
+    real = tree_module.read_header
+    monkeypatch.setattr(tree_module, "read_header", lambda *a: calls.append(1) or real(*a))
+    path = src / "x.ecdc"
+    path.write_bytes(ecdc(4_800))
+    before = os.lstat(path)
+    assert tree.getattr("/x.wav")["st_size"] == wav_size(4_800)
+    assert tree.getattr("/x.wav")["st_size"] == wav_size(4_800)
+    names(tree)
+    assert len(calls) == 1
+    # Same mtime, different size: re-probed.
+    path.write_bytes(ecdc(9_600))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert tree.getattr("/x.wav")["st_size"] == wav_size(9_600)
+    # Same size, same mtime, other content (in place): ctime changed, re-probed.
+    path.write_bytes(ecdc(9_600, version=193, sr=44_100))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert len(calls) == 2
+    tree.getattr("/x.wav")
+    assert len(calls) == 3
+    # Replaced by another file (new inode).
+    (src / "new").write_bytes(ecdc(14_400))
+    os.replace(src / "new", path)
+    assert tree.getattr("/x.wav")["st_size"] == wav_size(14_400)
+
+
+def test_getattr_and_readdir_import_no_torch(tmp_path):
+    (tmp_path / "a.ecdc").write_bytes(ecdc())
+    (tmp_path / "b.ecdc").write_bytes(b"bad")
+    code = textwrap.dedent(f"""
+        import sys
+        from ecdcfs.tree import SourceTree
+        from ecdcfs import cli, fs
+        t = SourceTree({str(tmp_path)!r})
+        assert sorted(dict(t.readdir("/"))) == ["a.wav", "b.wav"], t.readdir("/")
+        t.getattr("/a.wav"); t.getattr("/b.wav")
+        try:
+            t.open("/b.wav")
+        except Exception:
+            pass
+        assert "torch" not in sys.modules and "encodec" not in sys.modules
+        assert t._engine is None
+    """)
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+class TestOpenAudio:
+    """Opening audio creates AudioFiles (never decoding here: nothing is read)."""
+
+    def test_handles_share_audio_file_but_not_readers(self, src, tree):
+        (src / "x.ecdc").write_bytes(ecdc(9_600))
+        a, b = tree.open("/x.wav"), tree.open("/x.wav")
+        ha, hb = tree._handle(a), tree._handle(b)
+        assert ha.audio is hb.audio and ha.reader is not hb.reader
+        assert ha.audio.size == wav_size(9_600)
+        assert tree.read(a, 44, 0)[:4] == b"RIFF"  # the header needs no decoding
+        assert tree.read(a, 10, wav_size(9_600)) == b""
+        tree.release(a)
+        tree.release(b)
+        assert tree.open_handles == 0
+        with pytest.raises(OSError) as info:
+            tree.read(a, 1, 0)
+        assert info.value.errno == errno.EBADF
+
+    def test_replaced_source_gets_a_new_audio_file(self, src, tree):
+        (src / "x.ecdc").write_bytes(ecdc(9_600))
+        a = tree.open("/x.wav")
+        (src / "new").write_bytes(ecdc(4_800))
+        os.replace(src / "new", src / "x.ecdc")
+        b = tree.open("/x.wav")
+        assert tree._handle(a).audio.size == wav_size(9_600)
+        assert tree._handle(b).audio.size == wav_size(4_800)
+        tree.release(a)
+        tree.release(b)
+
+    def test_engine_created_once_lazily(self, src):
+        created = []
+
+        def factory():
+            from ecdcfs.audiofile import Engine
+
+            created.append(Engine())
+            return created[-1]
+
+        tree = SourceTree(src, engine_factory=factory)
+        (src / "x.ecdc").write_bytes(ecdc())
+        (src / "y.ecdc").write_bytes(ecdc(9_600))
+        tree.getattr("/x.wav")
+        assert created == []
+        handles = [tree.open("/x.wav"), tree.open("/y.wav")]
+        assert len(created) == 1
+        for fh in handles:
+            tree.release(fh)
+        tree.close()
+
+
+class TestFuseOperations:
+    """ecdcfs.fs maps the tree's errors to errno values."""
+
+    @pytest.fixture
+    def ops(self, src):
+        (src / "x.ecdc").write_bytes(ecdc())
+        (src / "bad.ecdc").write_bytes(b"bad")
+        (src / "a.txt").write_text("text")
+        fs = EcdcFS(SourceTree(src, engine_factory=NoEngine()))
+        yield fs
+        fs.destroy("/")
+
+    def errno_of(self, func, *args) -> int:
+        with pytest.raises(FuseOSError) as info:
+            func(*args)
+        return info.value.errno
+
+    def test_errors(self, ops):
+        assert self.errno_of(ops.getattr, "/missing") == errno.ENOENT
+        assert self.errno_of(ops.open, "/bad.wav", os.O_RDONLY) == errno.EIO
+        assert self.errno_of(ops.open, "/a.txt", os.O_WRONLY) == errno.EROFS
+        assert self.errno_of(ops.read, "/x.wav", 10, 0, 12345) == errno.EBADF
+        assert self.errno_of(ops.access, "/a.txt", os.W_OK) == errno.EROFS
+        assert self.errno_of(ops.access, "/missing", os.R_OK) == errno.ENOENT
+        assert ops.access("/a.txt", os.R_OK) == 0
+        for op, args in [
+            (ops.unlink, ("/a.txt",)),
+            (ops.mkdir, ("/d", 0o755)),
+            (ops.rename, ("/a.txt", "/b")),
+            (ops.chmod, ("/a.txt", 0o777)),
+            (ops.write, ("/a.txt", b"x", 0, 1)),
+            (ops.create, ("/n", 0o644, 0)),
+            (ops.truncate, ("/a.txt", 0)),
+            (ops.symlink, ("/l", "a.txt")),
+        ]:
+            assert self.errno_of(op, *args) == errno.EROFS
+
+    def test_listing_and_reading(self, ops):
+        entries = ops.readdir("/", 0)
+        assert entries[:2] == [".", ".."]
+        assert {e[0] for e in entries[2:]} == {"x.wav", "bad.wav", "a.txt"}
+        assert ops.getattr("/bad.wav")["st_size"] == 0
+        fh = ops.open("/a.txt", os.O_RDONLY)
+        assert ops.read("/a.txt", 100, 0, fh) == b"text"
+        assert ops.release("/a.txt", fh) == 0
+        assert ops.statfs("/")["f_bavail"] == 0
+
+    def test_unexpected_errors_become_eio(self, ops, monkeypatch, caplog):
+        monkeypatch.setattr(ops.tree, "getattr", lambda path: 1 / 0)
+        assert self.errno_of(ops.getattr, "/x.wav") == errno.EIO
+        assert "unexpected error" in caplog.text
