@@ -236,7 +236,7 @@ def parse_mount_options(texts: list[str]) -> tuple[dict[str, object], dict[str, 
                         raise UsageError(f"-o {name}: {exc}") from None
             elif name == "rw":
                 raise UsageError("ecdcfs is read-only: -o rw is not supported")
-            elif name in _MOUNT_ONLY or name.startswith(("x-", "comment")):
+            elif name in _MOUNT_ONLY or name == "comment" or key.startswith("x-"):
                 continue
             elif not name:
                 raise UsageError(f"bad -o option {item!r}")

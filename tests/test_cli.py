@@ -1,0 +1,287 @@
+"""The ``ecdcfs`` command line: parsing, -o key=value options, path checks, --help."""
+
+from __future__ import annotations
+
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from ecdcfs import cli
+from ecdcfs.cli import Config, UsageError, check_paths, parse_args, parse_mount_options
+
+
+@pytest.fixture
+def dirs(tmp_path: Path) -> tuple[str, str]:
+    (tmp_path / "src").mkdir()
+    (tmp_path / "mnt").mkdir()
+    return str(tmp_path / "src"), str(tmp_path / "mnt")
+
+
+def run(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ecdcfs", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        **kwargs,
+    )
+
+
+def test_defaults():
+    cfg = parse_args(["a", "b"])
+    assert (cfg.source, cfg.mountpoint) == ("a", "b")
+    assert not cfg.foreground and not cfg.unmount and not cfg.allow_other
+    assert (cfg.device, cfg.cache_mb, cfg.bufsize, cfg.cache_dir) == (None, 512, 1, None)
+    assert cfg.persist and cfg.log_level == "info" and cfg.log_file is None
+    assert cfg.fuse_options == {}
+
+
+def test_long_options():
+    cfg = parse_args(
+        [
+            "a",
+            "b",
+            "-f",
+            "--device",
+            "cuda:1",
+            "--cache-mb",
+            "64",
+            "--bufsize",
+            "3",
+            "--cache-dir",
+            "/c",
+            "--no-persist",
+            "--log-level",
+            "DEBUG",
+            "--log-file",
+            "/l",
+            "--allow-other",
+        ]
+    )
+    assert cfg.foreground and cfg.allow_other and not cfg.persist
+    assert (cfg.device, cfg.cache_mb, cfg.bufsize, cfg.cache_dir) == ("cuda:1", 64, 3, "/c")
+    assert (cfg.log_level, cfg.log_file) == ("debug", "/l")
+
+
+def test_every_long_option_as_o_key_value():
+    cfg = parse_args(
+        [
+            "a",
+            "b",
+            "-o",
+            "device=cpu,cache_mb=256,bufsize=2,log_level=debug",
+            "-o",
+            "allow_other,no-persist,cache-dir=/c,log_file=/l",
+        ]
+    )
+    assert (cfg.device, cfg.cache_mb, cfg.bufsize, cfg.log_level) == ("cpu", 256, 2, "debug")
+    assert cfg.allow_other and not cfg.persist
+    assert (cfg.cache_dir, cfg.log_file) == ("/c", "/l")
+    assert cfg.fuse_options == {}
+
+
+def test_long_options_win_over_o():
+    cfg = parse_args(["-o", "cache_mb=256,device=cpu", "a", "b", "--cache-mb", "32"])
+    assert (cfg.cache_mb, cfg.device) == (32, "cpu")
+
+
+def test_fuse_options_pass_through_and_mount_only_ones_are_dropped():
+    ours, fuse = parse_mount_options(
+        [
+            "ro,defaults,noauto,_netdev,x-systemd.automount,comment=x,allow_root,uid=1000,umask=022",
+            "max_read=131072,auto_unmount,fsname=music\\,wav",
+        ]
+    )
+    assert ours == {}
+    assert fuse == {
+        "allow_root": True,
+        "uid": "1000",
+        "umask": "022",
+        "max_read": "131072",
+        "auto_unmount": True,
+        "fsname": "music,wav",
+    }
+
+
+def test_fuse_options_given_to_libfuse():
+    cfg = parse_args(["a", "b", "-o", "allow_other,attr_timeout=5"])
+    assert cli.fuse_options(cfg) == {
+        "ro": True,
+        "fsname": "ecdcfs",
+        "subtype": "ecdcfs",
+        "allow_other": True,
+        "default_permissions": True,
+        "attr_timeout": "5",
+    }
+    assert cli.fuse_options(parse_args(["a", "b"])) == {
+        "ro": True,
+        "fsname": "ecdcfs",
+        "subtype": "ecdcfs",
+    }
+
+
+@pytest.mark.parametrize(
+    "argv, reason",
+    [
+        ([], "expected SOURCE and MOUNTPOINT"),
+        (["a"], "expected SOURCE and MOUNTPOINT"),
+        (["a", "b", "c"], "expected SOURCE and MOUNTPOINT"),
+        (["-u"], "-u takes exactly one"),
+        (["-u", "a", "b"], "-u takes exactly one"),
+        (["a", "b", "--cache-mb", "0"], "must be at least 1"),
+        (["a", "b", "--cache-mb", "lots"], "not an integer"),
+        (["a", "b", "--bufsize", "-1"], "must be at least 1"),
+        (["a", "b", "--log-level", "loud"], "is not one of"),
+        (["a", "b", "--bogus"], "unrecognized arguments"),
+        (["a", "b", "-o", "rw"], "read-only"),
+        (["a", "b", "-o", "cache_mb"], "needs a value"),
+        (["a", "b", "-o", "cache_mb=x"], "not an integer"),
+        (["a", "b", "-o", "bufsize=0"], "must be at least 1"),
+        (["a", "b", "-o", "allow_other=1"], "takes no value"),
+        (["a", "b", "-o", "log_level=loud"], "is not one of"),
+        (["a", "b", "-o", "=x"], "bad -o option"),
+    ],
+)
+def test_bad_arguments(argv, reason):
+    with pytest.raises(UsageError, match=reason):
+        parse_args(argv)
+
+
+def test_bad_arguments_exit_nonzero_with_one_line(capsys):
+    assert cli.main(["a", "b", "--cache-mb", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("ecdcfs: error: ")
+
+
+def test_path_checks(dirs, tmp_path):
+    src, mnt = dirs
+    cfg = parse_args([src, mnt, "--cache-dir", str(tmp_path / "cache")])
+    check_paths(cfg)
+    assert cfg.source == os.path.realpath(src) and cfg.mountpoint == os.path.realpath(mnt)
+    assert cfg.cache_dir == str(tmp_path / "cache")
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "src" / "inner").mkdir()
+    bad = [
+        ([str(tmp_path / "nope"), mnt], "is not a directory"),
+        ([str(tmp_path / "file"), mnt], "is not a directory"),
+        ([src, str(tmp_path / "nope")], "No such file"),
+        ([src, str(tmp_path / "file")], "is not a directory"),
+        ([src, src], "inside SOURCE"),
+        ([src, str(tmp_path / "src" / "inner")], "inside SOURCE"),
+        ([str(tmp_path / "src" / "inner"), src], "inside MOUNTPOINT"),  # over a parent
+        ([src, mnt, "--cache-dir", mnt + "/cache"], "cache dir"),
+        ([src, mnt, "--log-file", mnt + "/log"], "log file"),
+    ]
+    for argv, reason in bad:
+        with pytest.raises(UsageError, match=reason):
+            check_paths(parse_args(argv))
+
+
+def test_mount_over_source_parent_is_refused(tmp_path):
+    (tmp_path / "music" / "ecdc").mkdir(parents=True)
+    with pytest.raises(UsageError, match="SOURCE .* is inside MOUNTPOINT"):
+        check_paths(parse_args([str(tmp_path / "music" / "ecdc"), str(tmp_path / "music")]))
+
+
+def test_symlinked_paths_are_resolved(tmp_path, dirs):
+    src, mnt = dirs
+    os.symlink(src + "/", tmp_path / "src-link")
+    inner = Path(src) / "inner"
+    inner.mkdir()
+    os.symlink(inner, tmp_path / "inner-link")
+    with pytest.raises(UsageError, match="inside SOURCE"):
+        check_paths(parse_args([str(tmp_path / "src-link"), str(tmp_path / "inner-link")]))
+
+
+def test_no_persist_drops_cache_dir(dirs):
+    cfg = parse_args([*dirs, "--no-persist", "--cache-dir", "/whatever"])
+    check_paths(cfg)
+    assert not cfg.persist
+
+
+def test_split_options():
+    assert cli.split_options("a,b=1,,c\\,d=e\\\\f") == ["a", "b=1", "c,d=e\\f"]
+
+
+def test_help_documents_everything():
+    done = run("--help")
+    assert done.returncode == 0
+    for word in (
+        "-f",
+        "-o",
+        "-u",
+        "--device",
+        "--cache-mb",
+        "--bufsize",
+        "--cache-dir",
+        "--no-persist",
+        "--log-level",
+        "--log-file",
+        "--allow-other",
+        "key=value",
+        "fusermount",
+        "x.ecdc.wav",
+        "syslog",
+        "SIGTERM",
+        "TORCH_HOME",
+    ):
+        assert word in done.stdout, word
+
+
+def test_command_line_errors_in_a_subprocess(dirs, tmp_path):
+    src, mnt = dirs
+    for argv, reason in [
+        ((src,), "expected SOURCE and MOUNTPOINT"),
+        ((str(tmp_path / "nope"), mnt), "is not a directory"),
+        ((src, os.path.join(src, ".")), "inside SOURCE"),
+        ((src, mnt, "--wat"), "unrecognized arguments"),
+    ]:
+        done = run(*argv)
+        assert done.returncode == 2
+        assert done.stderr.count("\n") == 1 and reason in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+
+
+def test_unmount_of_something_not_mounted(dirs):
+    done = run("-u", dirs[1])
+    assert done.returncode == 1 and "not mounted" in done.stderr
+
+
+def test_mountinfo_unescaping():
+    assert cli._unescape_mount_path("/mnt/a\\040b\\011c\\134d") == "/mnt/a b\tc\\d"
+    assert "/" in cli.mount_points() or not os.path.exists("/proc/self/mountinfo")
+
+
+def test_logging_setup_foreground_and_file(tmp_path, dirs):
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        cfg = parse_args([*dirs, "-f", "--log-level", "warning"])
+        handler = cli.setup_logging(cfg)
+        assert isinstance(handler, logging.StreamHandler) and root.level == logging.WARNING
+        root.removeHandler(handler)
+        cfg = parse_args([*dirs, "--log-file", str(tmp_path / "x.log")])
+        check_paths(cfg)
+        handler = cli.setup_logging(cfg)
+        logging.getLogger("ecdcfs.test").info("hello")
+        handler.flush()
+        assert "hello" in (tmp_path / "x.log").read_text()
+        assert logging.getLogger("fuse").level == logging.WARNING
+        root.removeHandler(handler)
+        handler.close()
+    finally:
+        root.handlers[:] = before
+        root.setLevel(logging.WARNING)
+
+
+def test_import_of_the_command_does_not_import_torch():
+    code = "import sys, ecdcfs.cli, ecdcfs.fs, ecdcfs.tree; assert 'torch' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_config_is_a_plain_dataclass():
+    assert Config().fuse_options == {} and Config().fuse_options is not Config().fuse_options
