@@ -92,7 +92,7 @@ def test_long_options_win_over_o():
 def test_fuse_options_pass_through_and_mount_only_ones_are_dropped():
     ours, fuse = parse_mount_options(
         [
-            "ro,defaults,noauto,_netdev,x-systemd.automount,comment=x,allow_root,uid=1000,umask=022",
+            "ro,rw,defaults,noauto,_netdev,x-systemd.automount,comment=x,allow_root,uid=1000,umask=022",
             "max_read=131072,auto_unmount,fsname=music\\,wav",
         ]
     )
@@ -137,7 +137,6 @@ def test_fuse_options_given_to_libfuse():
         (["a", "b", "--bufsize", "-1"], "must be at least 1"),
         (["a", "b", "--log-level", "loud"], "is not one of"),
         (["a", "b", "--bogus"], "unrecognized arguments"),
-        (["a", "b", "-o", "rw"], "read-only"),
         (["a", "b", "-o", "cache_mb"], "needs a value"),
         (["a", "b", "-o", "cache_mb=x"], "not an integer"),
         (["a", "b", "-o", "bufsize=0"], "must be at least 1"),

@@ -169,6 +169,8 @@ def library(tmp_path_factory, media) -> Path:
     (src / "Disc 1 [bonus]").mkdir()
     (src / "Disc 1 [bonus]" / "Ünïcode track.ecdc").write_bytes(media["short"])
     (src / "Disc 1 [bonus]" / "notes.txt").write_text("liner notes\n")
+    with open(bytes(src / "Disc 1 [bonus]") + b"/caf\xe9 \xff.ecdc", "wb") as f:  # not UTF-8
+        f.write(media["short"])
     (src / "cold.ecdc").write_bytes(media["short_v192"])
     (src / "entropy coded.ecdc").write_bytes(media["lm"])
     (src / "cover.jpg").write_bytes(random.Random(5).randbytes(300_000))
@@ -204,10 +206,11 @@ def test_listing_and_sizes(mount, media):
     listing = subprocess.run(
         ["ls", "-l", str(mount.mnt), str(mount.mnt / "Disc 1 [bonus]")],
         capture_output=True,
-        text=True,
+        errors="surrogateescape",
         timeout=60,
     )
     assert listing.returncode == 0, listing.stderr
+    assert "caf\udce9 \udcff.wav" in listing.stdout
     assert sorted(os.listdir(mount.mnt)) == sorted(
         [
             "song.wav",
@@ -221,7 +224,11 @@ def test_listing_and_sizes(mount, media):
             "cover link.jpg",
         ]
     )
-    assert sorted(os.listdir(mount.mnt / "Disc 1 [bonus]")) == ["notes.txt", "Ünïcode track.wav"]
+    assert sorted(os.listdir(bytes(mount.mnt / "Disc 1 [bonus]"))) == [
+        b"caf\xe9 \xff.wav",
+        b"notes.txt",
+        "Ünïcode track.wav".encode(),
+    ]
     assert os.stat(mount.mnt / "song.wav").st_size == 44 + SONG_SAMPLES * 2 * 2
     titled = len(wav_bytes(media["short_pcm"], 44_100, TITLE))
     assert os.stat(mount.mnt / "titled.wav").st_size == titled
@@ -230,6 +237,14 @@ def test_listing_and_sizes(mount, media):
     assert st.st_mtime_ns == src_st.st_mtime_ns
     assert st.st_mode & 0o777 == src_st.st_mode & 0o555
     assert os.readlink(mount.mnt / "cover link.jpg") == "cover.jpg"
+
+
+def test_models_load_in_the_background_after_mounting(mount):
+    # Nothing has read audio yet (tests run in file order): the warm-up thread loads it.
+    deadline = time.monotonic() + 120
+    while "loaded encodec_48khz" not in mount.log_text():
+        assert time.monotonic() < deadline, mount.log_text()
+        time.sleep(0.2)
 
 
 def test_sequential_read_is_the_reference(song_bytes, media):
@@ -323,6 +338,8 @@ def test_subfolder_with_unicode_names(mount, media):
     data = (mount.mnt / "Disc 1 [bonus]" / "Ünïcode track.wav").read_bytes()
     assert data == wav_bytes(media["short_pcm"], SR)
     assert (mount.mnt / "Disc 1 [bonus]" / "notes.txt").read_text() == "liner notes\n"
+    with open(bytes(mount.mnt / "Disc 1 [bonus]") + b"/caf\xe9 \xff.wav", "rb") as f:
+        assert f.read() == wav_bytes(media["short_pcm"], SR)
 
 
 @pytest.mark.skipif(not HAVE_FFMPEG, reason="needs ffmpeg and ffprobe")

@@ -447,6 +447,10 @@ class TestOpenAudio:
         b = tree.open("/x.wav")
         assert tree._handle(a).audio.size == wav_size(9_600)
         assert tree._handle(b).audio.size == wav_size(4_800)
+        # fstat() of an open handle gives the size of the version it reads.
+        assert tree.getattr("/x.wav", a)["st_size"] == wav_size(9_600)
+        assert tree.getattr("/x.wav", b)["st_size"] == wav_size(4_800)
+        assert tree.getattr("/x.wav")["st_size"] == wav_size(4_800)
         tree.release(a)
         tree.release(b)
 

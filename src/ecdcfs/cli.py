@@ -20,6 +20,7 @@ LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
 # mount(8) / fstab options that mean nothing to ecdcfs or libfuse; dropped silently.
 _MOUNT_ONLY = {
     "ro",
+    "rw",  # mount(8) passes it by default; the mount is read-only regardless
     "defaults",
     "auto",
     "noauto",
@@ -46,7 +47,7 @@ EPILOG = """\
   umask=NNN, attr_timeout=S, entry_timeout=S, max_read=N, auto_unmount, debug.
   mount(8)-only options (ro, defaults, noauto, user, _netdev, nofail...) are ignored, so
   an fstab line works:  ecdcfs#/music/ecdc  /music/wav  fuse  defaults,allow_other  0 0
-  The mount is always read-only (rw is refused).
+  The mount is always read-only (rw is ignored).
 
 decoding:
   torch and the Encodec models are loaded on the first read of an audio file, after
@@ -234,8 +235,6 @@ def parse_mount_options(texts: list[str]) -> tuple[dict[str, object], dict[str, 
                         ours[attr] = convert(value)
                     except argparse.ArgumentTypeError as exc:
                         raise UsageError(f"-o {name}: {exc}") from None
-            elif name == "rw":
-                raise UsageError("ecdcfs is read-only: -o rw is not supported")
             elif name in _MOUNT_ONLY or name == "comment" or key.startswith("x-"):
                 continue
             elif not name:

@@ -12,6 +12,7 @@ import errno
 import functools
 import logging
 import os
+import threading
 from collections.abc import Callable
 from typing import Any
 
@@ -52,12 +53,15 @@ class EcdcFS(Operations):
 
     use_ns = True
 
-    def __init__(self, tree: SourceTree) -> None:
+    def __init__(self, tree: SourceTree, warm_up: bool = True) -> None:
         self.tree = tree
+        self.warm_up = warm_up  # load models with checkpoints on disk as the mount starts
 
     def init(self, path: str) -> None:
-        # Runs in the daemon, after the fork; the decoding engine starts on first open.
+        # Runs in the daemon, after the fork: only now may threads start and torch load.
         log.info("serving %s", self.tree.source)
+        if self.warm_up:
+            threading.Thread(target=self.tree.warm_up, name="ecdcfs-warm-up", daemon=True).start()
 
     def destroy(self, path: str) -> None:
         self.tree.close()
@@ -65,7 +69,7 @@ class EcdcFS(Operations):
 
     @_errno
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
-        return self.tree.getattr(path)
+        return self.tree.getattr(path, fh)
 
     @_errno
     def readdir(self, path: str, fh: int) -> list:

@@ -248,6 +248,13 @@ class SourceTree:
                 self._engine = self._engine_factory()
             return self._engine
 
+    def warm_up(self) -> None:
+        """Load the models whose checkpoints are on disk (in the daemon, in the background)."""
+        try:
+            self.engine.warm_up()
+        except Exception:  # the first read that needs the model reports it again
+            log.exception("loading the models in the background failed")
+
     def close(self) -> None:
         """Close every handle and the engine (at unmount)."""
         with self._lock:
@@ -314,8 +321,11 @@ class SourceTree:
 
     # ----- metadata -----------------------------------------------------------------
 
-    def getattr(self, path: str) -> dict:
-        """stat(2)-like attributes (times in nanoseconds); never decodes."""
+    def getattr(self, path: str, fh: int | None = None) -> dict:
+        """stat(2)-like attributes (times in nanoseconds); never decodes.
+
+        With the handle of an open audio file, the size is that of the version it reads.
+        """
         with self._lookup(path) as (entry, folder):
             st = entry.st
             attrs = {
@@ -330,7 +340,12 @@ class SourceTree:
                 "st_blocks": st.st_blocks,
             }
             if entry.kind == AUDIO:
-                size = self._wav_size(entry, folder)
+                with self._lock:
+                    handle = self._handles.get(fh) if fh else None
+                if isinstance(handle, AudioHandle):
+                    size = handle.audio.size
+                else:
+                    size = self._wav_size(entry, folder)
                 attrs.update(st_size=size, st_blocks=math.ceil(size / 512), st_nlink=1)
         return attrs
 
