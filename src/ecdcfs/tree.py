@@ -57,7 +57,10 @@ log = logging.getLogger(__name__)
 ECDC_SUFFIX = ".ecdc"
 WAV_SUFFIX = ".wav"
 WRITE_BITS = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
-_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+# Folders are walked with O_PATH descriptors: like a path lookup, that needs search (x)
+# permission only; listing a folder opens it for reading.
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 
@@ -236,6 +239,7 @@ class SourceTree:
         self._audio: LRUCache = LRUCache(maxsize=audio_cache_size)
         self._handles: dict[int, AudioHandle | FileHandle] = {}
         self._next_fh = itertools.count(1)
+        self._closed = False
         self.log_once = _LogOnce()
 
     # ----- shared machinery ---------------------------------------------------------
@@ -244,6 +248,8 @@ class SourceTree:
     def engine(self) -> Engine:
         """The decoding engine, created on first use (after the daemon has forked)."""
         with self._lock:
+            if self._closed:
+                raise EcdcError("the file system is shutting down")
             if self._engine is None:
                 self._engine = self._engine_factory()
             return self._engine
@@ -252,12 +258,15 @@ class SourceTree:
         """Load the models whose checkpoints are on disk (in the daemon, in the background)."""
         try:
             self.engine.warm_up()
+        except EcdcError:  # unmounted meanwhile
+            pass
         except Exception:  # the first read that needs the model reports it again
             log.exception("loading the models in the background failed")
 
     def close(self) -> None:
         """Close every handle and the engine (at unmount)."""
         with self._lock:
+            self._closed = True
             handles, self._handles = list(self._handles.values()), {}
             engine, self._engine = self._engine, None
             self._audio.clear()
@@ -369,17 +378,22 @@ class SourceTree:
     def readdir(self, path: str) -> list[tuple[str, int]]:
         """``(name, file type bits)`` of every entry of the view's folder ``path``."""
         kinds: dict[str, str] = {}
-        with self._folder(self._split(path)) as (folder, _), os.scandir(folder.fd) as it:
-            for dirent in it:
-                try:
-                    if dirent.is_symlink():
-                        kinds[dirent.name] = LINK
-                    elif dirent.is_dir(follow_symlinks=False):
-                        kinds[dirent.name] = DIR
-                    elif dirent.is_file(follow_symlinks=False):
-                        kinds[dirent.name] = FILE
-                except OSError:  # vanished meanwhile
-                    continue
+        with self._folder(self._split(path)) as (folder, _):
+            fd = os.open(".", _LIST_FLAGS, dir_fd=folder.fd)
+        try:
+            with os.scandir(fd) as it:  # scandir reads a duplicate of fd
+                for dirent in it:
+                    try:
+                        if dirent.is_symlink():
+                            kinds[dirent.name] = LINK
+                        elif dirent.is_dir(follow_symlinks=False):
+                            kinds[dirent.name] = DIR
+                        elif dirent.is_file(follow_symlinks=False):
+                            kinds[dirent.name] = FILE
+                    except OSError:  # vanished meanwhile
+                        continue
+        finally:
+            os.close(fd)
         types = {DIR: stat.S_IFDIR, FILE: stat.S_IFREG, LINK: stat.S_IFLNK, AUDIO: stat.S_IFREG}
         return [(name, types[kind]) for name, (kind, _) in sorted(list_names(kinds).items())]
 
