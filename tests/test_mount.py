@@ -537,8 +537,12 @@ def test_daemon_mode_and_unmount(small_library, tmp_path, media):
         pids = _daemon_pids(mnt)
         assert len(pids) == 1
         assert (mnt / "x.wav").read_bytes() == wav_bytes(media["short_pcm"], SR)
+        os.symlink(tmp_path, tmp_path / "link")  # unmount through a symlinked parent
         done = subprocess.run(
-            ecdcfs_cmd("-u", str(mnt)), capture_output=True, text=True, timeout=60
+            ecdcfs_cmd("-u", str(tmp_path / "link" / "mnt")),
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         assert done.returncode == 0, done.stderr
         assert not is_mounted(mnt)

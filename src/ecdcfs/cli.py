@@ -430,7 +430,11 @@ def is_mounted(path: str) -> bool:
 
 def unmount(mountpoint: str) -> int:
     """Unmount with fusermount3, fusermount, then lazily; 0 on success."""
+    # Resolve symlinks above the mount point, not through it: it may be a dead mount.
     path = os.path.abspath(mountpoint)
+    path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
+    if not is_mounted(path) and is_mounted(os.path.realpath(path)):
+        path = os.path.realpath(path)
     if not is_mounted(path):
         sys.stderr.write(f"ecdcfs: error: {mountpoint!r} is not mounted\n")
         return 1
