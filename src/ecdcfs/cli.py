@@ -45,15 +45,16 @@ EPILOG = """\
     -o device=cpu,cache_mb=256,bufsize=2,log_level=debug,allow_other,no_persist
   (dashes or underscores). Other -o options go to FUSE, e.g. allow_root, uid=N, gid=N,
   umask=NNN, attr_timeout=S, entry_timeout=S, max_read=N, auto_unmount, debug.
-  mount(8)-only options (ro, defaults, noauto, user, _netdev, nofail...) are ignored, so
-  an fstab line works:  ecdcfs#/music/ecdc  /music/wav  fuse  defaults,allow_other  0 0
-  The mount is always read-only (rw is ignored).
+  mount(8)-only options (ro, rw, defaults, noauto, user, _netdev, nofail...) are
+  ignored, so an fstab line works (the mount is always read-only):
+    /music/ecdc  /music/wav  fuse.ecdcfs  allow_other,cache_mb=1024  0 0
 
 decoding:
-  torch and the Encodec models are loaded on the first read of an audio file, after
-  the daemon has started. Checkpoints come from torch.hub's cache ($TORCH_HOME/hub/
-  checkpoints, downloaded there if missing); if one is missing offline, the error is
-  logged once and reads of that model's files fail with EIO. A corrupt .ecdc lists
+  Listing never decodes. torch and the Encodec models load in the daemon once it has
+  started: in the background right away for checkpoints already on disk, else at the
+  first read. Checkpoints come from torch.hub's cache ($TORCH_HOME/hub/checkpoints,
+  downloaded there if missing); if one is missing offline, the error is logged once and
+  reads of that model's files fail with EIO. A corrupt .ecdc lists
   with size 0 and fails to open with EIO; one log line names it and says why.
 
 logging:
