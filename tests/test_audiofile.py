@@ -125,6 +125,28 @@ def test_concurrent_readers_decode_each_frame_once(engine, tmp_path):
     assert engine.scheduler.decoded_count == engine.open(path).layout.frame_count
 
 
+def test_one_reader_shared_by_threads(engine, tmp_path):
+    data = synth.make_ecdc(samples=150_000, kbps=6)
+    audio = engine.open(write(tmp_path, "x.ecdc", data))
+    expected, reader = expected_wav(data), audio.reader()
+    offsets = list(range(0, audio.size, 4096))
+    random.Random(3).shuffle(offsets)
+    errors = []
+
+    def run(part: list[int]) -> None:
+        for offset in part:
+            if reader.read(offset, 4096) != expected[offset : offset + 4096]:
+                errors.append(offset)
+
+    threads = [threading.Thread(target=run, args=(offsets[n::4],)) for n in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=300)
+    assert not errors
+    reader.close()
+
+
 def test_tiny_cache_still_exact(torch_home, tmp_path):
     data = synth.make_ecdc(samples=150_000, kbps=6)
     engine = Engine(Settings(device="cpu", cache_mb=1, cache_dir=None))

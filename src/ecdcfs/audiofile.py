@@ -20,7 +20,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .codec import Codec, DecodedFrame, ModelUnavailable, decode_lm_frame, overlap_add_weights
+from .codec import (
+    CHECKPOINTS,
+    Codec,
+    DecodedFrame,
+    ModelUnavailable,
+    decode_lm_frame,
+    overlap_add_weights,
+)
 from .container import (
     MODELS,
     SCALE,
@@ -60,6 +67,12 @@ class Settings:
     cache_mb: int = 512  # decoded-frame cache cap
     bufsize: int = 1  # initial read-ahead window, in frames; grows by this much per step
     cache_dir: Path | None = field(default_factory=default_cache_dir)  # None: no persistence
+
+
+def _torch_hub_dir() -> Path:
+    """``torch.hub.get_dir()`` without importing torch (it costs seconds)."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(os.environ.get("TORCH_HOME") or os.path.join(cache, "torch")) / "hub"
 
 
 def wav_layout(header: Header) -> WavLayout:
@@ -114,16 +127,18 @@ class Engine:
         Meant for a background thread right after the daemon forks; a model that fails
         here fails again (once, clearly) at the first read that needs it.
         """
-        from .codec import CHECKPOINTS, checkpoint_dir
-
         for name, spec in MODELS.items():
-            if (checkpoint_dir() / CHECKPOINTS[name]).exists():
+            if (_torch_hub_dir() / "checkpoints" / CHECKPOINTS[name]).exists():
                 with contextlib.suppress(ModelUnavailable):
                     self.codec(spec)
 
-    def open(self, path: Path) -> AudioFile:
-        """Snapshot and validate an .ecdc file; raise :class:`EcdcError` if it is unusable."""
-        data = Path(path).read_bytes()
+    def open(self, path: Path, data: bytes | None = None) -> AudioFile:
+        """Validate an .ecdc file (its bytes, or read from ``path``) as an :class:`AudioFile`.
+
+        Raises :class:`EcdcError` if the file is unusable.
+        """
+        if data is None:
+            data = Path(path).read_bytes()
         return AudioFile(self, Path(path), data, parse_header(data, len(data)))
 
     def close(self) -> None:
@@ -274,6 +289,7 @@ class Reader:
 
     def __init__(self, audio: AudioFile) -> None:
         self.audio = audio
+        self._lock = threading.Lock()  # the kernel sends concurrent reads on one handle
         self.window = 0
         self._last: range | None = None
         self._ahead: list[int] = []
@@ -285,6 +301,10 @@ class Reader:
         """Queue the frames after ``needed`` that this reader will probably want next."""
         if not needed:
             return
+        with self._lock:
+            self._plan(needed)
+
+    def _plan(self, needed: range) -> None:
         engine = self.audio.engine
         bufsize = engine.settings.bufsize
         last = self._last
@@ -309,4 +329,5 @@ class Reader:
         self._ahead.clear()
 
     def close(self) -> None:
-        self._cancel()
+        with self._lock:
+            self._cancel()

@@ -201,11 +201,9 @@ class AudioHandle:
     def __init__(self, audio: AudioFile) -> None:
         self.audio = audio
         self.reader: Reader = audio.reader()
-        self.lock = threading.Lock()  # a Reader's read-ahead state is not thread-safe
 
     def close(self) -> None:
-        with self.lock:
-            self.reader.close()
+        self.reader.close()
 
 
 class FileHandle:
@@ -456,16 +454,17 @@ class SourceTree:
         if audio is not None:
             return audio
         try:
+            # Bytes read through our O_NOFOLLOW descriptor, never through a symlink, and
+            # validated before the engine (threads, later torch) is woken for a bad file.
             data = _read_all(fd, st.st_size)
-            header = parse_header(data, len(data))
+            parse_header(data, len(data))
+            audio = self.engine.open(Path(source), data)
         except EcdcError as exc:
             self.log_once(logging.ERROR, (source, str(exc)), "cannot open %s: %s", source, exc)
             raise
         except OSError as exc:
             self.log_once(logging.ERROR, (source, str(exc)), "cannot read %s: %s", source, exc)
             raise
-        # What Engine.open() does, but with the bytes read through our O_NOFOLLOW descriptor.
-        audio = AudioFile(self.engine, Path(source), data, header)
         with self._lock:
             return self._audio.setdefault(key, audio)
 
@@ -475,8 +474,7 @@ class SourceTree:
             return os.pread(handle.fd, size, offset)
         audio = handle.audio
         try:
-            with handle.lock:
-                return handle.reader.read(offset, size)
+            return handle.reader.read(offset, size)
         except ModelUnavailable:
             raise  # the engine logs it once
         except EcdcError as exc:
