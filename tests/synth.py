@@ -413,10 +413,8 @@ def make_ecdc(
     Returns the upstream version-0 .ecdc bytes. Cached per parameters (in memory, and
     on disk next to cached checkpoints).
     """
-    from encodec.compress import compress
-
     assert samples > 0
-    sr, channels = model_params(model)
+    model_params(model)  # validates the name
     key = (model, int(samples), float(kbps), bool(lm), int(seed))
     gid = generation_id()
     with _lock:
@@ -426,13 +424,22 @@ def make_ecdc(
         disk_name = "ecdc-" + "-".join(str(k) for k in key) + ".ecdc"
         data = _disk_get(disk_name)
         if data is None:
-            m = load_model(model)
-            m.set_target_bandwidth(kbps)
-            wav = torch.from_numpy(synth_audio(sr, channels, samples, seed=seed))
-            data = compress(m, wav, use_lm=lm)
+            data = encode_uncached(model, samples, kbps, lm, seed)
             _disk_put(disk_name, data)
         _ecdc_cache[mem_key] = data
         return data
+
+
+def encode_uncached(model: str, samples: int, kbps: float, lm: bool, seed: int) -> bytes:
+    """``make_ecdc`` without any caching."""
+    from encodec.compress import compress
+
+    sr, channels = model_params(model)
+    with _lock:
+        m = load_model(model)
+        m.set_target_bandwidth(kbps)
+        wav = torch.from_numpy(synth_audio(sr, channels, samples, seed=seed))
+        return compress(m, wav, use_lm=lm)
 
 
 def parse_header(data: bytes) -> tuple[int, dict, int]:
