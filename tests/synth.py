@@ -15,15 +15,28 @@ almost time-invariant embedding and near-silent output. So, deterministically (s
 
 * the weight-norm convolutions of the 24 kHz encoder/decoder get a data-dependent
   rescale (LSUV style) so activations stay around unit variance;
-* every codebook of the residual quantizer is initialised from (a few Lloyd
-  iterations over) encoder embeddings of synthetic audio, then marked ``inited``;
+* every codebook of the residual quantizer is initialised from encoder embeddings
+  of synthetic audio (samples of the residual at that stage, jittered), then marked
+  ``inited``, so the codes of real inputs vary in every codebook;
 * the 24 kHz decoder output is scaled to roughly the input loudness (the 48 kHz
   decoder ends with a GroupNorm and is rescaled by the input RMS already);
 * the LMs are ``LMModel`` instances built exactly like ``get_lm_model`` does, with
-  slightly sharpened output projections so the arithmetic coder sees non-uniform
+  output projections scaled up 3x so the arithmetic coder sees non-uniform
   distributions.
 
-Everything here is CPU only and does not touch torch's thread settings.
+Generation takes a few seconds and is bitwise reproducible for a given torch version
+and thread count (a different thread count gives slightly different codebooks, which
+is harmless: everything in a session uses the same files). Everything here runs on
+the CPU and leaves torch's thread settings alone.
+
+Use (tests need the ``torch_home`` fixture from conftest.py)::
+
+    import synth
+
+    def test_something(torch_home):
+        v0 = synth.make_ecdc("encodec_48khz", 5 * 48_000, kbps=6, lm=False, seed=0)
+        v193 = synth.to_v193(v0, 48_000, name="Song", source="https://example.invalid/")
+        pcm = synth.reference_pcm(v0)  # int16 [samples, channels], exact expected output
 """
 
 from __future__ import annotations
@@ -191,7 +204,7 @@ def _build_model(name: str, seed: int) -> torch.nn.Module:
     model.eval()
     sr, channels = model.sample_rate, model.channels
     gen = torch.Generator().manual_seed(seed + 1)
-    # Enough clips for > 1024 embedding frames, short enough to stay fast.
+    # 4 s of calibration audio (600 embedding frames): varied enough, fast enough.
     x = _calibration_audio(sr, channels, clips=4, samples=sr if sr == 48_000 else 2 * sr)
     with torch.no_grad():
         xin = _normalize_input(model, x)
