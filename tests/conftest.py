@@ -6,7 +6,8 @@ unmodified upstream loaders work offline. ``import synth`` in tests for ``make_e
 
 Environment knobs:
   ECDCFS_TEST_NO_CACHE=1       generate checkpoints afresh instead of using
-                               ~/.cache/ecdcfs-tests (or $XDG_CACHE_HOME/ecdcfs-tests)
+                               ~/.cache/ecdcfs-tests (or $XDG_CACHE_HOME/ecdcfs-tests);
+                               also implied by CI (set to anything non-empty)
   ECDCFS_TEST_NO_DISK_CACHE=1  don't cache encoded files / reference PCM on disk
 """
 
@@ -31,7 +32,8 @@ def torch_home() -> Iterator[Path]:
     inherit it) and restores it afterwards.
     """
     home = Path(tempfile.mkdtemp(prefix="ecdcfs-torch-home-"))
-    cache = not os.environ.get("ECDCFS_TEST_NO_CACHE")
+    # CI runs hermetically: fresh checkpoints, nothing read from or written to ~/.cache.
+    cache = not (os.environ.get("ECDCFS_TEST_NO_CACHE") or os.environ.get("CI"))
     old = os.environ.get("TORCH_HOME")
     try:
         synth.prepare_torch_home(home, cache)
