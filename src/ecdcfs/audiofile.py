@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import logging
 import math
 import os
@@ -35,12 +34,12 @@ from .container import (
     EcdcError,
     Header,
     ModelSpec,
-    parse_header,
     read_header,
     unpack_codes,
 )
 from .index import CodeIndex, IndexStore
 from .scheduler import FrameScheduler
+from .source import ByteSource, MemorySource, as_stream
 from .wav import WavLayout, float_to_pcm16
 
 log = logging.getLogger(__name__)
@@ -139,29 +138,34 @@ class Engine:
         """
         if data is None:
             data = Path(path).read_bytes()
-        return AudioFile(self, Path(path), data, parse_header(data, len(data)))
+        return self.open_source(str(path), MemorySource(data))
+
+    def open_source(self, name: str, source: ByteSource) -> AudioFile:
+        """An :class:`AudioFile` over any byte source (``name`` is for messages)."""
+        header = read_header(as_stream(source, block=1), source.size)  # exactly the header
+        return AudioFile(self, name, source, header)
 
     def close(self) -> None:
         self.scheduler.close()
 
 
 class AudioFile:
-    """One .ecdc file, snapshotted in memory, readable as WAV bytes at any offset.
+    """One version of an .ecdc file, readable as WAV bytes at any offset.
 
-    The snapshot (the compressed file, tens of kbps) makes every handle see one version of
-    the file; the content hash keys the shared frame cache, so a replaced source never
-    serves stale frames and identical files share them.
+    Local files are snapshotted in memory (compressed audio is tens of kbps), so every
+    handle sees one version of the file; the source's identity (the content hash) keys the
+    shared frame cache, so a replaced file never serves stale frames.
     """
 
-    def __init__(self, engine: Engine, path: Path, data: bytes, header: Header) -> None:
+    def __init__(self, engine: Engine, name: str, source: ByteSource, header: Header) -> None:
         self.engine = engine
-        self.path = path
+        self.name = name
         self.header = header
         self.layout = header.layout
         self.wav = wav_layout(header)
         self.size = self.wav.size
-        self.identity = hashlib.blake2b(data, digest_size=16).hexdigest()
-        self._data = data
+        self.identity = source.identity
+        self._source = source
         self._wav_header = self.wav.header
         self._index: CodeIndex | None = None
         self._index_lock = threading.Lock()
@@ -244,15 +248,14 @@ class AudioFile:
         """Scale and codes of a bit-packed frame, located from the header alone."""
         layout, model = self.layout, self.header.model
         offset = self.header.payload_offset + layout.plain_frame_offset(index)
+        raw = self._source.read(offset, layout.plain_frame_bytes(index))
         scale = None
         if model.normalize:
-            (scale,) = SCALE.unpack_from(self._data, offset)
-            offset += SCALE.size
-        end = self.header.payload_offset + layout.plain_frame_offset(index)
-        end += layout.plain_frame_bytes(index)
-        codes = unpack_codes(
-            self._data[offset:end], layout.num_codebooks, layout.code_steps(index), model.bits
-        )
+            if len(raw) < SCALE.size:
+                raise ContainerError(f"frame {index} truncated")
+            (scale,) = SCALE.unpack_from(raw)
+            raw = raw[SCALE.size :]
+        codes = unpack_codes(raw, layout.num_codebooks, layout.code_steps(index), model.bits)
         return scale, codes
 
     def _lm_index(self) -> CodeIndex:
@@ -263,21 +266,23 @@ class AudioFile:
                 self._index = self.engine.indexes.get(
                     self.identity, layout.frame_count, layout.num_codebooks
                 )
-                self.engine.indexes.build(self.identity, self._index, self._scan, self.path.name)
+                self.engine.indexes.build(
+                    self.identity, self._index, self._scan, os.path.basename(self.name)
+                )
             return self._index
 
     def _scan(self, frame: int, offset: int) -> tuple[float | None, np.ndarray, int]:
         """Entropy-decode LM-coded ``frame`` at payload ``offset`` (for the index builder)."""
         base, lm = self.header.payload_offset, self.engine.codec(self.header.model).lm
-        scale, codes, next_offset = decode_lm_frame(
+        stream = as_stream(self._source, base + offset)
+        scale, codes = decode_lm_frame(
             lm,
-            self._data,
-            base + offset,
+            stream,
             self.layout.num_codebooks,
             self.layout.code_steps(frame),
             self.header.model.normalize,
         )
-        return scale, codes, next_offset - base
+        return scale, codes, stream.tell() - base
 
 
 class Reader:

@@ -7,12 +7,11 @@ daemon imports them only after it has forked.
 from __future__ import annotations
 
 import functools
-import io
 import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -156,18 +155,16 @@ def overlap_add_weights(frame_length: int) -> np.ndarray:
 
 
 def decode_lm_frame(
-    lm: Any, payload: bytes, offset: int, num_codebooks: int, steps: int, has_scale: bool
-) -> tuple[float | None, np.ndarray, int]:
-    """Entropy-decode one LM-coded frame starting at ``offset`` in ``payload``.
+    lm: Any, stream: BinaryIO, num_codebooks: int, steps: int, has_scale: bool
+) -> tuple[float | None, np.ndarray]:
+    """Entropy-decode one LM-coded frame from ``stream``, leaving it at the next frame.
 
-    Returns ``(scale, codes [codebooks, steps], offset of the next frame)``. The coder and
-    LM state start fresh for every frame, as encodec writes them.
+    Returns ``(scale, codes [codebooks, steps])``. The coder and LM state start fresh for
+    every frame, as encodec writes them.
     """
     import torch
     from encodec.quantization.ac import ArithmeticDecoder, build_stable_quantized_cdf
 
-    stream = io.BytesIO(payload)
-    stream.seek(offset)
     scale = None
     if has_scale:
         raw = stream.read(SCALE.size)
@@ -194,4 +191,4 @@ def decode_lm_frame(
                     raise ContainerError("payload truncated inside an LM-coded frame")
                 codes[k, t] = code
             previous = 1 + torch.from_numpy(codes[:, t : t + 1])[None]
-    return scale, codes, stream.tell()
+    return scale, codes

@@ -479,15 +479,15 @@ class SourceTree:
             raise  # the engine logs it once
         except EcdcError as exc:
             self.log_once(
-                logging.ERROR, (str(audio.path), str(exc)), "cannot decode %s: %s", audio.path, exc
+                logging.ERROR, (audio.name, str(exc)), "cannot decode %s: %s", audio.name, exc
             )
             raise
         except Exception as exc:  # a bug: report it once per file, fail the read
             self.log_once(
                 logging.ERROR,
-                (str(audio.path), repr(exc)),
+                (audio.name, repr(exc)),
                 "unexpected error reading %s",
-                audio.path,
+                audio.name,
                 exc_info=True,
             )
             raise EcdcError(f"unexpected error: {exc!r}") from exc
