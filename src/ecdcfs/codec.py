@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -49,7 +50,9 @@ def default_device() -> str:
 def _load(what: str, file_name: str, loader: Any) -> Any:
     """Run an encodec loader, turning a failed download into one clear error."""
     try:
-        return loader()
+        with warnings.catch_warnings():  # encodec's weight_norm deprecation: not actionable
+            warnings.filterwarnings("ignore", ".*weight_norm", FutureWarning)
+            return loader()
     except Exception as exc:  # urllib, OSError, RuntimeError from torch.load...
         path = checkpoint_dir() / file_name
         if path.exists():
