@@ -123,9 +123,12 @@ class Engine:
     def warm_up(self) -> None:
         """Load every model whose checkpoint is already on disk, so the first read is fast.
 
-        Meant for a background thread right after the daemon forks; a model that fails
+        Meant for a background thread right after the daemon forks; it lowers that
+        thread's priority so listings right after mounting stay fast. A model that fails
         here fails again (once, clearly) at the first read that needs it.
         """
+        with contextlib.suppress(OSError):  # Linux: a thread's nice value is its own
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         for name, spec in MODELS.items():
             if (_torch_hub_dir() / "checkpoints" / CHECKPOINTS[name]).exists():
                 with contextlib.suppress(ModelUnavailable):

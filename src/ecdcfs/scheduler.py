@@ -11,6 +11,7 @@ import heapq
 import itertools
 import logging
 import threading
+import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -108,6 +109,7 @@ class FrameScheduler:
 
     def _run(self) -> None:
         while (job := self._next_job()) is not None:
+            started = time.perf_counter()
             try:
                 frame = job.produce()
             except BaseException as exc:  # handed to every waiting reader
@@ -115,6 +117,7 @@ class FrameScheduler:
                     del self._jobs[job.key]
                 job.future.set_exception(exc)
                 continue
+            log.debug("decoded frame %s in %.3f s", job.key, time.perf_counter() - started)
             with self._lock:
                 self.decoded_count += 1
                 if frame.nbytes <= self.capacity_bytes:
