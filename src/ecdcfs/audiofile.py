@@ -169,6 +169,13 @@ class AudioFile:
         self.size = self.wav.size
         self.identity = source.identity
         self._source = source
+        model = header.model
+        if model.segment is None and header.audio_length > MAX_WHOLE_FILE_SECONDS * (
+            model.sample_rate
+        ):
+            raise EcdcError(
+                f"{model.name} files longer than {MAX_WHOLE_FILE_SECONDS} s cannot be decoded yet"
+            )
         self._wav_header = self.wav.header
         self._index: CodeIndex | None = None
         self._index_lock = threading.Lock()
@@ -234,14 +241,7 @@ class AudioFile:
         return out / weight_sum
 
     def _decode(self, index: int) -> DecodedFrame:
-        model = self.header.model
-        if model.segment is None and self.header.audio_length > MAX_WHOLE_FILE_SECONDS * (
-            model.sample_rate
-        ):
-            raise EcdcError(
-                f"{model.name} files longer than {MAX_WHOLE_FILE_SECONDS} s cannot be decoded yet"
-            )
-        codec = self.engine.codec(model)
+        codec = self.engine.codec(self.header.model)
         scale, codes = self._lm_index().get(index) if self.header.use_lm else self._codes(index)
         if scale is not None and not math.isfinite(scale):
             raise ContainerError(f"frame {index} has a non-finite scale {scale}")
