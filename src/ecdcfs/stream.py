@@ -1,0 +1,638 @@
+"""``ecdc-stream``: a drop-in for Encodec-Stream's ``ecdc_stream.py`` command line.
+
+Bots and players drive it as a subprocess, with raw PCM (s16le, 2 channels, 48 kHz) on the
+pipe::
+
+    ecdc-stream -i <file-or-url>                      header info, "Key: value" lines
+    ecdc-stream [-ss S] [-to S] [-b N] [-g DEV] -d <file-or-url>   .ecdc -> PCM on stdout
+    ecdc-stream [-b KBPS] [-n NAME] [-s SRC] [-t THUMB] [-g DEV] -e <file>   PCM on stdin -> .ecdc
+
+    ecdc-stream -d song.ecdc | ffplay -f s16le -ac 2 -ar 48k -i -
+    ffmpeg -i song.flac -f s16le -ac 2 -ar 48k - | ecdc-stream -b 24 -e song.ecdc
+
+Arguments come in any order; the file or URL is the one that is not an option's value
+(by convention the last). Decoding goes through ecdcfs's core (:class:`~ecdcfs.audiofile.
+AudioFile`), so the PCM is encodec's own decode sample for sample, ``-ss``/``-to`` are
+sample-accurate and a seek costs the same anywhere. http(s) URLs are read with Range
+requests (only the header for ``-i``, only the frames needed for ``-d``), or as a plain
+stream when the server ignores ranges.
+
+Bitrates (``-e -b``) follow Encodec-Stream: from 3 kbps up the 48 kHz model, below it the
+24 kHz model; the bitrate is a supported bandwidth ``3 * 2**floor(log2(kbps / 3))``
+(clamped to 1.5..24) times a sample-rate factor, the audio is resampled to ``model rate *
+factor`` (the ``sr`` key) and encoded at that bandwidth. 3/6/12/24 -> sr 48000; 9 -> 6
+kbps at sr 72000; 1.5 -> 24 kHz model, 1.5 kbps, sr 24000; 2 -> sr 32000; 48 -> 24 kbps at
+sr 96000. Accepted: 0.25 to 192 kbps.
+
+Where it differs from Encodec-Stream, deliberately:
+
+* PCM is ``round(x * 32767)`` after clipping (Encodec-Stream truncates toward zero), so
+  ``-d`` output equals the data of the WAV file an ecdcfs mount shows.
+* Files at another rate (``sr`` != 48000, 24 kHz files) are resampled with soxr instead
+  of piping through ffmpeg; mono is copied to both channels. ``Duration`` and
+  ``-ss``/``-to`` are in real seconds (``al / sr``; Encodec-Stream doubled 24 kHz
+  durations and mis-timed seeks in files whose ``sr`` differs from the model's).
+* ``-e`` streams: frames are encoded as the input arrives (memory does not grow with its
+  length) and the header is written at the end; int16 -> float is ``x / 32767`` always
+  (Encodec-Stream switches to 32768 if the whole input holds a -32768, which a stream
+  cannot know in advance). The header is upstream's version 0 when ``sr`` is the model's
+  rate (upstream ``encodec`` can decode it; readers ignore the extra keys), else 193.
+* stdout carries PCM only; messages go to stderr; a closed pipe ends quietly (exit 141);
+  ``-h`` prints usage to stdout and exits 0; bad arguments exit 2 with one line.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import json
+import logging
+import math
+import os
+import stat
+import sys
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO, TextIO
+
+import numpy as np
+
+from .container import EcdcError, Header, read_header
+from .encode import BitrateError, parse_bitrate, plan_bitrate
+from .source import ByteSource, MemorySource, as_stream
+from .wav import float_to_pcm16
+
+PROG = "ecdc-stream"
+OUT_RATE = 48_000  # -d writes s16le, 2 channels, 48 kHz
+OUT_CHANNELS = 2
+IN_CHUNK_BYTES = OUT_RATE * OUT_CHANNELS * 2  # -e reads a second of PCM at a time
+PRE_ROLL_S = 0.05  # resampler warm-up decoded before a seek point
+EXIT_USAGE, EXIT_ERROR, EXIT_PIPE, EXIT_INTERRUPTED = 2, 1, 141, 130
+
+USAGE = f"""\
+usage: {PROG} -i <file-or-url>
+       {PROG} [-ss <start>] [-to <end>] [-b <bufsize>] [-g <cuda-device>] -d <file-or-url>
+       {PROG} [-b <bitrate>] [-n <name>] [-s <source>] [-t <thumbnail>] [-g <cuda-device>] \
+-e <file>
+
+Encodec .ecdc files as raw PCM (s16le, 2 channels, 48 kHz), compatible with
+Encodec-Stream's ecdc_stream.py. Arguments in any order; the file or URL is the
+argument that is not an option's value.
+
+  -i            print the header: Version, Name, Duration (s), Sample Rate, Bitrate,
+                Thumbnail, Source (when present), then the other keys upper-cased;
+                values JSON-encoded. A URL costs one small Range request.
+  -d            decode to stdout: PCM only (messages go to stderr). Files at another
+                rate are resampled to 48 kHz (soxr), mono goes to both channels.
+    -ss S       start at S seconds (sample-accurate; a seek costs the same anywhere)
+    -to S       stop at S seconds (past the end: the end)
+    -b N        read-ahead: N frames at first, growing by N as playback advances
+                (default 1); 0 decodes the whole file as fast as possible
+  -e            encode PCM from stdin (until EOF) to <file>, replaced atomically at the
+                end; memory does not grow with the input
+    -b KBPS     bitrate, e.g. 6 or 6k (default 24), 0.25 to 192. 3 and up use the
+                48 kHz model, below 3 the 24 kHz one. The bandwidth is
+                3 * 2**floor(log2(KBPS / 3)) clamped to 1.5..24 and the audio is
+                resampled by the rest of the factor: 3/6/12/24 -> sr 48000,
+                9 -> 6 kbps at sr 72000, 1.5 -> 24 kHz model at sr 24000, 2 -> sr 32000,
+                48 -> 24 kbps at sr 96000
+    -n NAME     title (a value starting with a space is base64 of UTF-8)
+    -s SRC      source URL
+    -t THUMB    thumbnail URL
+  -g N          CUDA device N (-1: the CPU); default: CUDA when available, else CPU
+  -h, --help    this help
+
+examples:
+  {PROG} -d song.ecdc | ffplay -f s16le -ac 2 -ar 48k -i -
+  {PROG} -ss 60 -to 90 -d https://example.org/song.ecdc > part.pcm
+  ffmpeg -i song.flac -f s16le -ac 2 -ar 48k - | {PROG} -b 24 -n Song -e song.ecdc
+
+Header versions written: 0 (upstream's) when sr is the model's rate, else 193. Model
+checkpoints load through torch.hub ($TORCH_HOME/hub/checkpoints). Exit status: 0, 1 on
+a failure, 2 on bad arguments, 141 when stdout is closed early."""
+
+MODES = {"-i": "info", "-d": "decode", "-e": "encode"}
+VALUE_OPTIONS = ("-ss", "-to", "-b", "-g", "-n", "-s", "-t")
+APPLIES = {
+    "-ss": ("decode",),
+    "-to": ("decode",),
+    "-b": ("decode", "encode"),
+    "-g": ("info", "decode", "encode"),
+    "-n": ("encode",),
+    "-s": ("encode",),
+    "-t": ("encode",),
+}
+
+
+class UsageError(Exception):
+    """Bad arguments: one line on stderr, exit status 2."""
+
+
+@dataclass
+class Args:
+    mode: str = ""
+    target: str = ""
+    start: float = 0.0
+    end: float | None = None
+    bufsize: int = 1  # -d; 0: everything at once
+    bitrate: float | int = 24  # -e
+    name: str | None = None
+    source: str | None = None
+    thumbnail: str | None = None
+    gpu: int | None = None
+    help: bool = False
+    ignored: tuple[str, ...] = ()  # options that do not apply to the mode
+
+
+def parse_args(argv: list[str]) -> Args:
+    """Encodec-Stream's command line, checked (raises :class:`UsageError`)."""
+    args = Args()
+    values: dict[str, str] = {}
+    modes: list[str] = []
+    positional: list[str] = []
+    tokens = iter(argv)
+    for token in tokens:
+        if token in ("-h", "--help"):
+            args.help = True
+        elif token in MODES:
+            if token not in modes:
+                modes.append(token)
+        elif token in VALUE_OPTIONS:
+            value = next(tokens, None)
+            if value is None:
+                raise UsageError(f"{token} needs a value")
+            if token in values:
+                raise UsageError(f"{token} given twice")
+            values[token] = value
+        elif token == "--":
+            positional.extend(tokens)
+        elif token.startswith("-") and token != "-":
+            raise UsageError(f"unknown option {token}")
+        else:
+            positional.append(token)
+    if args.help:
+        return args
+    if not modes:
+        raise UsageError("nothing to do: give -i, -d or -e")
+    if len(modes) > 1:
+        raise UsageError(f"give one of -i, -d, -e, not {' and '.join(modes)}")
+    args.mode = MODES[modes[0]]
+    if not positional:
+        raise UsageError(f"{modes[0]} needs a file" + ("" if args.mode == "encode" else " or URL"))
+    if len(positional) > 1:
+        raise UsageError(f"one file at a time: {' '.join(positional)}")
+    args.target = positional[0]
+    args.ignored = tuple(k for k in values if args.mode not in APPLIES[k])
+    for key in args.ignored:
+        del values[key]
+    if "-g" in values:
+        args.gpu = _int(values["-g"], "-g")
+    if "-ss" in values:
+        args.start = _seconds(values["-ss"], "-ss")
+    if "-to" in values:
+        args.end = _seconds(values["-to"], "-to")
+        if args.end < args.start:
+            raise UsageError(f"-to {values['-to']} is before -ss {args.start:g}")
+    if "-b" in values and args.mode == "decode":
+        args.bufsize = max(0, _int(values["-b"], "-b"))
+    elif "-b" in values:
+        try:
+            args.bitrate = parse_bitrate(values["-b"])
+            plan_bitrate(args.bitrate)
+        except BitrateError as exc:
+            raise UsageError(str(exc)) from None
+    if "-n" in values:
+        args.name = _name(values["-n"])
+    args.source = values.get("-s")
+    args.thumbnail = values.get("-t")
+    return args
+
+
+def _int(text: str, option: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError(f"{option} needs an integer, not {text!r}") from None
+
+
+def _seconds(text: str, option: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or value < 0:
+        raise UsageError(f"{option} needs a time in seconds, not {text!r}")
+    return value
+
+
+def _name(text: str) -> str:
+    """``-n``: a value starting with a space is base64 (how Encodec-Stream's callers pass
+    arbitrary titles on a command line)."""
+    if not text.startswith(" "):
+        return text
+    try:
+        return base64.b64decode(text.encode("ascii") + b"==").decode("utf-8", "replace")
+    except (UnicodeEncodeError, binascii.Error) as exc:
+        raise UsageError(f"-n: bad base64 name: {exc}") from None
+
+
+# --------------------------------------------------------------------------------------
+# Sources and -i
+# --------------------------------------------------------------------------------------
+
+
+def open_source(target: str, stdin: BinaryIO) -> ByteSource:
+    """The bytes of a URL (Range requests), a local file or ``-`` (stdin)."""
+    from .http import HttpSource, is_url
+
+    if is_url(target):
+        return HttpSource(target)
+    if target == "-":
+        return MemorySource(stdin.read())
+    _not_another_url(target)
+    try:
+        return MemorySource(Path(target).read_bytes())
+    except OSError as exc:
+        raise EcdcError(f"cannot open {target}: {exc.strerror or exc}") from None
+
+
+def read_info_header(target: str, stdin: BinaryIO) -> Header:
+    """The header alone: a local file's first bytes, one Range request for a URL."""
+    from .http import HttpSource, is_url
+
+    if is_url(target):
+        source = HttpSource(target)
+        try:
+            return read_header(as_stream(source, block=1), source.size)
+        finally:
+            source.close()
+    if target == "-":
+        data = stdin.read()
+        return read_header(as_stream(MemorySource(data), block=1), len(data))
+    _not_another_url(target)
+    try:
+        with open(target, "rb") as f:
+            return read_header(f, os.fstat(f.fileno()).st_size)
+    except OSError as exc:
+        raise EcdcError(f"cannot open {target}: {exc.strerror or exc}") from None
+
+
+def _not_another_url(target: str) -> None:
+    if "://" in target and not Path(target).exists():
+        raise EcdcError(f"{target}: only http and https URLs are supported")
+
+
+def info_lines(header: Header) -> list[str]:
+    """``-i`` output: Encodec-Stream's keys and order, values JSON-encoded."""
+    metadata = dict(header.metadata)
+    info: list[tuple[str, Any]] = [("Version", header.version)]
+    if "n" in metadata:
+        info.append(("Name", metadata.pop("n")))
+    info.append(("Duration", header.audio_length / header.sample_rate))
+    if "sr" in metadata:
+        info.append(("Sample Rate", metadata.pop("sr")))
+    if "br" in metadata:
+        bitrate = metadata.pop("br")
+        with contextlib.suppress(TypeError, ValueError, OverflowError):
+            bitrate = float(bitrate)
+            bitrate = int(bitrate) if bitrate == int(bitrate) else bitrate
+        info.append(("Bitrate", bitrate))
+    if "t" in metadata:
+        info.append(("Thumbnail", metadata.pop("t")))
+    if "s" in metadata:
+        info.append(("Source", metadata.pop("s")))
+    info.extend((key.upper(), value) for key, value in metadata.items())
+    return [f"{key}: {json.dumps(value)}" for key, value in info]
+
+
+# --------------------------------------------------------------------------------------
+# -d
+# --------------------------------------------------------------------------------------
+
+
+def output_length(header: Header) -> int:
+    """Samples per channel of the 48 kHz output (soxr's length for a resampled file)."""
+    rate, length = header.sample_rate, header.audio_length
+    if rate == OUT_RATE:
+        return length
+    return (2 * length * OUT_RATE + rate) // (2 * rate)  # round half up, as soxr does
+
+
+def source_frames(header: Header, start: int, stop: int) -> range:
+    """The frames that output samples ``[start, stop)`` are decoded from."""
+    rate = header.sample_rate
+    margin = 0 if rate == OUT_RATE else int(PRE_ROLL_S * rate) + 1
+    first = max(0, start * rate // OUT_RATE - margin)
+    last = min(header.audio_length, -(-stop * rate // OUT_RATE) + margin)
+    return header.layout.frames_covering(first, last)
+
+
+def pcm_chunks(audio: Any, start: int, stop: int, reader: Any = None) -> Iterator[bytes]:
+    """PCM (s16le, 2 channels, 48 kHz) of output samples ``[start, stop)``, in pieces of
+    about one frame.
+
+    At 48 kHz the samples are the decoder's own. Otherwise the file's samples go through
+    a streaming soxr resampler started on a source sample whose time is also on the
+    48 kHz grid, a little before the seek point, so every output sample is the one a
+    resample of the whole file gives there (to float precision) wherever the seek lands.
+    """
+    header = audio.header
+    rate, length = header.sample_rate, header.audio_length
+    chunk = header.model.stride or header.model.sample_rate
+    if rate == OUT_RATE:
+        position = start
+        while position < stop:
+            end = min(stop, (position // chunk + 1) * chunk)
+            yield _pcm(audio.samples(position, end, reader))
+            position = end
+        return
+    import soxr
+
+    period_in = rate // math.gcd(rate, OUT_RATE)  # source samples per grid-aligned step
+    period_out = OUT_RATE // math.gcd(rate, OUT_RATE)
+    first_source = start * rate // OUT_RATE - int(PRE_ROLL_S * rate)
+    steps = max(0, first_source // period_in)
+    position, skip = steps * period_in, start - steps * period_out
+    remaining = stop - start
+    resampler = soxr.ResampleStream(rate, OUT_RATE, header.model.channels, dtype="float32")
+    while remaining > 0 and position < length:
+        end = min(length, (position // chunk + 1) * chunk)
+        samples = audio.samples(position, end, reader)
+        out = resampler.resample_chunk(np.ascontiguousarray(samples.T), last=end == length)
+        position = end
+        dropped = min(skip, len(out))
+        out, skip = out[dropped:][:remaining], skip - dropped
+        remaining -= len(out)
+        if len(out):
+            yield _pcm(out.T)
+
+
+def _pcm(samples: np.ndarray) -> bytes:
+    """float32 ``[channels, n]`` as interleaved stereo s16le (mono to both channels)."""
+    if samples.shape[0] == 1:
+        samples = np.repeat(samples, OUT_CHANNELS, axis=0)
+    return float_to_pcm16(samples)
+
+
+def run_decode(args: Args, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO) -> int:
+    from .audiofile import Engine, Settings
+
+    if _isatty(stdout):
+        raise UsageError(
+            "stdout is a terminal: pipe the PCM to a player "
+            "(| ffplay -f s16le -ac 2 -ar 48k -i -) or redirect it to a file"
+        )
+    device = resolve_device(args.gpu, stderr)
+    source = open_source(args.target, stdin)
+    header = read_header(as_stream(source, block=1), source.size)
+    duration = header.audio_length / header.sample_rate
+    if args.start > duration:
+        raise UsageError(f"-ss {args.start:g} is past the end ({duration:g} s)")
+    total = output_length(header)
+    start = min(total, round(args.start * OUT_RATE))
+    stop = total if args.end is None else min(total, round(args.end * OUT_RATE))
+    settings = Settings(device=device, bufsize=args.bufsize)
+    if args.bufsize == 0:  # every frame of the range at once, all kept until written
+        frames = len(source_frames(header, start, stop))
+        frame_bytes = header.model.channels * header.layout.decoded_length(0) * 4
+        settings.bufsize = max(1, frames)
+        settings.cache_mb = max(settings.cache_mb, frames * frame_bytes // 2**20 + 16)
+    engine = Engine(settings)
+    progress = _progress(stderr, _isatty(stderr) and _is_regular_file(stdout), total=stop - start)
+    try:
+        audio = engine.open_source(args.target, source)
+        reader = audio.reader()
+        for data in pcm_chunks(audio, start, stop, reader):
+            stdout.write(data)
+            stdout.flush()
+            progress.update(len(data) // (2 * OUT_CHANNELS))
+        reader.close()
+    finally:
+        progress.close()
+        engine.close()
+        if hasattr(source, "close"):
+            source.close()
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# -e
+# --------------------------------------------------------------------------------------
+
+
+def run_encode(args: Args, stdin: BinaryIO, stderr: TextIO) -> int:
+    import torch
+
+    from .audiofile import MAX_WHOLE_FILE_SECONDS
+    from .codec import Codec, default_device
+    from .encode import PCM_RATE, AtomicOutput, FrameWriter, header_bytes, int16_to_float
+    from .encode import metadata_for as make_metadata
+
+    if _isatty(stdin):
+        raise UsageError("stdin is a terminal: pipe PCM into it (s16le, 2 channels, 48 kHz)")
+    out = Path(args.target)
+    if out.is_dir():
+        raise UsageError(f"{out} is a directory")
+    if not out.parent.is_dir():
+        raise UsageError(f"{out.parent} is not a directory")
+    plan = plan_bitrate(args.bitrate)
+    spec = plan.model
+    device = resolve_device(args.gpu, stderr) or default_device()
+    codec = Codec(spec, device)
+    codec.model.set_target_bandwidth(plan.bandwidth)
+    resampler = None
+    if plan.sample_rate != PCM_RATE:
+        import soxr
+
+        resampler = soxr.ResampleStream(PCM_RATE, plan.sample_rate, spec.channels, "float32")
+    progress = _progress(stderr, _isatty(stderr), total=None)
+    try:
+        output = AtomicOutput(out)
+    except OSError as exc:
+        raise EcdcError(f"cannot write next to {out}: {exc.strerror or exc}") from None
+    try:
+        writer = FrameWriter(codec.model, spec, output.payload)
+        pending = b""
+        while True:
+            chunk = stdin.read(IN_CHUNK_BYTES)
+            data = pending + chunk
+            usable = len(data) - len(data) % (2 * OUT_CHANNELS)
+            pending = data[usable:]
+            pcm = np.frombuffer(data[:usable], "<i2").reshape(-1, OUT_CHANNELS).T
+            wav = int16_to_float(pcm)
+            if spec.channels == 1:
+                wav = wav.mean(dim=0, keepdim=True)
+            if resampler is not None:
+                wav = torch.from_numpy(
+                    resampler.resample_chunk(wav.T.contiguous().numpy(), last=not chunk).T.copy()
+                )
+            writer.push(wav)
+            progress.update(pcm.shape[1])
+            if not chunk:
+                break
+        if pending:
+            _warn(stderr, f"ignoring {len(pending)} trailing bytes (not a whole stereo sample)")
+        writer.finish()
+        if writer.frames == 0 or writer.num_codebooks is None:
+            raise EcdcError("no audio on stdin: nothing to encode")
+        metadata = make_metadata(
+            plan, writer.length, writer.num_codebooks, args.name, args.source, args.thumbnail
+        )
+        output.commit(header_bytes(metadata, plan.version))
+    except BaseException:
+        output.close()
+        raise
+    finally:
+        progress.close()
+    if spec.segment is None and writer.length > MAX_WHOLE_FILE_SECONDS * spec.sample_rate:
+        _warn(
+            stderr,
+            f"{out}: {spec.name} files over {MAX_WHOLE_FILE_SECONDS} s of model time cannot "
+            "be decoded by ecdcfs yet",
+        )
+    return 0
+
+
+# --------------------------------------------------------------------------------------
+# Plumbing
+# --------------------------------------------------------------------------------------
+
+
+def resolve_device(gpu: int | None, stderr: TextIO) -> str | None:
+    """``-g N``: ``cuda:N``; -1 (or no CUDA at all, with a warning): the CPU; None: default."""
+    if gpu is None:
+        return None
+    if gpu < 0:
+        return "cpu"
+    import torch
+
+    if not torch.cuda.is_available():
+        _warn(stderr, f"-g {gpu}: no CUDA device available; using the CPU")
+        return "cpu"
+    count = torch.cuda.device_count()
+    if gpu >= count:
+        raise UsageError(f"-g {gpu}: there are {count} CUDA device(s) (0 to {count - 1})")
+    return f"cuda:{gpu}"
+
+
+def _warn(stderr: TextIO, message: str) -> None:
+    stderr.write(f"{PROG}: warning: {message}\n")
+    stderr.flush()
+
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+def _is_regular_file(stream: Any) -> bool:
+    try:
+        return stat.S_ISREG(os.fstat(stream.fileno()).st_mode)
+    except (AttributeError, ValueError, OSError):
+        return False
+
+
+class _NoProgress:
+    def update(self, n: int) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(stderr: TextIO, enabled: bool, total: int | None) -> Any:
+    """A tqdm bar in seconds of audio on stderr, or nothing."""
+    if not enabled:
+        return _NoProgress()
+    from tqdm import tqdm
+
+    return tqdm(
+        total=total,
+        file=stderr,
+        unit="s",
+        unit_scale=1 / OUT_RATE,
+        dynamic_ncols=True,
+        bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]"
+        if total
+        else "{n:.1f} s [{elapsed}, {rate_fmt}]",
+    )
+
+
+def run(
+    argv: list[str],
+    stdin: BinaryIO,
+    stdout: BinaryIO,
+    stderr: TextIO,
+) -> int:
+    """The whole command with explicit streams (``main`` uses the process's)."""
+    args = Args()
+    try:
+        args = parse_args(argv)
+        if args.help:
+            stdout.write(USAGE.encode() + b"\n")
+            stdout.flush()
+            return 0
+        for option in args.ignored:
+            _warn(stderr, f"{option} does not apply to -{args.mode[0]}; ignored")
+        if args.mode == "info":
+            header = read_info_header(args.target, stdin)
+            stdout.write(("\n".join(info_lines(header)) + "\n").encode())
+            stdout.flush()
+            return 0
+        if args.mode == "decode":
+            return run_decode(args, stdin, stdout, stderr)
+        return run_encode(args, stdin, stderr)
+    except UsageError as exc:
+        stderr.write(f"{PROG}: {exc} (see {PROG} -h)\n")
+        return EXIT_USAGE
+    except EcdcError as exc:
+        message = str(exc)
+        if args.target and args.target not in message:
+            message = f"{args.target}: {message}"
+        stderr.write(f"{PROG}: {message}\n")
+        return EXIT_ERROR
+    except BitrateError as exc:
+        stderr.write(f"{PROG}: {exc}\n")
+        return EXIT_USAGE
+    except BrokenPipeError:
+        raise
+    except OSError as exc:  # stdin, stdout or the output file
+        stderr.write(f"{PROG}: {exc.strerror or exc}\n")
+        return EXIT_ERROR
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Console entry point (``ecdc-stream``)."""
+    if not logging.getLogger("ecdcfs").handlers:  # errors surface as exceptions, once
+        logging.getLogger("ecdcfs").addHandler(logging.NullHandler())
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning)
+    # stdout carries PCM only: whatever else writes to fd 1 (torch.hub's "Downloading",
+    # a print in a library) goes to stderr; the output keeps the original descriptor.
+    sys.stdout.flush()
+    out_fd = os.dup(sys.stdout.fileno())
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+    sys.stdout = sys.stderr
+    out = os.fdopen(out_fd, "wb")
+    try:
+        status = run(sys.argv[1:] if argv is None else argv, sys.stdin.buffer, out, sys.stderr)
+        out.flush()
+        return status
+    except BrokenPipeError:
+        # The reader went away (| head -c, a skipped song): stop quietly, like a tool
+        # killed by SIGPIPE, and keep the final flush at exit from complaining.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, out_fd)
+        return EXIT_PIPE
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,636 @@
+"""``ecdc-stream``: every flag, against files made here, exact where the audio is exact.
+
+The real console script runs as a subprocess where the process boundary matters (pipes,
+exit status, stderr, a server on another socket); finer checks call ``stream.run`` in
+process (importing torch costs seconds per process on a small machine).
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soxr
+import torch
+from encodec.compress import compress, decompress
+
+import synth
+from ecdcfs import stream
+from ecdcfs.encode import int16_to_float, parse_bitrate, plan_bitrate
+from ecdcfs.http import HttpSource, RemoteError
+
+SCRIPT = Path(sys.executable).parent / "ecdc-stream"
+CLI = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "ecdcfs.stream"]
+RATE = 48_000
+SAMPLES = 150_000  # 3.1 s: four frames, the last a short one
+NAME, SOURCE, THUMB = "Sóng [live]", "https://example.org/song", "https://example.org/t.jpg"
+
+
+# --------------------------------------------------------------------------------------
+# Helpers and fixtures
+# --------------------------------------------------------------------------------------
+
+
+def cli(*args: str, input: bytes | None = None, env: dict | None = None, cwd=None):
+    """The installed console script; stdout as bytes, stderr as text."""
+    result = subprocess.run(
+        [*CLI, *args],
+        input=input if input is not None else b"",
+        capture_output=True,
+        timeout=300,
+        env=env,
+        cwd=cwd,
+    )
+    return result.returncode, result.stdout, result.stderr.decode()
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def run(*args: str, stdin: bytes = b"", stderr: io.StringIO | None = None):
+    """``ecdc-stream`` in process: (exit status, stdout bytes, stderr text)."""
+    out, err = io.BytesIO(), stderr if stderr is not None else io.StringIO()
+    rc = stream.run(list(args), io.BytesIO(stdin), out, err)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def pcm_array(data: bytes) -> np.ndarray:
+    return np.frombuffer(data, "<i2").reshape(-1, 2)
+
+
+def snr_db(out: np.ndarray, ref: np.ndarray) -> float:
+    ref = ref.astype(np.float64)
+    noise = ((out.astype(np.float64) - ref) ** 2).sum()
+    return 10 * np.log10((ref**2).sum() / max(noise, 1e-12))
+
+
+def resampled_reference(ref: np.ndarray, rate: int) -> np.ndarray:
+    """soxr's resample of the whole reference PCM to 48 kHz, as int16 ``[n, channels]``."""
+    x = soxr.resample(ref.astype(np.float32) / 32767, rate, RATE)
+    return np.rint(np.clip(x, -1, 1) * 32767).astype(np.int16).reshape(len(x), -1)
+
+
+def one_line(err: str) -> str:
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("ecdc-stream: ") and "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def files(torch_home, tmp_path_factory) -> dict[str, Path]:
+    folder = tmp_path_factory.mktemp("stream")
+    v0 = synth.make_ecdc("encodec_48khz", SAMPLES, kbps=6)
+    made = {
+        "v0": v0,
+        "v193": synth.to_v193(v0, 48_000, name=NAME, source=SOURCE, thumbnail=THUMB),
+        "v193_44k": synth.to_v193(v0, 44_100, name=NAME),
+        "v0_24k": synth.make_ecdc("encodec_24khz", 72_000, kbps=1.5),
+    }
+    paths = {}
+    for key, data in made.items():
+        paths[key] = folder / f"{key}.ecdc"
+        paths[key].write_bytes(data)
+    return paths
+
+
+@pytest.fixture(autouse=True)
+def _no_proxy_for_the_test_server(monkeypatch):
+    for name in ("no_proxy", "NO_PROXY"):
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
+
+
+# --------------------------------------------------------------------------------------
+# Command line
+# --------------------------------------------------------------------------------------
+
+
+def test_help():
+    rc, out, err = cli("-h")
+    assert rc == 0 and err == ""
+    text = out.decode()
+    assert text.startswith("usage: ecdc-stream")
+    for flag in ("-i", "-d", "-e", "-ss", "-to", "-b", "-g", "-n", "-s", "-t", "ffplay"):
+        assert flag in text
+
+
+@pytest.mark.parametrize(
+    ("args", "stdin", "needle"),
+    [
+        (["-x", "-d", "f.ecdc"], b"", "unknown option -x"),
+        (["f.ecdc"], b"", "give -i, -d or -e"),
+        ([], b"", "give -i, -d or -e"),
+        (["-i", "-d", "f.ecdc"], b"", "one of"),
+        (["-d"], b"", "needs a file"),
+        (["-d", "a.ecdc", "b.ecdc"], b"", "one file"),
+        (["-ss"], b"", "needs a value"),
+        (["-ss", "abc", "-d", "f.ecdc"], b"", "-ss"),
+        (["-ss", "-1", "-d", "f.ecdc"], b"", "-ss"),
+        (["-ss", "3", "-to", "2", "-d", "f.ecdc"], b"", "before"),
+        (["-b", "1.5", "-d", "f.ecdc"], b"", "integer"),
+        (["-g", "x", "-d", "f.ecdc"], b"", "integer"),
+        (["-b", "6", "-b", "6", "-e", "o.ecdc"], b"", "twice"),
+        (["-b", "fast", "-e", "o.ecdc"], b"x", "bad bitrate"),
+        (["-b", "0", "-e", "o.ecdc"], b"x", "bad bitrate"),
+        (["-b", "-6", "-e", "o.ecdc"], b"x", "bad bitrate"),
+        (["-b", "nan", "-e", "o.ecdc"], b"x", "bad bitrate"),
+        (["-b", "1000", "-e", "o.ecdc"], b"x", "out of range"),
+        (["-n", " abcde", "-e", "o.ecdc"], b"x", "base64"),
+        (["-d", "missing.ecdc"], b"", "missing.ecdc"),
+        (["-i", "missing.ecdc"], b"", "No such file"),
+        (["-i", "ftp://example.org/x.ecdc"], b"", "http"),
+        (["-e", "no/such/dir/o.ecdc"], b"x", "not a directory"),
+    ],
+)
+def test_bad_arguments_one_line(tmp_path, args, stdin, needle):
+    rc, out, err = run(*args, stdin=stdin)
+    assert rc != 0 and out == b""
+    assert needle in one_line(err)
+
+
+def test_bad_arguments_through_the_console_script(files, tmp_path):
+    rc, out, err = cli("-q", "-d", str(files["v0"]))
+    assert rc == 2 and out == b"" and "unknown option -q" in one_line(err)
+    rc, out, err = cli("-d", str(tmp_path / "missing.ecdc"))
+    assert rc == 1 and out == b"" and "missing.ecdc" in one_line(err)
+    rc, out, err = cli("-ss", "3.2", "-d", str(files["v0"]))  # the file lasts 3.125 s
+    assert rc == 2 and out == b"" and "past the end" in one_line(err)
+    (tmp_path / "junk.ecdc").write_bytes(b"RIFF" + bytes(100))
+    rc, out, err = cli("-d", str(tmp_path / "junk.ecdc"))
+    assert rc == 1 and out == b"" and "not an ECDC file" in one_line(err)
+
+
+def test_option_of_another_mode_is_ignored_with_a_warning(files):
+    rc, out, err = run("-ss", "1", "-i", str(files["v0"]))
+    assert rc == 0 and out.startswith(b"Version: 0\n")
+    assert err == "ecdc-stream: warning: -ss does not apply to -i; ignored\n"
+
+
+def test_pcm_is_not_written_to_a_terminal(files):
+    class TerminalOut(io.BytesIO):
+        def isatty(self) -> bool:
+            return True
+
+    err = io.StringIO()
+    rc = stream.run(["-d", str(files["v0"])], io.BytesIO(), TerminalOut(), err)
+    assert rc == 2 and "terminal" in one_line(err.getvalue())
+
+
+# --------------------------------------------------------------------------------------
+# -i
+# --------------------------------------------------------------------------------------
+
+
+def test_info_v0(files):
+    rc, out, err = cli("-i", str(files["v0"]))
+    assert (rc, err) == (0, "")
+    assert out.decode().splitlines() == [
+        "Version: 0",
+        f"Duration: {json.dumps(SAMPLES / 48_000)}",
+        'M: "encodec_48khz"',
+        f"AL: {SAMPLES}",
+        "NC: 4",
+        "LM: false",
+    ]
+
+
+def test_info_v193(files):
+    rc, out, err = run(str(files["v193"]), "-i")
+    assert (rc, err) == (0, "")
+    assert out.decode().splitlines() == [
+        "Version: 193",
+        f"Name: {json.dumps(NAME)}",
+        f"Duration: {json.dumps(SAMPLES / 48_000)}",
+        "Sample Rate: 48000",
+        "Bitrate: 6",
+        f"Thumbnail: {json.dumps(THUMB)}",
+        f"Source: {json.dumps(SOURCE)}",
+        'M: "encodec_48khz"',
+        f"AL: {SAMPLES}",
+        "NC: 4",
+        "LM: false",
+    ]
+
+
+def test_info_duration_is_in_real_seconds(files):
+    """al / sr, and the model's rate without sr (Encodec-Stream doubled 24 kHz files)."""
+    lines = run("-i", str(files["v193_44k"]))[1].decode().splitlines()
+    assert f"Duration: {json.dumps(SAMPLES / 44_100)}" in lines
+    assert "Sample Rate: 44100" in lines
+    lines = run("-i", str(files["v0_24k"]))[1].decode().splitlines()
+    assert "Duration: 3.0" in lines and 'M: "encodec_24khz"' in lines
+
+
+# --------------------------------------------------------------------------------------
+# -d
+# --------------------------------------------------------------------------------------
+
+
+def test_decode_equals_reference_through_a_pipe(files):
+    """The console script's stdout is exactly encodec's decode as PCM (v0 and v193)."""
+    rc, out, err = cli("-d", str(files["v193"]))
+    assert (rc, err) == (0, "")
+    assert out == synth.reference_pcm(files["v0"].read_bytes()).astype("<i2").tobytes()
+
+
+def test_decode_from_stdin(files):
+    v0 = files["v0"].read_bytes()
+    rc, out, err = run("-ss", "2", "-to", "2.5", "-d", "-", stdin=v0)
+    assert (rc, err) == (0, "")
+    assert out == synth.reference_pcm(v0)[96_000:120_000].astype("<i2").tobytes()
+    assert run("-i", "-", stdin=v0)[1] == run("-i", str(files["v0"]))[1]
+
+
+def test_decode_v0_and_bufsizes(files):
+    expected = synth.reference_pcm(files["v0"].read_bytes()).astype("<i2").tobytes()
+    for bufsize in ("1", "0", "3"):
+        rc, out, err = run("-b", bufsize, "-d", str(files["v0"]))
+        assert (rc, err) == (0, "")
+        assert out == expected, f"-b {bufsize}"
+
+
+@pytest.mark.parametrize(
+    ("start", "end"),
+    [
+        ("1", "1.5"),  # inside frames
+        ("0.99", "1"),  # 47,520 .. 48,000: exactly the overlap of frames 0 and 1
+        ("0.9", "2.1"),  # across two overlaps
+        ("1.98", None),  # from frame boundary 2 (95,040) to the end
+        ("3.1", None),  # the last 1,200 samples
+        ("2.5", "10"),  # -to past the end
+        ("0.000021", "0.0001"),  # a single sample in, a few samples long
+        ("3.125", None),  # exactly the end: nothing
+    ],
+)
+def test_seek_is_sample_accurate(files, start, end):
+    ref = synth.reference_pcm(files["v0"].read_bytes())
+    args = ["-ss", start] + (["-to", end] if end else []) + ["-d", str(files["v0"])]
+    rc, out, err = run(*args)
+    assert (rc, err) == (0, "")
+    first = round(float(start) * RATE)
+    last = min(len(ref), round(float(end) * RATE)) if end else len(ref)
+    assert out == ref[first:last].astype("<i2").tobytes()
+
+
+def test_resampled_v193(files):
+    """sr 44,100 -> 48 kHz with soxr: the whole file, and a seek that lands on the same
+    samples (the resampler starts on a common grid point before it)."""
+    ref = resampled_reference(synth.reference_pcm(files["v0"].read_bytes()), 44_100)
+    rc, out, err = run("-d", str(files["v193_44k"]))
+    assert (rc, err) == (0, "")
+    whole = pcm_array(out)
+    assert whole.shape == ref.shape  # round(150,000 * 48,000 / 44,100)
+    assert snr_db(whole, ref) > 40
+    rc, out, err = run("-ss", "1.3", "-to", "2.2", "-d", str(files["v193_44k"]))
+    part = pcm_array(out)
+    assert part.shape == (round(0.9 * RATE), 2)
+    assert np.abs(part.astype(int) - whole[62_400:105_600]).max() <= 1
+    assert snr_db(part, ref[62_400:105_600]) > 40
+
+
+def test_24khz_file_is_resampled_and_duplicated(files):
+    ref = resampled_reference(synth.reference_pcm(files["v0_24k"].read_bytes()), 24_000)
+    rc, out, err = run("-d", str(files["v0_24k"]))
+    assert (rc, err) == (0, "")
+    pcm = pcm_array(out)
+    assert len(pcm) == 2 * 72_000 == len(ref)
+    assert (pcm[:, 0] == pcm[:, 1]).all()
+    assert snr_db(pcm[:, 0], ref[:, 0]) > 40
+    rc, out, err = run("-ss", "1.2345", "-to", "2", "-d", str(files["v0_24k"]))
+    part = pcm_array(out)
+    assert len(part) == 96_000 - round(1.2345 * RATE)
+    assert np.abs(part.astype(int) - pcm[round(1.2345 * RATE) : 96_000]).max() <= 1
+
+
+def test_closed_stdout_ends_quietly(files):
+    """| head -c: no traceback, the SIGPIPE-style status 141."""
+    proc = subprocess.Popen(
+        [*CLI, "-d", str(files["v0"])],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    assert len(proc.stdout.read(1000)) == 1000
+    proc.stdout.close()
+    rc = proc.wait(timeout=300)
+    assert (rc, proc.stderr.read()) == (141, b"")
+
+
+def test_missing_checkpoint_is_one_line(files, tmp_path):
+    env = dict(os.environ, TORCH_HOME=str(tmp_path / "empty"))
+    for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+        env[proxy] = "http://127.0.0.1:9"  # offline, and fast about it
+    rc, out, err = cli("-d", str(files["v0"]), env=env)
+    assert rc == 1 and out == b""  # torch.hub's "Downloading: ..." goes to stderr
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("ecdc-stream: ") and "encodec_48khz-7e698e3e.th is missing" in last
+
+
+# --------------------------------------------------------------------------------------
+# URLs
+# --------------------------------------------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: _Server
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        data = self.server.files.get(self.path)
+        if data is None:
+            self.send_error(404)
+            return
+        ranged = self.headers.get("Range") if self.server.ranges else None
+        status, body = 200, data
+        if ranged:
+            first, _, last = ranged.removeprefix("bytes=").partition("-")
+            start, stop = int(first), min(len(data), int(last) + 1 if last else len(data))
+            if start >= len(data):
+                self.send_response(416)
+                self.send_header("Content-Range", f"bytes */{len(data)}")
+                self.end_headers()
+                return
+            status, body = 206, data[start:stop]
+        self.send_response(status)
+        if status == 206:
+            self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{len(data)}")
+        if self.server.lengths:
+            self.send_header("Content-Length", str(len(body)))
+        self.send_header("ETag", f'"{hash(data) & 0xFFFFFFFF:x}"')
+        self.end_headers()
+        try:
+            self.wfile.write(body)
+            self.server.served += len(body)
+        except ConnectionError:  # a client that had what it needed
+            pass
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+class _Server(ThreadingHTTPServer):
+    daemon_threads = True
+    files: dict[str, bytes]
+    ranges: bool
+    lengths: bool
+    served: int
+
+
+@pytest.fixture
+def serve():
+    """``serve(files, ranges=True, lengths=True) -> (base URL, server)``; ``server.served``
+    counts body bytes sent."""
+    servers = []
+
+    def start(files: dict[str, bytes], ranges: bool = True, lengths: bool = True):
+        server = _Server(("127.0.0.1", 0), _Handler)
+        server.files, server.ranges, server.lengths, server.served = files, ranges, lengths, 0
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}", server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+def long_plain_file(v0: bytes, frames: int) -> bytes:
+    """A long bit-packed 48 kHz file made of ``v0``'s full frames over and over, then its
+    short last frame (any codes decode; no encoding needed)."""
+    _, meta, offset = synth.parse_header(v0)
+    assert meta["m"] == "encodec_48khz" and not meta["lm"]
+    full_frames, tail = divmod(meta["al"] - 480, 47_520)
+    frame_bytes = 4 + 150 * meta["nc"] * 10 // 8
+    payload = v0[offset:]
+    full = [payload[i * frame_bytes : (i + 1) * frame_bytes] for i in range(full_frames)]
+    body = b"".join(full[i % full_frames] for i in range(frames))
+    body += payload[full_frames * frame_bytes :]
+    header = {**meta, "al": frames * 47_520 + tail + 480}
+    dumped = json.dumps(header).encode()
+    return b"ECDC\0" + len(dumped).to_bytes(4, "big") + dumped + body
+
+
+def test_http_source_reads_ranges(serve):
+    data = os.urandom(300_000)
+    base, server = serve({"/f": data})
+    source = HttpSource(base + "/f", block_size=4096, probe_size=1000)
+    assert source.size == len(data) and source.ranged
+    assert server.served == 1000
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        offset = int(rng.integers(0, len(data)))
+        size = int(rng.integers(0, 20_000))
+        assert source.read(offset, size) == data[offset : offset + size]
+    assert source.read(len(data) - 10, 100) == data[-10:]
+    assert source.read(len(data), 10) == b""
+    assert server.served < 2 * len(data)
+    fresh = HttpSource(base + "/f", block_size=4096, probe_size=1000)
+    assert fresh.identity == source.identity
+    server.files["/f"] = data + b"more"
+    assert HttpSource(base + "/f").identity != source.identity
+    with pytest.raises(RemoteError, match="changed"):
+        fresh.read(200_000, 10)
+
+
+@pytest.mark.parametrize("lengths", [True, False])
+def test_http_source_without_ranges(serve, lengths):
+    data = os.urandom(200_000)
+    base, server = serve({"/f": data}, ranges=False, lengths=lengths)
+    source = HttpSource(base + "/f")
+    assert not source.ranged
+    assert source.read(150_000, 1000) == data[150_000:151_000]
+    assert source.size == len(data)
+    assert source.read(0, 10) == data[:10]
+
+
+def test_http_errors_are_one_line(serve):
+    base, _ = serve({})
+    rc, out, err = run("-i", base + "/nothing.ecdc")
+    assert rc == 1 and "404" in one_line(err)
+    rc, out, err = run("-i", "http://127.0.0.1:9/x.ecdc")  # nothing listens on port 9
+    assert rc == 1 and "127.0.0.1:9" in one_line(err)
+
+
+def test_url_info_fetches_only_the_header(files, serve):
+    data = long_plain_file(files["v0"].read_bytes(), 600)  # 10 minutes, ~450 KB
+    base, server = serve({"/long.ecdc": data})
+    (files["v0"].parent / "long.ecdc").write_bytes(data)
+    rc, out, err = cli("-i", base + "/long.ecdc")
+    assert (rc, err) == (0, "")
+    assert out == run("-i", str(files["v0"].parent / "long.ecdc"))[1]
+    assert f"Duration: {(600 * 47_520 + 7_440) / 48_000}".encode() in out
+    assert server.served <= 8192 < len(data) // 50
+
+
+def test_url_seek_fetches_only_what_it_decodes(files, serve):
+    data = long_plain_file(files["v0"].read_bytes(), 600)
+    local = files["v0"].parent / "long.ecdc"
+    local.write_bytes(data)
+    base, server = serve({"/long.ecdc": data})
+    rc, out, err = cli("-ss", "590", "-to", "590.5", "-d", base + "/long.ecdc")
+    assert (rc, err) == (0, "")
+    assert len(out) == 24_000 * 4
+    assert out == run("-ss", "590", "-to", "590.5", "-d", str(local))[1]
+    assert server.served < len(data) // 4
+
+
+def test_url_without_range_support_still_plays(files, serve):
+    v0 = files["v0"].read_bytes()
+    base, server = serve({"/a.ecdc": v0}, ranges=False)
+    rc, out, err = run("-ss", "1", "-to", "2", "-d", base + "/a.ecdc")
+    assert (rc, err) == (0, "")
+    assert out == synth.reference_pcm(v0)[48_000:96_000].astype("<i2").tobytes()
+    rc, out, err = run("-i", base + "/a.ecdc")
+    assert rc == 0 and out == run("-i", str(files["v0"]))[1]
+
+
+# --------------------------------------------------------------------------------------
+# -e
+# --------------------------------------------------------------------------------------
+
+
+def input_pcm(samples: int, seed: int = 7) -> np.ndarray:
+    """int16 ``[2, samples]`` test input at 48 kHz, with one -32768 in it."""
+    x = synth.synth_audio(RATE, 2, samples, seed=seed, amplitude=0.5)
+    pcm = np.rint(np.clip(x, -1, 1) * 32767).astype(np.int16)
+    pcm[1, samples // 3] = -32768
+    return pcm
+
+
+def read_ecdc(path: Path) -> tuple[int, dict, bytes]:
+    data = path.read_bytes()
+    version, meta, offset = synth.parse_header(data)
+    return version, meta, data[offset:]
+
+
+def reference_encode(model_name: str, kbps: float, wav: torch.Tensor) -> bytes:
+    model = synth.load_model(model_name)
+    model.set_target_bandwidth(kbps)
+    return compress(model, wav, use_lm=False)
+
+
+def test_encode_equals_encodec_compress(tmp_path):
+    """PCM through the console script's stdin: the payload is compress()'s, byte for byte,
+    for int16 / 32767 (even with a -32768 in the input); decoding it gives encodec's decode."""
+    pcm = input_pcm(60_000)  # two frames, the second 12,480 samples
+    out = tmp_path / "e.ecdc"
+    name = base64.b64encode('Ünïcode, "quoted" / long'.encode()).decode().rstrip("=")
+    rc, stdout, err = cli(
+        "-b", "6k", "-n", " " + name, "-s", SOURCE, "-t", THUMB, "-e", str(out),
+        input=pcm.T.tobytes(),
+    )  # fmt: skip
+    assert (rc, stdout, err) == (0, b"", "")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.ecdc"]  # no temp files left
+    version, meta, payload = read_ecdc(out)
+    assert version == 0
+    assert meta == {
+        "m": "encodec_48khz",
+        "al": 60_000,
+        "nc": 4,
+        "lm": False,
+        "br": 6,
+        "sr": 48_000,
+        "n": 'Ünïcode, "quoted" / long',
+        "s": SOURCE,
+        "t": THUMB,
+    }
+    reference = reference_encode("encodec_48khz", 6, int16_to_float(pcm))
+    assert payload == reference[synth.parse_header(reference)[2] :]
+    expected = synth.reference_pcm(reference)
+    rc, decoded, err = run("-d", str(out))
+    assert decoded == expected.astype("<i2").tobytes()
+    wav, _ = decompress(out.read_bytes())  # upstream reads the version-0 header
+    assert np.array_equal(synth.float_to_pcm16(wav.numpy()).T, expected)
+
+
+@pytest.mark.parametrize(("kbps", "rate", "version"), [("1.5", 24_000, 0), ("2", 32_000, 193)])
+def test_encode_24khz_model(tmp_path, torch_home, kbps, rate, version):
+    """Below 3 kbps: mono, resampled (streaming soxr) to sr, the 24 kHz model at 1.5 kbps."""
+    pcm = input_pcm(RATE // 2)
+    out = tmp_path / "e.ecdc"
+    stderr = Terminal()  # a terminal: progress is shown
+    rc, _, err = run("-b", kbps, "-e", str(out), stdin=pcm.T.tobytes() + b"\1\2\3", stderr=stderr)
+    assert rc == 0
+    assert "ignoring 3 trailing bytes" in err and " s [" in err  # warning, tqdm
+    version_read, meta, payload = read_ecdc(out)
+    assert version_read == version
+    assert (meta["m"], meta["sr"], meta["br"], meta["nc"]) == (
+        "encodec_24khz",
+        rate,
+        float(kbps),
+        2,
+    )
+    mono = int16_to_float(pcm).mean(dim=0, keepdim=True)
+    wav = torch.from_numpy(soxr.resample(mono.T.numpy(), RATE, rate).T.copy())
+    assert meta["al"] == wav.shape[-1] == rate // 2
+    reference = reference_encode("encodec_24khz", 1.5, wav)
+    assert payload == reference[synth.parse_header(reference)[2] :]
+    rc, decoded, err = run("-d", str(out))
+    assert (rc, err) == (0, "")
+    assert len(decoded) == RATE // 2 * 4  # back at 48 kHz, as long as the input
+
+
+def test_encode_at_a_scaled_rate(tmp_path, torch_home):
+    """9 kbps: 6 kbps of the 48 kHz model over audio resampled to 72 kHz (version 193)."""
+    pcm = input_pcm(RATE // 2)
+    out = tmp_path / "e.ecdc"
+    rc, _, err = run("-b", "9", "-e", str(out), stdin=pcm.T.tobytes())
+    assert (rc, err) == (0, "")
+    version, meta, payload = read_ecdc(out)
+    assert version == 193
+    assert (meta["m"], meta["sr"], meta["br"], meta["nc"], meta["al"]) == (
+        "encodec_48khz", 72_000, 9, 4, 36_000
+    )  # fmt: skip
+    wav = torch.from_numpy(soxr.resample(int16_to_float(pcm).T.numpy(), RATE, 72_000).T.copy())
+    reference = reference_encode("encodec_48khz", 6, wav)
+    assert payload == reference[synth.parse_header(reference)[2] :]
+    rc, decoded, err = run("-d", str(out))
+    assert len(decoded) == (RATE // 2) * 4
+
+
+def test_encode_failure_leaves_nothing(tmp_path, torch_home):
+    out = tmp_path / "e.ecdc"
+    out.write_bytes(b"old")
+    rc, _, err = run("-b", "1.5", "-e", str(out), stdin=b"")
+    assert rc == 1 and "no audio" in one_line(err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.ecdc"]
+    assert out.read_bytes() == b"old"
+
+
+@pytest.mark.parametrize(
+    ("text", "model", "bandwidth", "rate", "stored"),
+    [
+        ("24", "encodec_48khz", 24, 48_000, 24),
+        ("6", "encodec_48khz", 6, 48_000, 6),
+        ("6k", "encodec_48khz", 6, 48_000, 6),
+        ("3", "encodec_48khz", 3, 48_000, 3),
+        ("12K", "encodec_48khz", 12, 48_000, 12),
+        ("4", "encodec_48khz", 3, 64_000, 4),
+        ("9", "encodec_48khz", 6, 72_000, 9),
+        ("48", "encodec_48khz", 24, 96_000, 48),
+        ("192", "encodec_48khz", 24, 384_000, 192),
+        ("2.9", "encodec_24khz", 1.5, 46_400, 2.9),
+        ("2", "encodec_24khz", 1.5, 32_000, 2),
+        ("1.5", "encodec_24khz", 1.5, 24_000, 1.5),
+        ("1", "encodec_24khz", 1.5, 16_000, 1),
+        ("0.25", "encodec_24khz", 1.5, 4_000, 0.25),
+    ],
+)
+def test_bitrate_mapping(text, model, bandwidth, rate, stored):
+    kbps = parse_bitrate(text)
+    assert kbps == stored and type(kbps) is type(stored)
+    plan = plan_bitrate(kbps)
+    assert (plan.model.name, plan.bandwidth, plan.sample_rate) == (model, bandwidth, rate)
+    assert plan.version == (0 if rate == plan.model.sample_rate else 193)
