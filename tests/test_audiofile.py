@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import random
-import struct
 import threading
 import wave
 from io import BytesIO
@@ -16,7 +14,7 @@ import pytest
 import synth
 from ecdcfs import codec
 from ecdcfs.audiofile import Engine, Settings
-from ecdcfs.container import MODELS, EcdcError, FrameLayout
+from ecdcfs.container import EcdcError
 from ecdcfs.wav import WavLayout
 
 READ = 128 * 1024  # what the kernel asks a FUSE filesystem for
@@ -246,12 +244,3 @@ def test_24khz_short_file_equals_encodec_decode(engine, tmp_path):
     assert read_all(audio.reader()) == expected
     assert audio.read(50_000, 999) == expected[50_000:50_999]
     assert np.frombuffer(expected[44:], "<i2").std() > 100  # not silence
-
-
-def test_long_24khz_file_is_refused_at_open(engine, tmp_path):
-    samples = 61 * 24_000
-    meta = json.dumps({"m": "encodec_24khz", "al": samples, "nc": 2, "lm": False}).encode()
-    payload = bytes(FrameLayout(MODELS["encodec_24khz"], samples, 2).plain_payload_bytes())
-    data = struct.pack("!4sBI", b"ECDC", 0, len(meta)) + meta + payload
-    with pytest.raises(EcdcError, match="longer than 60 s"):
-        engine.open(write(tmp_path, "long.ecdc", data))

@@ -2,7 +2,9 @@
 
 Bytes map to samples, samples to the frames whose decoded output overlaps them; those
 frames come from the shared :class:`~ecdcfs.scheduler.FrameScheduler` (decoded once) and
-are blended with encodec's triangular overlap-add, reproduced sample for sample.
+are blended with encodec's triangular overlap-add, reproduced sample for sample. A 24 kHz
+file (one frame) is decoded instead in the fixed chunks of :mod:`ecdcfs.causal`, cached
+the same way.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .causal import ChunkGrid, decode_chunk, packed_steps
 from .codec import (
     CHECKPOINTS,
     Codec,
@@ -44,9 +47,11 @@ from .wav import WavLayout, float_to_pcm16
 
 log = logging.getLogger(__name__)
 
-# Until 24 kHz files stream in bounded memory they are decoded whole (~17 MB of working
-# memory per second of audio); cap what that costs.
-MAX_WHOLE_FILE_SECONDS = 60
+# An LM-coded 24 kHz file is one arithmetic-coded stream: its first read waits for the LM
+# to decode every code step, so only short ones are accepted.
+MAX_LM_24KHZ_SECONDS = 60
+# Old name (24 kHz files of any length used to be refused over 60 s); only LM ones are now.
+MAX_WHOLE_FILE_SECONDS = MAX_LM_24KHZ_SECONDS
 # Read-ahead never asks for more than this share of the cache, so it cannot evict itself.
 READ_AHEAD_CACHE_SHARE = 4
 MAX_READ_AHEAD_FRAMES = 64
@@ -170,11 +175,19 @@ class AudioFile:
         self.identity = source.identity
         self._source = source
         model = header.model
-        if model.segment is None and header.audio_length > MAX_WHOLE_FILE_SECONDS * (
-            model.sample_rate
+        # Segment-less (24 kHz) files decode in fixed chunks; the reader's units are chunks.
+        self._chunks = (
+            None if model.segment is not None else ChunkGrid(self.layout.code_steps(0), model.hop)
+        )
+        self.unit_count = self.layout.frame_count if self._chunks is None else self._chunks.count
+        if (
+            self._chunks is not None
+            and header.use_lm
+            and header.audio_length > MAX_LM_24KHZ_SECONDS * model.sample_rate
         ):
             raise EcdcError(
-                f"{model.name} files longer than {MAX_WHOLE_FILE_SECONDS} s cannot be decoded yet"
+                f"LM-coded {model.name} files longer than {MAX_LM_24KHZ_SECONDS} s "
+                "cannot be decoded yet"
             )
         self._wav_header = self.wav.header
         self._index: CodeIndex | None = None
@@ -201,30 +214,44 @@ class AudioFile:
 
     def samples(self, start: int, stop: int, reader: Reader | None = None) -> np.ndarray:
         """Decoded float32 audio ``[channels, stop - start]``, equal to encodec's decode."""
-        needed = self.layout.frames_covering(start, stop)
+        chunks = self._chunks
+        needed = (
+            self.layout.frames_covering(start, stop)
+            if chunks is None
+            else chunks.covering(start, stop)
+        )
         futures = {i: self.frame(i) for i in needed}  # urgent: never None
         if reader is not None:
             reader.read_ahead(needed)
         frames = {i: future.result() for i, future in futures.items()}
-        if self.header.model.segment is None:  # one frame, no overlap-add
-            return frames[0].audio[:, start:stop]
-        return self._overlap_add(frames, start, stop)
+        if chunks is None:
+            return self._overlap_add(frames, start, stop)
+        pieces = []
+        for i, chunk in sorted(frames.items()):  # consecutive, no overlap
+            first = chunks.start_sample(i)
+            pieces.append(chunk.audio[:, max(start, first) - first : stop - first])
+        return np.concatenate(pieces, axis=1) if len(pieces) > 1 else pieces[0]
+
+    def unit_key(self, index: int) -> tuple:
+        """Cache key of frame (or, for a 24 kHz file, chunk) ``index``."""
+        return (self.identity, index if self._chunks is None else ("c", index))
 
     def frame(self, index: int, urgent: bool = True) -> Future | None:
-        """Future decoded frame ``index``, shared through the engine's cache.
+        """Future decoded frame (24 kHz: chunk) ``index``, shared through the engine's cache.
 
         For an LM-coded file the caller first waits (urgent) for the index to reach the
         frame, so the decode worker never blocks on indexing; read-ahead of a frame not
         indexed yet returns None.
         """
-        key = (self.identity, index)
+        key = self.unit_key(index)
         if self.header.use_lm and not self.engine.scheduler.is_cached(key):
-            lm_index = self._lm_index()
+            lm_index, lm_frame = self._lm_index(), index if self._chunks is None else 0
             if urgent:
-                lm_index.get(index)
-            elif not lm_index.has(index):
+                lm_index.get(lm_frame)
+            elif not lm_index.has(lm_frame):
                 return None
-        return self.engine.scheduler.request(key, functools.partial(self._decode, index), urgent)
+        produce = self._decode if self._chunks is None else self._decode_chunk
+        return self.engine.scheduler.request(key, functools.partial(produce, index), urgent)
 
     def _overlap_add(self, frames: dict[int, DecodedFrame], start: int, stop: int) -> np.ndarray:
         """encodec's ``_linear_overlap_add`` restricted to ``[start, stop)``, same float order."""
@@ -246,6 +273,23 @@ class AudioFile:
         if scale is not None and not math.isfinite(scale):
             raise ContainerError(f"frame {index} has a non-finite scale {scale}")
         return codec.decode_frame(codes.astype(np.int64), scale)
+
+    def _decode_chunk(self, index: int) -> DecodedFrame:
+        """Decode 24 kHz chunk ``index`` with its warm-up steps (see :mod:`ecdcfs.causal`)."""
+        codec = self.engine.codec(self.header.model)
+        first, kept, stop = self._chunks.span(index)  # type: ignore[union-attr]
+        if self.header.use_lm:
+            codes = self._lm_index().get(0)[1][:, first:stop]
+        else:
+            base = self.header.payload_offset
+            codes = packed_steps(
+                lambda offset, size: self._source.read(base + offset, size),
+                self.layout.num_codebooks,
+                self.header.model.bits,
+                first,
+                stop,
+            )
+        return decode_chunk(codec, codes.astype(np.int64), kept - first)
 
     def _codes(self, index: int) -> tuple[float | None, np.ndarray]:
         """Scale and codes of a bit-packed frame, located from the header alone."""
@@ -323,7 +367,7 @@ class Reader:
             self._cancel()
             self.window = bufsize
         self._last = needed
-        stop = min(needed.stop + self.window, self.audio.layout.frame_count)
+        stop = min(needed.stop + self.window, self.audio.unit_count)
         for index in range(needed.stop, stop):
             if index not in self._ahead:
                 if self.audio.frame(index, urgent=False) is None:
@@ -333,7 +377,7 @@ class Reader:
 
     def _cancel(self) -> None:
         for index in self._ahead:
-            self.audio.engine.scheduler.cancel((self.audio.identity, index))
+            self.audio.engine.scheduler.cancel(self.audio.unit_key(index))
         self._ahead.clear()
 
     def close(self) -> None:

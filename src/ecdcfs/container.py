@@ -253,12 +253,19 @@ class FrameLayout:
         return self.plain_frame_offset(count - 1) + self.plain_frame_bytes(count - 1)
 
 
-def unpack_codes(data: bytes, num_codebooks: int, steps: int, bits: int) -> np.ndarray:
-    """Unpack LSB-first, time-major packed codes into an int64 array ``[codebooks, steps]``."""
+def unpack_codes(
+    data: bytes, num_codebooks: int, steps: int, bits: int, bit_offset: int = 0
+) -> np.ndarray:
+    """Unpack LSB-first, time-major packed codes into an int64 array ``[codebooks, steps]``.
+
+    The codes start ``bit_offset`` bits into ``data`` (a step range of a 24 kHz frame
+    need not start on a byte boundary).
+    """
     count = num_codebooks * steps
-    needed = math.ceil(count * bits / 8)
+    needed = math.ceil((bit_offset + count * bits) / 8)
     if len(data) < needed:
         raise ContainerError(f"frame truncated: {len(data)} of {needed} code bytes")
     raw = np.unpackbits(np.frombuffer(data, np.uint8, needed), bitorder="little")
-    values = raw[: count * bits].reshape(count, bits).astype(np.int64) @ (1 << np.arange(bits))
+    raw = raw[bit_offset : bit_offset + count * bits]
+    values = raw.reshape(count, bits).astype(np.int64) @ (1 << np.arange(bits))
     return values.reshape(steps, num_codebooks).T.copy()
