@@ -319,6 +319,19 @@ def test_24khz_file_is_resampled_and_duplicated(files):
     assert np.abs(part.astype(int) - pcm[round(1.2345 * RATE) : 96_000]).max() <= 1
 
 
+def test_24khz_seek_across_chunks(torch_home, tmp_path):
+    """Past 10 s a 24 kHz file decodes in the core's chunks; seeks across a seam, with -b 0
+    too, give the samples of the whole decode."""
+    path = tmp_path / "long24.ecdc"
+    path.write_bytes(synth.make_ecdc("encodec_24khz", 252_000, kbps=1.5))  # 10.5 s
+    rc, out, err = run("-d", str(path))
+    assert (rc, err) == (0, "")
+    whole = pcm_array(out)
+    assert len(whole) == 504_000
+    rc, out, err = run("-b", "0", "-ss", "9.75", "-to", "10.25", "-d", str(path))
+    assert np.abs(pcm_array(out).astype(int) - whole[468_000:492_000]).max() <= 1
+
+
 def test_closed_stdout_ends_quietly(files):
     """| head -c: no traceback, the SIGPIPE-style status 141."""
     proc = subprocess.Popen(

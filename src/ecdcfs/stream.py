@@ -321,12 +321,17 @@ def output_length(header: Header) -> int:
     return (2 * length * OUT_RATE + rate) // (2 * rate)  # round half up, as soxr does
 
 
-def source_frames(header: Header, start: int, stop: int) -> range:
-    """The frames that output samples ``[start, stop)`` are decoded from."""
+def source_units(header: Header, start: int, stop: int) -> range:
+    """The decode units (48 kHz: frames; 24 kHz: the core's fixed chunks) that output
+    samples ``[start, stop)`` come from."""
+    from .causal import ChunkGrid
+
     rate = header.sample_rate
     margin = 0 if rate == OUT_RATE else int(PRE_ROLL_S * rate) + 1
     first = max(0, start * rate // OUT_RATE - margin)
     last = min(header.audio_length, -(-stop * rate // OUT_RATE) + margin)
+    if header.model.segment is None:
+        return ChunkGrid(header.layout.code_steps(0), header.model.hop).covering(first, last)
     return header.layout.frames_covering(first, last)
 
 
@@ -379,6 +384,7 @@ def _pcm(samples: np.ndarray) -> bytes:
 
 def run_decode(args: Args, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO) -> int:
     from .audiofile import Engine, Settings
+    from .causal import CHUNK_STEPS
 
     if _isatty(stdout):
         raise UsageError(
@@ -395,11 +401,12 @@ def run_decode(args: Args, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO) ->
     start = min(total, round(args.start * OUT_RATE))
     stop = total if args.end is None else min(total, round(args.end * OUT_RATE))
     settings = Settings(device=device, bufsize=args.bufsize)
-    if args.bufsize == 0:  # every frame of the range at once, all kept until written
-        frames = len(source_frames(header, start, stop))
-        frame_bytes = header.model.channels * header.layout.decoded_length(0) * 4
-        settings.bufsize = max(1, frames)
-        settings.cache_mb = max(settings.cache_mb, frames * frame_bytes // 2**20 + 16)
+    if args.bufsize == 0:  # every unit of the range at once, all kept until written
+        units = source_units(header, start, stop)
+        unit_samples = header.model.segment or CHUNK_STEPS * header.model.hop  # frame, chunk
+        unit_bytes = header.model.channels * unit_samples * 4
+        settings.bufsize = max(1, len(units))
+        settings.cache_mb = max(settings.cache_mb, len(units) * unit_bytes // 2**20 + 16)
     engine = Engine(settings)
     progress = _progress(stderr, _isatty(stderr) and _is_regular_file(stdout), total=stop - start)
     try:
@@ -426,7 +433,6 @@ def run_decode(args: Args, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO) ->
 def run_encode(args: Args, stdin: BinaryIO, stderr: TextIO) -> int:
     import torch
 
-    from .audiofile import MAX_WHOLE_FILE_SECONDS
     from .codec import Codec, default_device
     from .encode import PCM_RATE, AtomicOutput, FrameWriter, header_bytes, int16_to_float
     from .encode import metadata_for as make_metadata
@@ -487,12 +493,6 @@ def run_encode(args: Args, stdin: BinaryIO, stderr: TextIO) -> int:
         raise
     finally:
         progress.close()
-    if spec.segment is None and writer.length > MAX_WHOLE_FILE_SECONDS * spec.sample_rate:
-        _warn(
-            stderr,
-            f"{out}: {spec.name} files over {MAX_WHOLE_FILE_SECONDS} s of model time cannot "
-            "be decoded by ecdcfs yet",
-        )
     return 0
 
 
