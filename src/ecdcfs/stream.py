@@ -46,6 +46,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import io
 import json
 import logging
 import math
@@ -153,6 +154,7 @@ def parse_args(argv: list[str]) -> Args:
     values: dict[str, str] = {}
     modes: list[str] = []
     positional: list[str] = []
+    errors: list[str] = []  # reported unless -h is there too
     tokens = iter(argv)
     for token in tokens:
         if token in ("-h", "--help"):
@@ -163,18 +165,21 @@ def parse_args(argv: list[str]) -> Args:
         elif token in VALUE_OPTIONS:
             value = next(tokens, None)
             if value is None:
-                raise UsageError(f"{token} needs a value")
-            if token in values:
-                raise UsageError(f"{token} given twice")
-            values[token] = value
+                errors.append(f"{token} needs a value")
+            elif token in values:
+                errors.append(f"{token} given twice")
+            else:
+                values[token] = value
         elif token == "--":
             positional.extend(tokens)
         elif token.startswith("-") and token != "-":
-            raise UsageError(f"unknown option {token}")
+            errors.append(f"unknown option {token}")
         else:
             positional.append(token)
     if args.help:
         return args
+    if errors:
+        raise UsageError(errors[0])
     if not modes:
         raise UsageError("nothing to do: give -i, -d or -e")
     if len(modes) > 1:
@@ -614,13 +619,19 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("ignore", category=UserWarning)
     # stdout carries PCM only: whatever else writes to fd 1 (torch.hub's "Downloading",
     # a print in a library) goes to stderr; the output keeps the original descriptor.
+    stderr = sys.stderr or open(os.devnull, "w")  # noqa: SIM115 (None: fd 2 was closed)
+    if sys.stdout is None:  # fd 1 was closed
+        stderr.write(f"{PROG}: stdout is closed\n")
+        return EXIT_ERROR
     sys.stdout.flush()
     out_fd = os.dup(sys.stdout.fileno())
-    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    sys.stdout = sys.stderr
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        os.dup2(stderr.fileno(), sys.stdout.fileno())
+        sys.stdout = stderr
     out = os.fdopen(out_fd, "wb")
+    stdin = sys.stdin.buffer if sys.stdin is not None else io.BytesIO()
     try:
-        status = run(sys.argv[1:] if argv is None else argv, sys.stdin.buffer, out, sys.stderr)
+        status = run(sys.argv[1:] if argv is None else argv, stdin, out, stderr)
         out.flush()
         return status
     except BrokenPipeError:
