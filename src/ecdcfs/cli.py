@@ -380,6 +380,7 @@ def mount(cfg: Config) -> int:
             foreground=cfg.foreground,
             encoding=sys.getfilesystemencoding(),
             errors="surrogateescape",
+            raw_fi=True,  # open sets direct_io (see ecdcfs.fs)
             **fuse_options(cfg),
         )
     except RuntimeError as exc:

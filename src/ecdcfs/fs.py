@@ -3,7 +3,13 @@
 Errors map to errno values: :class:`~ecdcfs.container.EcdcError` (a bad file, a failed
 decode, a missing model) -> EIO, ``OSError`` -> its errno, any write -> EROFS. Files are
 opened without ``keep_cache``, so the kernel drops its cached pages of a file at every
-open and a source replaced since is read afresh (the frame cache is keyed by content).
+open and a source replaced since is read afresh (the frame cache is keyed by content); a
+handle opened while another version of the same path is open gets ``direct_io``, so the
+two versions never share cached pages (:meth:`~ecdcfs.tree.SourceTree.open`).
+
+Mounted with mfusepy's ``raw_fi`` (to set ``direct_io``), ``open`` receives the
+``fuse_file_info`` and the other operations receive it in place of a handle number; they
+accept plain integers as well (flags for ``open``, handle numbers otherwise).
 """
 
 from __future__ import annotations
@@ -48,6 +54,11 @@ def _read_only(*_args: Any) -> int:
     raise FuseOSError(errno.EROFS)
 
 
+def _fh(fi: Any) -> int | None:
+    """The handle number of a ``fuse_file_info`` (``raw_fi``) or of a plain number."""
+    return fi if fi is None or isinstance(fi, int) else fi.fh
+
+
 class EcdcFS(Operations):
     """The mounted view of a SOURCE folder of ``.ecdc`` files."""
 
@@ -68,8 +79,8 @@ class EcdcFS(Operations):
         log.info("unmounted %s", self.tree.source)
 
     @_errno
-    def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
-        return self.tree.getattr(path, fh)
+    def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
+        return self.tree.getattr(path, _fh(fh))
 
     @_errno
     def readdir(self, path: str, fh: int) -> list:
@@ -88,16 +99,20 @@ class EcdcFS(Operations):
         return 0
 
     @_errno
-    def open(self, path: str, flags: int) -> int:
-        return self.tree.open(path, flags)
+    def open(self, path: str, fi: Any) -> int:
+        if isinstance(fi, int):  # flags (without raw_fi): the handle number is returned
+            return self.tree.open(path, fi)
+        fi.fh = self.tree.open(path, fi.flags)
+        fi.direct_io = self.tree.direct_io(fi.fh)
+        return 0
 
     @_errno
-    def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        return self.tree.read(fh, size, offset)
+    def read(self, path: str, size: int, offset: int, fh: Any) -> bytes:
+        return self.tree.read(_fh(fh), size, offset)
 
     @_errno
-    def release(self, path: str, fh: int) -> int:
-        self.tree.release(fh)
+    def release(self, path: str, fh: Any) -> int:
+        self.tree.release(_fh(fh))
         return 0
 
     @_errno

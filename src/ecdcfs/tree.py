@@ -30,6 +30,15 @@ every handle open on the same version of the file) and gives the handle its own
 :class:`~ecdcfs.audiofile.Reader`. The decoding :class:`~ecdcfs.audiofile.Engine` is
 created on the first audio open, so nothing decodes (and torch is not imported) before
 the mount daemon has forked.
+
+Versions: the header is validated before the file is read whole (a huge file that is not
+an ECDC costs no memory), and a snapshot is taken only if the file did not change while
+it was read (else it is read again, and opening fails if it keeps changing), so a
+snapshot is never half old, half new. An open handle keeps reading its version, even if
+the source is replaced, rewritten or deleted meanwhile. The kernel keeps one page cache
+per path of the view, though, so a handle opened while a handle of another version of the
+same path is still open bypasses it (:meth:`SourceTree.direct_io`): cached pages never mix
+two versions.
 """
 
 from __future__ import annotations
@@ -63,6 +72,8 @@ _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
+# Times a file that changes while it is being snapshotted is read again before giving up.
+_SNAPSHOT_ATTEMPTS = 3
 
 DIR, FILE, LINK, AUDIO = "dir", "file", "link", "audio"
 
@@ -198,9 +209,13 @@ class _LogOnce:
 class AudioHandle:
     """An open ``x.wav``: the shared AudioFile plus this handle's own Reader."""
 
-    def __init__(self, audio: AudioFile) -> None:
+    def __init__(self, audio: AudioFile, path: str, source: str, st: os.stat_result) -> None:
         self.audio = audio
         self.reader: Reader = audio.reader()
+        self.path = path  # the view's path (the kernel's page cache is per path)
+        self.st = st  # the source's stat when opened (the version the snapshot holds)
+        self.version = _identity(source, st)
+        self.direct_io = False
 
     def close(self) -> None:
         self.reader.close()
@@ -209,8 +224,11 @@ class AudioHandle:
 class FileHandle:
     """An open passthrough file: a read-only descriptor of the source file."""
 
-    def __init__(self, fd: int) -> None:
+    def __init__(self, fd: int, path: str, source: str, st: os.stat_result) -> None:
         self.fd = fd
+        self.path = path
+        self.version = _identity(source, st)
+        self.direct_io = False
 
     def close(self) -> None:
         os.close(self.fd)
@@ -331,30 +349,21 @@ class SourceTree:
     def getattr(self, path: str, fh: int | None = None) -> dict:
         """stat(2)-like attributes (times in nanoseconds); never decodes.
 
-        With the handle of an open audio file, the size is that of the version it reads.
+        With the handle of an open file, the attributes are those of the version it reads,
+        even if the source has been replaced or deleted since. (The kernel passes the handle
+        when a read needs the size; its ``fstat`` asks by path, so once the source is
+        deleted and the cached attributes expire, ``fstat`` fails with ENOENT while reads
+        go on.)
         """
+        with self._lock:
+            handle = self._handles.get(fh) if fh else None
+        if isinstance(handle, AudioHandle):
+            return _attributes(AUDIO, handle.st, handle.audio.size)
+        if isinstance(handle, FileHandle):
+            return _attributes(FILE, os.fstat(handle.fd))
         with self._lookup(path) as (entry, folder):
-            st = entry.st
-            attrs = {
-                "st_mode": st.st_mode if entry.kind == LINK else st.st_mode & ~WRITE_BITS,
-                "st_nlink": st.st_nlink,
-                "st_uid": st.st_uid,
-                "st_gid": st.st_gid,
-                "st_size": st.st_size,
-                "st_atime": st.st_atime_ns,
-                "st_mtime": st.st_mtime_ns,
-                "st_ctime": st.st_ctime_ns,
-                "st_blocks": st.st_blocks,
-            }
-            if entry.kind == AUDIO:
-                with self._lock:
-                    handle = self._handles.get(fh) if fh else None
-                if isinstance(handle, AudioHandle):
-                    size = handle.audio.size
-                else:
-                    size = self._wav_size(entry, folder)
-                attrs.update(st_size=size, st_blocks=math.ceil(size / 512), st_nlink=1)
-        return attrs
+            size = self._wav_size(entry, folder) if entry.kind == AUDIO else None
+            return _attributes(entry.kind, entry.st, size)
 
     def _wav_size(self, entry: Entry, folder: _Folder) -> int:
         """Size of the WAV shown for an .ecdc, from its header (0 if it is unusable)."""
@@ -431,42 +440,88 @@ class SourceTree:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise FileNotFoundError(errno.ENOENT, "changed while opening", path)
-            audio = self._audio_file(entry.source, fd, st) if entry.kind == AUDIO else None
+            audio = None
+            if entry.kind == AUDIO:
+                audio, st = self._audio_file(entry.source, fd, st)
         except BaseException:
             os.close(fd)
             raise
         handle: AudioHandle | FileHandle
         if audio is None:
-            handle = FileHandle(fd)
+            handle = FileHandle(fd, path, entry.source, st)
         else:
             os.close(fd)
-            handle = AudioHandle(audio)
+            handle = AudioHandle(audio, path, entry.source, st)
         with self._lock:
+            # The kernel caches pages per path: if another version of this path is open,
+            # its pages and ours must not mix, so this handle bypasses the page cache.
+            handle.direct_io = any(
+                other.path == path and other.version != handle.version
+                for other in self._handles.values()
+            )
             fh = next(self._next_fh)
             self._handles[fh] = handle
         return fh
 
-    def _audio_file(self, source: str, fd: int, st: os.stat_result) -> AudioFile:
-        """The AudioFile of this version of ``source``, shared by its open handles."""
-        key = _identity(source, st)
-        with self._lock:
-            audio = self._audio.get(key)
-        if audio is not None:
-            return audio
-        try:
-            # Bytes read through our O_NOFOLLOW descriptor, never through a symlink, and
-            # validated before the engine (threads, later torch) is woken for a bad file.
-            data = _read_all(fd, st.st_size)
-            parse_header(data, len(data))
-            audio = self.engine.open(Path(source), data)
-        except EcdcError as exc:
-            self.log_once(logging.ERROR, (source, str(exc)), "cannot open %s: %s", source, exc)
-            raise
-        except OSError as exc:
-            self.log_once(logging.ERROR, (source, str(exc)), "cannot read %s: %s", source, exc)
-            raise
-        with self._lock:
-            return self._audio.setdefault(key, audio)
+    def direct_io(self, fh: int) -> bool:
+        """Whether handle ``fh`` must bypass the kernel's page cache (see :meth:`open`)."""
+        return self._handle(fh).direct_io
+
+    def _audio_file(
+        self, source: str, fd: int, st: os.stat_result
+    ) -> tuple[AudioFile, os.stat_result]:
+        """The AudioFile of this version of ``source`` (shared by its open handles).
+
+        Returns it with the stat of the version it holds (the file may have changed
+        since ``st`` was taken; then it is read again).
+        """
+        for _ in range(_SNAPSHOT_ATTEMPTS):
+            key = _identity(source, st)
+            with self._lock:
+                audio = self._audio.get(key)
+            if audio is not None:
+                return audio, st
+            try:
+                data = self._snapshot(fd, st)
+                if data is None:  # changed while being read: take the new version
+                    st = os.fstat(fd)
+                    continue
+                audio = self.engine.open(Path(source), data)
+            except EcdcError as exc:
+                self.log_once(logging.ERROR, (source, str(exc)), "cannot open %s: %s", source, exc)
+                raise
+            except OSError as exc:
+                self.log_once(logging.ERROR, (source, str(exc)), "cannot read %s: %s", source, exc)
+                raise
+            with self._lock:
+                return self._audio.setdefault(key, audio), st
+        exc = EcdcError(f"it kept changing while being read ({_SNAPSHOT_ATTEMPTS} attempts)")
+        self.log_once(logging.ERROR, (source, str(exc)), "cannot open %s: %s", source, exc)
+        raise exc
+
+    @staticmethod
+    def _snapshot(fd: int, st: os.stat_result) -> bytes | None:
+        """The bytes of the version ``st`` describes; None if the file changed meanwhile.
+
+        Bytes are read through our O_NOFOLLOW descriptor, never through a symlink, and
+        the header is validated first, before anything large is read or the engine (its
+        threads, later torch) is woken for a bad file.
+        """
+        with open(fd, "rb", closefd=False) as f:
+            header = read_header(f, st.st_size)
+        size = st.st_size
+        if not header.use_lm:  # bytes past the frames the header describes are unused
+            size = min(size, header.payload_offset + header.layout.plain_payload_bytes())
+        data = _read_all(fd, size)
+        after = os.fstat(fd)
+        if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
+            st.st_size,
+            st.st_mtime_ns,
+            st.st_ctime_ns,
+        ):
+            return None
+        parse_header(data, len(data))
+        return data
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
         handle = self._handle(fh)
@@ -511,6 +566,25 @@ class SourceTree:
             return len(self._handles)
 
 
+def _attributes(kind: str, st: os.stat_result, wav_size: int | None = None) -> dict:
+    """What getattr shows for a source entry of this kind (an audio file: its WAV size)."""
+    attrs = {
+        "st_mode": st.st_mode if kind == LINK else st.st_mode & ~WRITE_BITS,
+        "st_nlink": st.st_nlink,
+        "st_uid": st.st_uid,
+        "st_gid": st.st_gid,
+        "st_size": st.st_size,
+        "st_atime": st.st_atime_ns,
+        "st_mtime": st.st_mtime_ns,
+        "st_ctime": st.st_ctime_ns,
+        "st_blocks": st.st_blocks,
+    }
+    if kind == AUDIO:
+        size = wav_size or 0
+        attrs.update(st_size=size, st_blocks=math.ceil(size / 512), st_nlink=1)
+    return attrs
+
+
 def _open_noatime(name: str, dir_fd: int) -> int:
     """Open to read a header without touching the source's atime (where allowed)."""
     try:
@@ -519,11 +593,13 @@ def _open_noatime(name: str, dir_fd: int) -> int:
         return os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
 
 
-def _read_all(fd: int, size_hint: int) -> bytes:
+def _read_all(fd: int, size: int) -> bytes:
+    """The first ``size`` bytes of ``fd`` (fewer if it is shorter now)."""
     chunks, total = [], 0
-    while True:
-        chunk = os.pread(fd, max(size_hint - total, 1 << 16), total)
+    while total < size:
+        chunk = os.pread(fd, size - total, total)
         if not chunk:
-            return b"".join(chunks)
+            break
         chunks.append(chunk)
         total += len(chunk)
+    return b"".join(chunks)
