@@ -40,7 +40,7 @@ from .container import (
     read_header,
     unpack_codes,
 )
-from .index import CodeIndex, IndexStore
+from .index import DEFAULT_CACHE_DIR_MB, CodeIndex, IndexStore
 from .scheduler import FrameScheduler
 from .source import ByteSource, MemorySource, as_stream
 from .wav import WavLayout, float_to_pcm16
@@ -71,6 +71,7 @@ class Settings:
     cache_mb: int = 512  # decoded-frame cache cap
     bufsize: int = 1  # initial read-ahead window, in frames; grows by this much per step
     cache_dir: Path | None = field(default_factory=default_cache_dir)  # None: no persistence
+    cache_dir_mb: int | None = DEFAULT_CACHE_DIR_MB  # cap of cache_dir (LRU); None: no cap
 
 
 def _torch_hub_dir() -> Path:
@@ -98,7 +99,10 @@ class Engine:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
         self.scheduler = FrameScheduler(self.settings.cache_mb << 20)
-        self.indexes = IndexStore(self.settings.cache_dir)
+        cap = self.settings.cache_dir_mb
+        self.indexes = IndexStore(
+            self.settings.cache_dir, max_bytes=None if cap is None else cap << 20
+        )
         self._codecs: dict[str, Codec | ModelUnavailable] = {}
         self._codec_lock = threading.Lock()
 

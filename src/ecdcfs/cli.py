@@ -46,8 +46,18 @@ EPILOG = """\
   (dashes or underscores). Other -o options go to FUSE, e.g. allow_root, uid=N, gid=N,
   umask=NNN, attr_timeout=S, entry_timeout=S, max_read=N, auto_unmount, debug.
   mount(8)-only options (ro, rw, defaults, noauto, user, _netdev, nofail...) are
-  ignored, so an fstab line works (the mount is always read-only):
+  ignored, so mount(8) and fstab work (the mount is always read-only):
+    mount -t fuse.ecdcfs /music/ecdc /music/wav -o allow_other,cache_mb=1024
     /music/ecdc  /music/wav  fuse.ecdcfs  allow_other,cache_mb=1024  0 0
+  mount(8) runs ecdcfs through mount.fuse3 with a default PATH (/usr/local/bin, /usr/bin,
+  ...): link ecdcfs there, or name it in full with type fuse:
+    /path/to/.venv/bin/ecdcfs#/music/ecdc  /music/wav  fuse  allow_other  0 0
+
+cache directory:
+  Code indexes of LM-coded files persist in --cache-dir (default $XDG_CACHE_HOME/ecdcfs),
+  at most --cache-dir-mb MiB (least recently used deleted first). A cache directory that
+  cannot be written (read-only, full) only costs persistence. ecdcfs --clear-cache
+  [--cache-dir DIR] deletes the indexes (nothing else) and exits.
 
 decoding:
   Listing never decodes. torch and the Encodec models load in the daemon once it has
@@ -67,6 +77,11 @@ unmounting:
   to the daemon unmounts cleanly."""
 
 
+# Default cap of the cache directory (ecdcfs.index.DEFAULT_CACHE_DIR_MB; not imported here
+# so that ecdcfs -u and --help import nothing heavy).
+DEFAULT_CACHE_DIR_MB = 256
+
+
 class UsageError(Exception):
     """A bad command line: reported in one line, exit status 2."""
 
@@ -83,6 +98,8 @@ class Config:
     cache_mb: int = 512
     bufsize: int = 1
     cache_dir: str | None = None  # None: the default ($XDG_CACHE_HOME/ecdcfs)
+    cache_dir_mb: int = DEFAULT_CACHE_DIR_MB
+    clear_cache: bool = False
     persist: bool = True
     log_level: str = "info"
     log_file: str | None = None
@@ -98,7 +115,8 @@ class _Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="ecdcfs",
-        usage="ecdcfs SOURCE MOUNTPOINT [options]\n       ecdcfs -u MOUNTPOINT",
+        usage="ecdcfs SOURCE MOUNTPOINT [options]\n       ecdcfs -u MOUNTPOINT\n"
+        "       ecdcfs --clear-cache [--cache-dir DIR]",
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -151,6 +169,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="where code indexes of LM-coded files persist "
         "(default: $XDG_CACHE_HOME/ecdcfs, i.e. ~/.cache/ecdcfs)",
+    )
+    p.add_argument(
+        "--cache-dir-mb",
+        type=_positive_int,
+        metavar="N",
+        help=f"cap of the cache dir in MiB; least recently used indexes go first "
+        f"(default: {DEFAULT_CACHE_DIR_MB})",
+    )
+    p.add_argument(
+        "--clear-cache",
+        action="store_true",
+        help="delete the code indexes in the cache dir (--cache-dir, or the default) and exit",
     )
     p.add_argument("--no-persist", action="store_true", help="keep code indexes in memory only")
     p.add_argument(
@@ -207,6 +237,7 @@ _OPTION_KEYS = {
     "cache_mb": ("cache_mb", _positive_int),
     "bufsize": ("bufsize", _positive_int),
     "cache_dir": ("cache_dir", str),
+    "cache_dir_mb": ("cache_dir_mb", _positive_int),
     "no_persist": ("no_persist", None),
     "log_level": ("log_level", _log_level),
     "log_file": ("log_file", str),
@@ -256,13 +287,26 @@ def parse_args(argv: list[str] | None = None) -> Config:
             cfg.persist = False
         else:
             setattr(cfg, attr, value)
-    for attr in ("device", "cache_mb", "bufsize", "cache_dir", "log_level", "log_file"):
+    for attr in (
+        "device",
+        "cache_mb",
+        "bufsize",
+        "cache_dir",
+        "cache_dir_mb",
+        "log_level",
+        "log_file",
+    ):
         value = getattr(args, attr)
         if value is not None:
             setattr(cfg, attr, value)
     cfg.foreground = cfg.foreground or args.foreground
     cfg.allow_other = cfg.allow_other or args.allow_other
     cfg.persist = cfg.persist and not args.no_persist
+    cfg.clear_cache = args.clear_cache
+    if args.clear_cache:
+        if args.unmount or args.paths:
+            raise UsageError("--clear-cache takes no SOURCE, MOUNTPOINT or -u")
+        return cfg
     if args.unmount:
         if len(args.paths) != 1:
             raise UsageError("-u takes exactly one argument: the MOUNTPOINT")
@@ -368,6 +412,7 @@ def mount(cfg: Config) -> int:
         cache_mb=cfg.cache_mb,
         bufsize=cfg.bufsize,
         cache_dir=Path(cfg.cache_dir) if cfg.persist and cfg.cache_dir else None,
+        cache_dir_mb=cfg.cache_dir_mb,
     )
     # Nothing may start a thread or import torch before libfuse forks the daemon: the
     # engine is created by the first open, in the daemon.
@@ -467,9 +512,26 @@ def unmount(mountpoint: str) -> int:
     return 1
 
 
+def clear_cache(cfg: Config) -> int:
+    """Delete the code indexes in the cache directory (nothing else); 0 on success."""
+    from .audiofile import default_cache_dir
+    from .index import clear_cache as clear
+
+    directory = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    try:
+        count, size = clear(directory)
+    except OSError as exc:
+        sys.stderr.write(f"ecdcfs: error: cannot clear {str(directory)!r}: {exc}\n")
+        return 1
+    print(f"ecdcfs: deleted {count} code indexes ({size / 2**20:.1f} MiB) from {directory}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         cfg = parse_args(argv)
+        if cfg.clear_cache:
+            return clear_cache(cfg)
         if cfg.unmount:
             return unmount(cfg.mountpoint)
         check_paths(cfg)

@@ -4,15 +4,22 @@ Frame offsets of an LM-coded file are only known after decoding the frames befor
 and that decoding (a language-model step per code step) costs more than the audio decode.
 So the codes are decoded once, kept in memory and persisted in the cache directory under
 the file's content hash; a remount or a second reader starts where the last one stopped.
+
+The cache directory holds only ``<hash>.codes.npz`` files (and, while one is written,
+its ``.tmp`` sibling). It is capped in size: after each save the least recently used
+indexes (by modification time: loading an index touches it) are deleted until the
+directory fits. :func:`clear_cache` empties it. A directory that cannot be written (read
+only, full) costs only persistence.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import tempfile
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +30,9 @@ from .container import EcdcError
 log = logging.getLogger(__name__)
 
 _FORMAT = 1
+INDEX_SUFFIX = ".codes.npz"
+_TEMP_SUFFIX = ".tmp"
+DEFAULT_CACHE_DIR_MB = 256
 
 
 FrameScan = Callable[[int, int], tuple[float | None, np.ndarray, int]]
@@ -89,7 +99,9 @@ class CodeIndex:
             "codes": np.concatenate([c.reshape(-1) for c in codes] or [np.zeros(0, np.uint16)]),
         }
         path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as tmp:
+        with tempfile.NamedTemporaryFile(
+            dir=path.parent, prefix=path.name + ".", suffix=_TEMP_SUFFIX, delete=False
+        ) as tmp:
             try:
                 np.savez(tmp, **arrays)
             except BaseException:
@@ -119,17 +131,85 @@ class CodeIndex:
         return index
 
 
-class IndexStore:
-    """Code indexes by content hash: a few in memory, all persisted under ``directory``."""
+def _cache_files(directory: Path) -> Iterator[os.DirEntry]:
+    """The files of ``directory`` that ecdcfs wrote (indexes and their temp files)."""
+    try:
+        entries = list(os.scandir(directory))
+    except (FileNotFoundError, NotADirectoryError):
+        return
+    for entry in entries:
+        name = entry.name
+        ours = name.endswith(INDEX_SUFFIX) or (
+            INDEX_SUFFIX + "." in name and name.endswith(_TEMP_SUFFIX)
+        )
+        if ours and entry.is_file(follow_symlinks=False):
+            yield entry
 
-    def __init__(self, directory: Path | None, in_memory: int = 16) -> None:
+
+def enforce_cap(directory: Path, max_bytes: int, keep: Path | None = None) -> int:
+    """Delete the least recently used indexes until ``directory`` holds ``max_bytes``.
+
+    ``keep`` (the index just written) goes last. Returns the number of files deleted.
+    """
+    files = []
+    for entry in _cache_files(directory):
+        with contextlib.suppress(OSError):  # vanished meanwhile
+            st = entry.stat(follow_symlinks=False)
+            files.append((entry.path == str(keep), st.st_mtime_ns, st.st_size, entry.path))
+    total = sum(size for _, _, size, _ in files)
+    deleted = 0
+    for _, _, size, path in sorted(files):  # oldest first, ``keep`` last
+        if total <= max_bytes:
+            break
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot delete %s from the cache: %s", path, exc)
+            continue
+        total -= size
+        deleted += 1
+    if deleted:
+        log.info("cache %s: deleted %d least recently used indexes", directory, deleted)
+    return deleted
+
+
+def clear_cache(directory: Path) -> tuple[int, int]:
+    """Delete every index (and temp file) ecdcfs wrote in ``directory``: (files, bytes).
+
+    Other files in the directory are left alone.
+    """
+    count = total = 0
+    for entry in _cache_files(directory):
+        with contextlib.suppress(FileNotFoundError):
+            size = entry.stat(follow_symlinks=False).st_size
+            os.unlink(entry.path)
+            count, total = count + 1, total + size
+    return count, total
+
+
+class IndexStore:
+    """Code indexes by content hash: a few in memory, all persisted under ``directory``.
+
+    The directory is kept under ``max_bytes`` (None: no cap), least recently used first.
+    """
+
+    def __init__(
+        self,
+        directory: Path | None,
+        in_memory: int = 16,
+        max_bytes: int | None = DEFAULT_CACHE_DIR_MB << 20,
+    ) -> None:
         self.directory = directory
+        self.max_bytes = max_bytes
         self._indexes: LRUCache = LRUCache(maxsize=in_memory)
         self._lock = threading.Lock()
         self._builders = threading.Semaphore(1)  # indexing is CPU-bound: one file at a time
+        self._persist_lock = threading.Lock()
 
     def _path(self, identity: str) -> Path | None:
-        return None if self.directory is None else self.directory / f"{identity}.codes.npz"
+        return None if self.directory is None else self.directory / f"{identity}{INDEX_SUFFIX}"
 
     def get(self, identity: str, frame_count: int, num_codebooks: int) -> CodeIndex:
         with self._lock:
@@ -145,9 +225,11 @@ class IndexStore:
             return None
         try:
             index = CodeIndex.load(path, frame_count, num_codebooks)
-        except (OSError, ValueError, KeyError) as exc:
+        except Exception as exc:  # OSError, a bad zip, wrong arrays...: it is only a cache
             log.warning("ignoring unreadable index %s: %s", path, exc)
             return None
+        with contextlib.suppress(OSError):  # most recently used: evicted last
+            os.utime(path)
         log.info("loaded index %s (%d/%d frames)", path.name, len(index), frame_count)
         return index
 
@@ -190,8 +272,11 @@ class IndexStore:
         path = self._path(identity)
         if path is None or len(index) <= index.saved_frames:
             return
-        try:
-            index.save(path)
-        except OSError as exc:
-            log.warning("cannot persist index to %s: %s; continuing without", path, exc)
-            self.directory = None
+        with self._persist_lock:
+            try:
+                index.save(path)
+                if self.max_bytes is not None:
+                    enforce_cap(path.parent, self.max_bytes, keep=path)
+            except OSError as exc:
+                log.warning("cannot persist index to %s: %s; continuing without", path, exc)
+                self.directory = None
