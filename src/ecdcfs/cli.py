@@ -357,6 +357,27 @@ def check_paths(cfg: Config) -> None:
         cfg.log_file = os.path.realpath(cfg.log_file)
         if _inside(cfg.log_file, mountpoint):
             raise UsageError(f"the log file {cfg.log_file!r} is inside MOUNTPOINT")
+    from .audiofile import _torch_hub_dir  # the path only: torch is not imported
+
+    hub = os.path.realpath(_torch_hub_dir())
+    if _inside(hub, mountpoint):
+        raise UsageError(f"the model checkpoints ({hub}, TORCH_HOME) are inside MOUNTPOINT")
+
+
+class _Formatter(logging.Formatter):
+    """Shows the bytes of a file name that is not UTF-8 as ``\\xff`` escapes.
+
+    Such names reach Python as lone surrogates, which no handler could encode: the line
+    naming the file would be lost.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        text = super().format(record)
+        try:
+            raw = text.encode("utf-8", "surrogateescape")
+        except UnicodeEncodeError:  # a surrogate that no byte stands for
+            raw = text.encode("utf-8", "backslashreplace")
+        return raw.decode("utf-8", "backslashreplace")
 
 
 def setup_logging(cfg: Config) -> logging.Handler:
@@ -381,7 +402,7 @@ def setup_logging(cfg: Config) -> logging.Handler:
             "lost (use --log-file or -f)\n"
         )
         handler = logging.NullHandler()
-    handler.setFormatter(logging.Formatter(fmt))
+    handler.setFormatter(_Formatter(fmt))
     root = logging.getLogger()
     root.addHandler(handler)
     level = getattr(logging, cfg.log_level.upper())
