@@ -1,0 +1,579 @@
+"""Hardening without a mount: hostile files, files changing under us, the index cache.
+
+Mount-level counterparts (EIO through the kernel, signals, load) are in
+``test_mount_hardening.py``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import os
+import random
+import struct
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import synth
+from ecdcfs import cli, index
+from ecdcfs.audiofile import Engine, Settings, default_cache_dir
+from ecdcfs.codec import ModelUnavailable
+from ecdcfs.container import MODELS, EcdcError, FrameLayout
+from ecdcfs.index import CodeIndex, IndexStore, clear_cache, enforce_cap
+from ecdcfs.tree import AUDIO, SourceTree
+
+HEADER = struct.Struct("!4sBI")
+
+
+def raw(meta, payload: bytes = b"", version: int = 0) -> bytes:
+    body = meta if isinstance(meta, bytes) else json.dumps(meta).encode()
+    return HEADER.pack(b"ECDC", version, len(body)) + body + payload
+
+
+def plain(samples: int = 4800, model: str = "encodec_48khz", nc: int = 2, **extra) -> bytes:
+    meta = {"m": model, "al": samples, "nc": nc, "lm": False, **extra}
+    return raw(meta, bytes(FrameLayout(MODELS[model], samples, nc).plain_payload_bytes()))
+
+
+def meta48(**changes) -> dict:
+    return {"m": "encodec_48khz", "al": 4800, "nc": 2, "lm": False, **changes}
+
+
+# Every kind of bad header the issue lists, as files (the container tests parse them;
+# here they go through the view: listed, stat-able, refused at open with one log line).
+BAD_FILES = {
+    "empty.ecdc": b"",
+    "magic.ecdc": b"RIFF" + plain()[4:],
+    "version.ecdc": plain()[:4] + bytes([9]) + plain()[5:],
+    "json.ecdc": raw(b'{"m": "encodec_48khz", "al": 48'),
+    "not utf8.ecdc": raw(b'{"m": "\xff"}'),
+    "meta past end.ecdc": HEADER.pack(b"ECDC", 0, 1000) + b"{}",
+    "meta near 4 GiB.ecdc": HEADER.pack(b"ECDC", 0, 0xFFFF_FFF0) + b"{}",
+    "truncated mid-frame.ecdc": plain(100_000)[:-7],
+    "al 1e12.ecdc": raw(meta48(al=10**12), bytes(4096)),
+    "al 1e12 lm.ecdc": raw(meta48(al=10**12, lm=True), bytes(4096)),
+    "nc 0.ecdc": raw(meta48(nc=0), bytes(4096)),
+    "nc 17.ecdc": raw(meta48(nc=17), bytes(4096)),
+    "nc 33 24k.ecdc": raw(meta48(m="encodec_24khz", nc=33), bytes(4096)),
+    "model.ecdc": raw(meta48(m="encodec_96khz"), bytes(4096)),
+    "model type.ecdc": raw(meta48(m=["encodec_48khz"]), bytes(4096)),
+    "al string.ecdc": raw(meta48(al="4800"), bytes(4096)),
+    "al float.ecdc": raw(meta48(al=4800.0), bytes(4096)),
+    "nc bool.ecdc": raw(meta48(nc=True), bytes(4096)),
+    "lm int.ecdc": raw(meta48(lm=1), bytes(4096)),
+    "sr string.ecdc": raw(meta48(sr="fast"), bytes(4096), version=193),
+    "title number.ecdc": raw(meta48(n=5), bytes(4096), version=193),
+    "array.ecdc": raw([1, 2, 3]),
+}
+
+
+class RecordingEngine:
+    """Engine stand-in: records the bytes each open snapshot holds, decodes nothing."""
+
+    def __init__(self) -> None:
+        self.opened: list[int] = []
+
+    def __call__(self):
+        return self
+
+    def open(self, path, data):
+        from ecdcfs.audiofile import AudioFile
+        from ecdcfs.container import parse_header
+        from ecdcfs.source import MemorySource
+
+        self.opened.append(len(data))
+        return AudioFile(self, str(path), MemorySource(data), parse_header(data, len(data)))
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    d = tmp_path / "src"
+    d.mkdir()
+    return d
+
+
+def test_every_bad_header_lists_stats_and_fails_fast_with_one_line(src, caplog):
+    engine = RecordingEngine()
+    tree = SourceTree(src, engine_factory=engine)
+    for name, data in BAD_FILES.items():
+        (src / name).write_bytes(data)
+    (src / "good.ecdc").write_bytes(plain(9_600))
+    (src / "dir.ecdc").mkdir()  # a folder named like audio is a folder
+    (src / "dir.ecdc" / "inner.ecdc").write_bytes(b"junk")
+    caplog.set_level(logging.INFO, logger="ecdcfs")
+    listing = dict(tree.readdir("/"))
+    assert set(listing) == {n[:-5] + ".wav" for n in BAD_FILES} | {"good.wav", "dir.ecdc"}
+    for name in BAD_FILES:
+        path = "/" + name[:-5] + ".wav"
+        assert tree.getattr(path)["st_size"] == 0, name
+        started = time.monotonic()
+        for _ in range(2):
+            with pytest.raises(EcdcError):
+                tree.open(path)
+        assert time.monotonic() - started < 2, name
+    assert tree.getattr("/dir.ecdc/inner.wav")["st_size"] == 0
+    errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == len(BAD_FILES)  # one line per file, naming it
+    for name in BAD_FILES:
+        lines = [r.getMessage() for r in errors if f"/{name}: " in r.getMessage()]
+        assert len(lines) == 1, (name, lines)
+    assert all(r.exc_info is None for r in errors)
+    # The rest of the view is unaffected, and no bad file ever reached the engine.
+    fh = tree.open("/good.wav")
+    assert tree.read(fh, 4, 0) == b"RIFF"
+    tree.release(fh)
+    assert engine.opened == [len(plain(9_600))]
+
+
+def test_huge_files_are_never_read_whole(src):
+    """A sparse 8 GiB file costs no memory: rejected from its header, or trimmed."""
+    engine = RecordingEngine()
+    tree = SourceTree(src, engine_factory=engine)
+    with open(src / "zeros.ecdc", "wb") as f:
+        f.truncate(8 << 30)
+    good = plain(48_000)
+    with open(src / "tail.ecdc", "wb") as f:  # a valid file followed by 8 GiB of zeros
+        f.write(good)
+        f.truncate(8 << 30)
+    started = time.monotonic()
+    assert tree.getattr("/zeros.wav")["st_size"] == 0
+    with pytest.raises(EcdcError):
+        tree.open("/zeros.wav")
+    fh = tree.open("/tail.wav")
+    assert engine.opened == [len(good)]  # only the bytes the header describes
+    assert tree.getattr("/tail.wav", fh)["st_size"] == 44 + 48_000 * 4
+    tree.release(fh)
+    assert time.monotonic() - started < 5
+
+
+def test_a_file_changing_while_it_is_snapshotted_is_read_again(src, monkeypatch):
+    import ecdcfs.tree as tree_module
+
+    engine = RecordingEngine()
+    tree = SourceTree(src, engine_factory=engine)
+    path = src / "x.ecdc"
+    path.write_bytes(plain(4_800))
+    real = tree_module._read_all
+    writes = [plain(9_600)]
+
+    def rewrite_during_read(fd, size):
+        data = real(fd, size)
+        if writes:  # a writer rewrites the file in place while we read it
+            with open(path, "r+b") as f:
+                f.write(writes.pop())
+        return data
+
+    monkeypatch.setattr(tree_module, "_read_all", rewrite_during_read)
+    fh = tree.open("/x.wav")
+    # The first read saw the old bytes of a file that changed: it was read again, whole.
+    assert engine.opened == [len(plain(9_600))]
+    assert tree._handle(fh).audio.size == 44 + 9_600 * 4
+    tree.release(fh)
+
+    def always_rewrite(fd, size):
+        data = real(fd, size)
+        os.utime(path, ns=(0, time.time_ns()))
+        return data
+
+    monkeypatch.setattr(tree_module, "_read_all", always_rewrite)
+    path.write_bytes(plain(14_400))
+    with pytest.raises(EcdcError, match="kept changing"):
+        tree.open("/x.wav")
+
+
+def test_handles_of_different_versions_of_one_path_bypass_the_page_cache(src):
+    tree = SourceTree(src, engine_factory=RecordingEngine())
+    (src / "x.ecdc").write_bytes(plain(4_800))
+    (src / "a.txt").write_text("old")
+    first, same = tree.open("/x.wav"), tree.open("/x.wav")
+    text = tree.open("/a.txt")
+    assert not tree.direct_io(first) and not tree.direct_io(same)
+    (src / "new").write_bytes(plain(9_600))
+    os.replace(src / "new", src / "x.ecdc")
+    (src / "new").write_text("new!")
+    os.replace(src / "new", src / "a.txt")
+    second = tree.open("/x.wav")  # another version while the first is open
+    text2 = tree.open("/a.txt")
+    assert tree.direct_io(second) and tree.direct_io(text2)
+    assert tree.read(text, 10, 0) == b"old" and tree.read(text2, 10, 0) == b"new!"
+    assert tree.getattr("/x.wav", first)["st_size"] == 44 + 4_800 * 4
+    assert tree.getattr("/x.wav", second)["st_size"] == 44 + 9_600 * 4
+    for fh in (first, same, text):
+        tree.release(fh)
+    third = tree.open("/x.wav")  # only its own version is open: the page cache is safe
+    assert not tree.direct_io(third)
+    for fh in (second, third, text2):
+        tree.release(fh)
+    assert tree.open_handles == 0
+
+
+def test_deleted_or_truncated_source_keeps_serving_the_open_snapshot(src):
+    tree = SourceTree(src, engine_factory=RecordingEngine())
+    path = src / "x.ecdc"
+    path.write_bytes(plain(4_800))
+    fh = tree.open("/x.wav")
+    head = tree.read(fh, 44, 0)
+    with open(path, "r+b") as f:
+        f.truncate(10)
+    assert tree.getattr("/x.wav")["st_size"] == 0  # the file as it is now
+    with pytest.raises(EcdcError):
+        tree.open("/x.wav")
+    path.unlink()
+    with pytest.raises(FileNotFoundError):
+        tree.getattr("/x.wav")
+    assert tree.read(fh, 44, 0) == head  # the handle reads what it opened
+    assert tree.getattr("/x.wav", fh)["st_size"] == 44 + 4_800 * 4  # fstat still works
+    tree.release(fh)
+
+
+# ----- decoding hostile payloads (needs the synthetic models) --------------------------
+
+
+def _garbage_lm(data: bytes, keep: int, seed: int) -> bytes:
+    """``data`` with its LM payload replaced by random bytes after ``keep`` bytes."""
+    _, _, offset = synth.parse_header(data)
+    rng = random.Random(seed)
+    tail = len(data) - offset - keep
+    return data[: offset + keep] + rng.randbytes(tail)
+
+
+def _read_everything(audio, timeout: float) -> tuple[str, float]:
+    """Read the whole WAV in a thread: ('ok' | error text, seconds); fails on a hang."""
+    result: list[str] = []
+
+    def run() -> None:
+        reader = audio.reader()
+        try:
+            out, offset = bytearray(), 0
+            while chunk := reader.read(offset, 128 * 1024):
+                out += chunk
+                offset += len(chunk)
+            assert len(out) == audio.size
+            result.append("ok")
+        except EcdcError as exc:
+            result.append(f"error: {exc}")
+        finally:
+            reader.close()
+
+    started = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"reading a garbage LM payload hung for {timeout} s"
+    return result[0], time.monotonic() - started
+
+
+@pytest.mark.parametrize(
+    ("model", "samples", "keep", "seeds"),
+    [
+        ("encodec_48khz", 30_000, 0, 2),  # all random, from the first frame's scale on
+        ("encodec_48khz", 100_000, 40, 1),  # a valid start, random after
+        ("encodec_24khz", 12_000, 0, 2),
+    ],
+)
+def test_garbage_lm_payload_fails_or_plays_but_never_hangs(
+    torch_home, tmp_path, model, samples, keep, seeds
+):
+    """Random bytes after a valid LM header decode to some audio or fail; never hang."""
+    data = synth.make_ecdc(model=model, samples=samples, kbps=6, lm=True, seed=3)
+    engine = Engine(Settings(device="cpu", cache_dir=tmp_path / "cache"))
+    try:
+        for seed in range(seeds):
+            bad = _garbage_lm(data, keep, seed)
+            audio = engine.open(tmp_path / f"g{seed}.ecdc", bad)
+            outcome, seconds = _read_everything(audio, timeout=120)
+            assert outcome == "ok" or outcome.startswith("error: "), outcome
+            assert seconds < 60
+        good = engine.open(tmp_path / "good.ecdc", data)  # the engine still works
+        assert _read_everything(good, timeout=120)[0] == "ok"
+    finally:
+        engine.close()
+
+
+@pytest.mark.skipif(
+    subprocess.run(
+        [sys.executable, "-c", "import torch, sys; sys.exit(torch.cuda.is_available())"]
+    ).returncode,
+    reason="CUDA is available here",
+)
+@pytest.mark.parametrize("device", ["cuda", "cuda:3", "bogus"])
+def test_unavailable_device_fails_reads_quickly_and_clearly(torch_home, tmp_path, device, caplog):
+    data = synth.make_ecdc(samples=30_000, kbps=6)
+    engine = Engine(Settings(device=device, cache_dir=None))
+    try:
+        audio = engine.open(tmp_path / "x.ecdc", data)
+        started = time.monotonic()
+        for _ in range(2):  # reported once, then remembered
+            with pytest.raises(ModelUnavailable, match="device") as info:
+                audio.read(0, 100_000)
+        assert repr(device) in str(info.value)
+        assert time.monotonic() - started < 60
+    finally:
+        engine.close()
+    assert sum(r.levelno >= logging.ERROR for r in caplog.records) == 1
+
+
+def test_full_cache_directory_only_costs_persistence(torch_home, tmp_path, monkeypatch, caplog):
+    data = synth.make_ecdc(samples=54_240, kbps=6, lm=True)
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(np, "savez", disk_full)
+    engine = Engine(Settings(device="cpu", cache_dir=tmp_path / "cache"))
+    try:
+        audio = engine.open(tmp_path / "x.ecdc", data)
+        assert _read_everything(audio, timeout=120)[0] == "ok"
+        assert engine.indexes.directory is None  # gave up persisting, kept serving
+    finally:
+        engine.close()
+    assert "No space left on device" in caplog.text
+    assert not list((tmp_path / "cache").glob("*.tmp"))  # no half-written file left
+
+
+def test_a_real_full_filesystem_only_costs_persistence(torch_home, tmp_path, caplog):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    cache = tmp_path / "small"
+    cache.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(cache)], capture_output=True
+    )
+    if done.returncode:
+        pytest.skip(f"cannot mount a tmpfs: {done.stderr!r}")
+    try:
+        fd = os.open(cache / "filler", os.O_WRONLY | os.O_CREAT)
+        try:  # fill it up
+            with contextlib.suppress(OSError):
+                while True:
+                    os.write(fd, bytes(4096))
+        finally:
+            os.close(fd)
+        data = synth.make_ecdc(samples=54_240, kbps=6, lm=True)
+        engine = Engine(Settings(device="cpu", cache_dir=cache / "ecdcfs"))
+        try:
+            audio = engine.open(tmp_path / "x.ecdc", data)
+            assert _read_everything(audio, timeout=120)[0] == "ok"
+        finally:
+            engine.close()
+        assert "cannot persist index" in caplog.text
+    finally:
+        subprocess.run(["umount", str(cache)], check=True)
+
+
+# ----- the cache directory ------------------------------------------------------------
+
+
+def _index(frames: int, codebooks: int = 2, steps: int = 150) -> CodeIndex:
+    idx = CodeIndex(frames)
+    for i in range(frames):
+        idx.append(1.0, np.full((codebooks, steps), i, dtype=np.int64), (i + 1) * 100)
+    return idx
+
+
+def test_cache_dir_follows_xdg(monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_cache_dir() == tmp_path / "xdg" / "ecdcfs"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert default_cache_dir() == tmp_path / "home" / ".cache" / "ecdcfs"
+    assert Settings().cache_dir == tmp_path / "home" / ".cache" / "ecdcfs"
+    assert Settings().cache_dir_mb == index.DEFAULT_CACHE_DIR_MB == cli.DEFAULT_CACHE_DIR_MB
+
+
+def test_enforce_cap_deletes_least_recently_used_indexes_only(tmp_path):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    now = time.time_ns()
+    for i, name in enumerate(["a", "b", "c", "d"]):
+        path = cache / f"{name}{index.INDEX_SUFFIX}"
+        path.write_bytes(bytes(1000))
+        os.utime(path, ns=(now, now - (10 - i) * 10**9))  # a oldest ... d newest
+    (cache / "notes.txt").write_bytes(bytes(5000))  # not ours: never counted or touched
+    (cache / "x.codes.npz.abc.tmp").write_bytes(bytes(10))  # ours (a leftover)
+    os.utime(cache / "x.codes.npz.abc.tmp", ns=(now, now - 100 * 10**9))
+    os.symlink("/etc/passwd", cache / f"link{index.INDEX_SUFFIX}")  # not a regular file
+    keep = cache / f"a{index.INDEX_SUFFIX}"  # just written: goes last
+    assert enforce_cap(cache, 2500, keep=keep) == 3
+    assert sorted(p.name for p in cache.iterdir()) == [
+        f"a{index.INDEX_SUFFIX}",
+        f"d{index.INDEX_SUFFIX}",
+        f"link{index.INDEX_SUFFIX}",
+        "notes.txt",
+    ]
+    assert enforce_cap(cache, 10**9) == 0
+    assert enforce_cap(tmp_path / "missing", 0) == 0
+
+
+def test_persisting_keeps_the_directory_under_its_cap_and_loading_touches(tmp_path):
+    cache = tmp_path / "cache"
+    one = _index(20)
+    store = IndexStore(cache, max_bytes=10**9)
+    store.persist("aa", one)
+    size = (cache / f"aa{index.INDEX_SUFFIX}").stat().st_size
+    store.max_bytes = int(size * 2.5)  # room for two
+    store.persist("bb", _index(20))
+    old = time.time_ns() - 100 * 10**9
+    os.utime(cache / f"aa{index.INDEX_SUFFIX}", ns=(old, old))
+    os.utime(cache / f"bb{index.INDEX_SUFFIX}", ns=(old + 10**9, old + 10**9))
+    # A new store (a remount) loads "aa": it becomes the most recently used.
+    store = IndexStore(cache, max_bytes=int(size * 2.5))
+    loaded = store.get("aa", 20, 2)
+    assert len(loaded) == 20 and int(loaded.codes[7][0, 0]) == 7
+    store.persist("cc", _index(20))
+    assert sorted(p.name for p in cache.iterdir()) == [
+        f"aa{index.INDEX_SUFFIX}",
+        f"cc{index.INDEX_SUFFIX}",
+    ]
+
+
+@pytest.mark.parametrize(
+    "junk", [b"", b"PK\x03\x04 truncated zip", b"\x93NUMPY garbage", os.urandom(3000)]
+)
+def test_corrupt_index_file_is_ignored(tmp_path, junk, caplog):
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / f"ff{index.INDEX_SUFFIX}").write_bytes(junk)
+    store = IndexStore(cache)
+    fresh = store.get("ff", 5, 2)
+    assert len(fresh) == 0 and fresh.frame_count == 5
+    assert "ignoring unreadable index" in caplog.text
+
+
+def test_clear_cache_deletes_only_indexes(tmp_path):
+    cache = tmp_path / "cache"
+    IndexStore(cache).persist("aa", _index(3))
+    (cache / "bb.codes.npz.x1.tmp").write_bytes(b"x")
+    (cache / "keep.txt").write_text("mine")
+    (cache / "sub").mkdir()
+    assert clear_cache(cache)[0] == 2
+    assert sorted(p.name for p in cache.iterdir()) == ["keep.txt", "sub"]
+    assert clear_cache(tmp_path / "missing") == (0, 0)
+
+
+def _ecdcfs(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ecdcfs", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **(env or {})},
+    )
+
+
+def test_clear_cache_command(tmp_path):
+    xdg = tmp_path / "xdg"
+    IndexStore(xdg / "ecdcfs").persist("aa", _index(3))
+    other = tmp_path / "other"
+    IndexStore(other).persist("bb", _index(3))
+    (other / "precious.txt").write_text("x")
+    done = _ecdcfs("--clear-cache", env={"XDG_CACHE_HOME": str(xdg)})
+    assert done.returncode == 0, done.stderr
+    assert "deleted 1 code indexes" in done.stdout and str(xdg / "ecdcfs") in done.stdout
+    assert not list((xdg / "ecdcfs").iterdir())
+    done = _ecdcfs("--clear-cache", "--cache-dir", str(other))
+    assert done.returncode == 0 and sorted(os.listdir(other)) == ["precious.txt"]
+    done = _ecdcfs("--clear-cache", "a", "b")
+    assert done.returncode == 2 and "--clear-cache takes no" in done.stderr
+
+
+def test_cache_dir_mb_option(tmp_path):
+    assert cli.parse_args(["a", "b"]).cache_dir_mb == cli.DEFAULT_CACHE_DIR_MB
+    assert cli.parse_args(["a", "b", "--cache-dir-mb", "64"]).cache_dir_mb == 64
+    assert cli.parse_args(["a", "b", "-o", "cache_dir_mb=32"]).cache_dir_mb == 32
+    assert (
+        cli.parse_args(["a", "b", "-o", "cache-dir-mb=32", "--cache-dir-mb", "8"]).cache_dir_mb == 8
+    )
+    with pytest.raises(cli.UsageError, match="at least 1"):
+        cli.parse_args(["a", "b", "--cache-dir-mb", "0"])
+    help_text = _ecdcfs("--help").stdout
+    for word in ("--cache-dir-mb", "--clear-cache", "fuse.ecdcfs", "mount -t", "least recently"):
+        assert word in help_text, word
+
+
+def test_checkpoints_inside_the_mount_point_are_refused(tmp_path, monkeypatch):
+    (tmp_path / "src").mkdir()
+    (tmp_path / "mnt").mkdir()
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "mnt" / "torch"))
+    with pytest.raises(cli.UsageError, match="checkpoints"):
+        cli.check_paths(cli.parse_args([str(tmp_path / "src"), str(tmp_path / "mnt")]))
+
+
+def test_daemon_without_log_file_logs_to_syslog(tmp_path, monkeypatch):
+    import logging.handlers
+
+    opened = []
+
+    class FakeSyslog(logging.Handler):
+        LOG_DAEMON = logging.handlers.SysLogHandler.LOG_DAEMON
+
+        def __init__(self, address, facility):
+            super().__init__()
+            opened.append((address, facility))
+
+    real_exists = os.path.exists
+    monkeypatch.setattr(os.path, "exists", lambda p: p == "/dev/log" or real_exists(p))
+    monkeypatch.setattr(logging.handlers, "SysLogHandler", FakeSyslog)
+    root = logging.getLogger()
+    before = list(root.handlers)
+    try:
+        handler = cli.setup_logging(cli.parse_args(["a", "b"]))  # a daemon, no --log-file
+        assert isinstance(handler, FakeSyslog)
+        assert opened == [("/dev/log", FakeSyslog.LOG_DAEMON)]
+    finally:
+        root.handlers[:] = before
+        root.setLevel(logging.WARNING)
+
+
+def test_view_of_a_hostile_tree_has_no_surprises(src, tmp_path):
+    """Names the kernel hands over (spaces, brackets, unicode, bytes) all resolve."""
+    tree = SourceTree(src, engine_factory=RecordingEngine())
+    names = ["a b.ecdc", "[x] (y) {z}.ecdc", "ünï ☃.ecdc", " lead.ecdc", "trail .ecdc", "\t.ecdc"]
+    for name in names:
+        (src / name).write_bytes(plain())
+    with open(os.fsencode(src) + b"/\xff\xfe.ecdc", "wb") as f:
+        f.write(plain())
+    shown = dict(tree.readdir("/"))
+    assert len(shown) == len(names) + 1
+    for name in shown:
+        assert tree.resolve("/" + name).kind == AUDIO
+        assert tree.getattr("/" + name)["st_size"] == 44 + 4800 * 4
+
+
+@settings(
+    max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(st.data())
+def test_fuzzed_files_through_the_view_only_fail_cleanly(tmp_path_factory, data):
+    """Mutated and cut files (plain or LM): getattr always answers, open fails only with
+    EcdcError, and a file that opens reads its WAV header."""
+    src = tmp_path_factory.mktemp("fuzz")
+    lm = data.draw(st.booleans())
+    original = bytearray(raw(meta48(al=60_000, lm=lm, nc=4), bytes(8000), version=193))
+    for _ in range(data.draw(st.integers(1, 8))):
+        position = data.draw(st.integers(0, len(original) - 1))
+        original[position] = data.draw(st.integers(0, 255))
+    cut = data.draw(st.integers(0, len(original)))
+    (src / "f.ecdc").write_bytes(bytes(original[:cut]))
+    tree = SourceTree(src, engine_factory=RecordingEngine())
+    size = tree.getattr("/f.wav")["st_size"]
+    try:
+        fh = tree.open("/f.wav")
+    except EcdcError:
+        assert size == 0
+        return
+    assert size > 0 and tree.read(fh, 4, 0) in (b"RIFF", b"RF64")
+    tree.release(fh)
