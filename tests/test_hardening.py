@@ -148,6 +148,10 @@ def test_huge_files_are_never_read_whole(src):
     with open(src / "tail.ecdc", "wb") as f:  # a valid file followed by 8 GiB of zeros
         f.write(good)
         f.truncate(8 << 30)
+    lm = raw(meta48(al=10 * 48_000, lm=True), bytes(100))  # a valid LM-coded header
+    with open(src / "lm.ecdc", "wb") as f:
+        f.write(lm)
+        f.truncate(8 << 30)
     started = time.monotonic()
     assert tree.getattr("/zeros.wav")["st_size"] == 0
     with pytest.raises(EcdcError):
@@ -155,6 +159,9 @@ def test_huge_files_are_never_read_whole(src):
     fh = tree.open("/tail.wav")
     assert engine.opened == [len(good)]  # only the bytes the header describes
     assert tree.getattr("/tail.wav", fh)["st_size"] == 44 + 48_000 * 4
+    tree.release(fh)
+    fh = tree.open("/lm.wav")  # 11 frames of at most 16 + 150 * 2 * 4 bytes are read
+    assert engine.opened[-1] == len(lm) - 100 + 11 * (16 + 150 * 2 * 4)
     tree.release(fh)
     assert time.monotonic() - started < 5
 

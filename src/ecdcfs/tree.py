@@ -59,7 +59,7 @@ from cachetools import LRUCache
 
 from .audiofile import AudioFile, Engine, Reader, wav_layout
 from .codec import ModelUnavailable
-from .container import EcdcError, parse_header, read_header
+from .container import EcdcError, Header, parse_header, read_header
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +74,9 @@ _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 # Times a file that changes while it is being snapshotted is read again before giving up.
 _SNAPSHOT_ATTEMPTS = 3
+# Upper bounds of an LM-coded payload (see _payload_bound): bytes per code, per frame.
+_LM_CODE_BYTES = 4
+_LM_FRAME_BYTES = 16
 
 DIR, FILE, LINK, AUDIO = "dir", "file", "link", "audio"
 
@@ -509,10 +512,7 @@ class SourceTree:
         """
         with open(fd, "rb", closefd=False) as f:
             header = read_header(f, st.st_size)
-        size = st.st_size
-        if not header.use_lm:  # bytes past the frames the header describes are unused
-            size = min(size, header.payload_offset + header.layout.plain_payload_bytes())
-        data = _read_all(fd, size)
+        data = _read_all(fd, min(st.st_size, _payload_bound(header)))
         after = os.fstat(fd)
         if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
             st.st_size,
@@ -564,6 +564,21 @@ class SourceTree:
     def open_handles(self) -> int:
         with self._lock:
             return len(self._handles)
+
+
+def _payload_bound(header: Header) -> int:
+    """Bytes of a file with this header that can matter: anything after is never read.
+
+    Bit-packed frames have a known size. An arithmetic-coded code costs about 23 bits at
+    most (encodec's coder gives every symbol at least 2 of 2**24; 32 are allowed) and a
+    frame's flush a few bytes, so an LM-coded payload is bounded too: a huge file costs no
+    memory either way.
+    """
+    layout = header.layout
+    if not header.use_lm:
+        return header.payload_offset + layout.plain_payload_bytes()
+    per_frame = _LM_FRAME_BYTES + layout.code_steps(0) * layout.num_codebooks * _LM_CODE_BYTES
+    return header.payload_offset + layout.frame_count * per_frame
 
 
 def _attributes(kind: str, st: os.stat_result, wav_size: int | None = None) -> dict:
