@@ -528,18 +528,19 @@ def test_every_write_fails_with_erofs(tmp_path, files):
 LOAD_WORKER = r"""
 import os, random, sys, time
 path, size, seconds, seed = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
-sequential = sys.argv[5] == "seq"
+sequential = sys.argv[5].startswith("seq")
+flags = os.O_RDONLY | (os.O_DIRECT if sys.argv[5].endswith("direct") else 0)
 expected = open(sys.argv[6], "rb").read()
 rng = random.Random(seed)
 checked = 0
 deadline = time.monotonic() + seconds
-fd = os.open(path, os.O_RDONLY)
+fd = os.open(path, flags)
 offset = 0
 while time.monotonic() < deadline:
     if sequential:
         length = 131072
         if offset >= size:
-            os.close(fd); fd = os.open(path, os.O_RDONLY); offset = 0
+            os.close(fd); fd = os.open(path, flags); offset = 0
     else:
         offset, length = rng.randrange(size), rng.choice([1, 4096, 65536, 200000])
     got = os.pread(fd, length, offset)
@@ -553,8 +554,9 @@ print(checked)
 
 
 def test_many_readers_for_a_while(tmp_path, files):
-    """Threads and processes, same and different files, sequential and random, for ~20 s:
-    no error, no deadlock, identical bytes, memory bounded by the frame cache cap."""
+    """Threads and processes, same and different files, sequential and random, through the
+    page cache and O_DIRECT (every read reaches the daemon), for ~20 s: no error, no
+    deadlock, identical bytes, memory bounded by the frame cache cap."""
     seconds = float(os.environ.get("ECDCFS_TEST_LOAD_SECONDS", "20"))
     cache_mb = 4  # about ten 48 kHz frames: readers evict each other's frames
     src = tmp_path / "src"
@@ -589,10 +591,13 @@ def test_many_readers_for_a_while(tmp_path, files):
         checked = [0]
         lock = threading.Lock()
 
-        def thread_reader(seed: int, name: str, sequential: bool, shared: int | None) -> None:
+        def thread_reader(
+            seed: int, name: str, sequential: bool, shared: int | None, direct: bool = False
+        ) -> None:
             rng = random.Random(seed)
             data = expected[name]
-            fd = shared if shared is not None else os.open(m.mnt / name, os.O_RDONLY)
+            flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)  # direct: every read to us
+            fd = shared if shared is not None else os.open(m.mnt / name, flags)
             offset, total = 0, 0
             stop = time.monotonic() + seconds
             try:
@@ -622,8 +627,9 @@ def test_many_readers_for_a_while(tmp_path, files):
             ("song.wav", True, None),
             ("song.wav", False, shared),
             ("song.wav", False, shared),
-            ("short.wav", False, None),
-            ("other.wav", True, None),
+            ("song.wav", False, None, True),
+            ("short.wav", False, None, True),
+            ("other.wav", True, None, True),
             ("lm.wav", False, None),
         ]
         threads = [
@@ -647,7 +653,7 @@ def test_many_readers_for_a_while(tmp_path, files):
                 text=True,
             )
             for i, (name, mode) in enumerate(
-                [("song.wav", "rand"), ("lm.wav", "seq"), ("other.wav", "rand")]
+                [("song.wav", "rand-direct"), ("lm.wav", "seq-direct"), ("other.wav", "rand")]
             )
         ]
         for t in threads:
