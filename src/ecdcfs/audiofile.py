@@ -87,6 +87,21 @@ def wav_layout(header: Header) -> WavLayout:
     )
 
 
+def chunk_grid(header: Header) -> ChunkGrid | None:
+    """The fixed decode chunks of a segment-less (24 kHz) file; None for framed files."""
+    if header.model.segment is not None:
+        return None
+    return ChunkGrid(header.layout.code_steps(0), header.model.hop)
+
+
+def units_covering(header: Header, start: int, stop: int) -> range:
+    """Decode units (48 kHz: frames; 24 kHz: chunks) whose output overlaps ``[start, stop)``."""
+    chunks = chunk_grid(header)
+    if chunks is None:
+        return header.layout.frames_covering(start, stop)
+    return chunks.covering(start, stop)
+
+
 def probe(path: Path) -> WavLayout:
     """WAV layout of an .ecdc file from its header alone (no decoding, no torch)."""
     with open(path, "rb") as f:
@@ -180,9 +195,7 @@ class AudioFile:
         self._source = source
         model = header.model
         # Segment-less (24 kHz) files decode in fixed chunks; the reader's units are chunks.
-        self._chunks = (
-            None if model.segment is not None else ChunkGrid(self.layout.code_steps(0), model.hop)
-        )
+        self._chunks = chunk_grid(header)
         self.unit_count = self.layout.frame_count if self._chunks is None else self._chunks.count
         if (
             self._chunks is not None
@@ -219,11 +232,7 @@ class AudioFile:
     def samples(self, start: int, stop: int, reader: Reader | None = None) -> np.ndarray:
         """Decoded float32 audio ``[channels, stop - start]``, equal to encodec's decode."""
         chunks = self._chunks
-        needed = (
-            self.layout.frames_covering(start, stop)
-            if chunks is None
-            else chunks.covering(start, stop)
-        )
+        needed = units_covering(self.header, start, stop)
         futures = {i: self.frame(i) for i in needed}  # urgent: never None
         if reader is not None:
             reader.read_ahead(needed)

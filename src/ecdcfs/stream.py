@@ -329,15 +329,13 @@ def output_length(header: Header) -> int:
 def source_units(header: Header, start: int, stop: int) -> range:
     """The decode units (48 kHz: frames; 24 kHz: the core's fixed chunks) that output
     samples ``[start, stop)`` come from."""
-    from .causal import ChunkGrid
+    from .audiofile import units_covering
 
     rate = header.sample_rate
     margin = 0 if rate == OUT_RATE else int(PRE_ROLL_S * rate) + 1
     first = max(0, start * rate // OUT_RATE - margin)
     last = min(header.audio_length, -(-stop * rate // OUT_RATE) + margin)
-    if header.model.segment is None:
-        return ChunkGrid(header.layout.code_steps(0), header.model.hop).covering(first, last)
-    return header.layout.frames_covering(first, last)
+    return units_covering(header, first, last)
 
 
 def pcm_chunks(audio: Any, start: int, stop: int, reader: Any = None) -> Iterator[bytes]:
