@@ -50,6 +50,7 @@ import math
 import os
 import stat
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -79,6 +80,7 @@ _LM_CODE_BYTES = 4
 _LM_FRAME_BYTES = 16
 
 DIR, FILE, LINK, AUDIO = "dir", "file", "link", "audio"
+WARM_UP_QUIET_SECONDS = 1.0
 
 
 def _kind(mode: int) -> str | None:
@@ -260,6 +262,7 @@ class SourceTree:
         self._next_fh = itertools.count(1)
         self._closed = False
         self.log_once = _LogOnce()
+        self._last_activity = time.monotonic()  # of the last lookup or read: see warm_up
 
     # ----- shared machinery ---------------------------------------------------------
 
@@ -273,8 +276,15 @@ class SourceTree:
                 self._engine = self._engine_factory()
             return self._engine
 
-    def warm_up(self) -> None:
-        """Load the models whose checkpoints are on disk (in the daemon, in the background)."""
+    def warm_up(self, quiet_seconds: float = WARM_UP_QUIET_SECONDS) -> None:
+        """Load the models whose checkpoints are on disk (in the daemon, in the background).
+
+        Waits until the mount has been quiet for ``quiet_seconds``: importing torch holds
+        Python's GIL for seconds, which would stall a listing running meanwhile. A read
+        that needs a model before then loads it itself.
+        """
+        while (idle := time.monotonic() - self._last_activity) < quiet_seconds:
+            time.sleep(quiet_seconds - idle)
         try:
             self.engine.warm_up()
         except EcdcError:  # unmounted meanwhile
@@ -358,6 +368,7 @@ class SourceTree:
         deleted and the cached attributes expire, ``fstat`` fails with ENOENT while reads
         go on.)
         """
+        self._last_activity = time.monotonic()
         with self._lock:
             handle = self._handles.get(fh) if fh else None
         if isinstance(handle, AudioHandle):
@@ -387,6 +398,7 @@ class SourceTree:
 
     def readdir(self, path: str) -> list[tuple[str, int]]:
         """``(name, file type bits)`` of every entry of the view's folder ``path``."""
+        self._last_activity = time.monotonic()
         kinds: dict[str, str] = {}
         with self._folder(self._split(path)) as (folder, _):
             fd = os.open(".", _LIST_FLAGS, dir_fd=folder.fd)
@@ -431,6 +443,7 @@ class SourceTree:
 
     def open(self, path: str, flags: int = os.O_RDONLY) -> int:
         """A handle number for reading ``path``; OSError(EROFS) for any write access."""
+        self._last_activity = time.monotonic()
         if flags & _WRITE_FLAGS:
             raise OSError(errno.EROFS, "read-only file system", path)
         with self._lookup(path) as (entry, folder):
@@ -524,6 +537,7 @@ class SourceTree:
         return data
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
+        self._last_activity = time.monotonic()
         handle = self._handle(fh)
         if isinstance(handle, FileHandle):
             return os.pread(handle.fd, size, offset)
