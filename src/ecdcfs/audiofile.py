@@ -41,7 +41,7 @@ from .container import (
     unpack_codes,
 )
 from .index import DEFAULT_CACHE_DIR_MB, CodeIndex, IndexStore
-from .scheduler import FrameScheduler
+from .scheduler import Batch, FrameScheduler
 from .source import ByteSource, MemorySource, as_stream
 from .wav import WavLayout, float_to_pcm16
 
@@ -143,6 +143,12 @@ class Engine:
         if isinstance(entry, ModelUnavailable):
             raise entry
         return entry
+
+    def loaded_codec(self, spec: ModelSpec) -> Codec | None:
+        """The model for ``spec`` if it is already loaded (never loads it)."""
+        with self._codec_lock:
+            entry = self._codecs.get(spec.name)
+        return entry if isinstance(entry, Codec) else None
 
     def warm_up(self) -> None:
         """Load every model whose checkpoint is already on disk, so the first read is fast.
@@ -263,8 +269,23 @@ class AudioFile:
                 lm_index.get(lm_frame)
             elif not lm_index.has(lm_frame):
                 return None
-        produce = self._decode if self._chunks is None else self._decode_chunk
-        return self.engine.scheduler.request(key, functools.partial(produce, index), urgent)
+        if self._chunks is not None:
+            produce = functools.partial(self._decode_chunk, index)
+            return self.engine.scheduler.request(key, produce, urgent)
+        return self.engine.scheduler.request(
+            key, functools.partial(self._decode, index), urgent, self._batch(index)
+        )
+
+    def _batch(self, index: int) -> Batch | None:
+        """How frame ``index`` joins other frames of its length in one GPU decode call."""
+        codec = self.engine.loaded_codec(self.header.model)
+        if codec is None or codec.batch_size == 1:
+            return None
+        steps = self.layout.code_steps(index)
+        key = (codec.spec.name, self.layout.num_codebooks, steps)
+        return Batch(
+            key, codec.batch_size, functools.partial(self._inputs, index), codec.decode_frames
+        )
 
     def _overlap_add(self, frames: dict[int, DecodedFrame], start: int, stop: int) -> np.ndarray:
         """encodec's ``_linear_overlap_add`` restricted to ``[start, stop)``, same float order."""
@@ -281,11 +302,14 @@ class AudioFile:
         return out / weight_sum
 
     def _decode(self, index: int) -> DecodedFrame:
-        codec = self.engine.codec(self.header.model)
+        return self.engine.codec(self.header.model).decode_frame(*self._inputs(index))
+
+    def _inputs(self, index: int) -> tuple[np.ndarray, float | None]:
+        """Codes (int64) and scale of frame ``index``, checked."""
         scale, codes = self._lm_index().get(index) if self.header.use_lm else self._codes(index)
         if scale is not None and not math.isfinite(scale):
             raise ContainerError(f"frame {index} has a non-finite scale {scale}")
-        return codec.decode_frame(codes.astype(np.int64), scale)
+        return codes.astype(np.int64), scale
 
     def _decode_chunk(self, index: int) -> DecodedFrame:
         """Decode 24 kHz chunk ``index`` with its warm-up steps (see :mod:`ecdcfs.causal`)."""

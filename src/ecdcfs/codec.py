@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import threading
 import warnings
 from dataclasses import dataclass
@@ -28,6 +29,10 @@ LM_CHECKPOINTS = {
     "encodec_48khz": "encodec_lm_48khz-7add9fc3.th",
     "encodec_24khz": "encodec_lm_24khz-1608e3c0.th",
 }
+
+
+# Frames per GPU decode call (48 kHz read-ahead); every GPU call uses this size.
+GPU_BATCH = 8
 
 
 class ModelUnavailable(EcdcError):
@@ -63,6 +68,23 @@ def _load(what: str, file_name: str, loader: Any) -> Any:
         ) from exc
 
 
+def _deterministic_cuda() -> None:
+    """Make GPU decodes repeatable: the same frame gives the same samples in any batch.
+
+    Measured on an H200: with torch's defaults (TF32, heuristic cuDNN algorithms) a frame's
+    samples changed with the batch it was decoded in, and differed from the CPU decode at
+    ~60 dB SNR; with these settings they never change, at ~92 dB from the CPU decode.
+    """
+    import torch
+
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before cuBLAS starts
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cudnn.deterministic = True
+    torch.backends.cudnn.benchmark = False
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
 @dataclass
 class DecodedFrame:
     """One frame's decoder output, before overlap-add: float32 ``[channels, samples]``."""
@@ -86,6 +108,8 @@ class Codec:
         }[spec.name]
         self.spec = spec
         self.device = device
+        if device.startswith("cuda"):
+            _deterministic_cuda()
         model = _load(spec.name, CHECKPOINTS[spec.name], constructor)
         try:
             self.model = model.to(device)
@@ -119,17 +143,38 @@ class Codec:
         if actual != expected:
             raise ModelUnavailable(f"{spec.name} does not match its spec: {actual} != {expected}")
 
+    @property
+    def batch_size(self) -> int:
+        """Frames decoded per call: a fixed batch on a GPU, one at a time on the CPU."""
+        return GPU_BATCH if self.device.startswith("cuda") and self.spec.segment else 1
+
     def decode_frame(self, codes: np.ndarray, scale: float | None) -> DecodedFrame:
         """Decode one frame's codes ``[codebooks, steps]`` exactly as encodec does."""
+        return self.decode_frames([(codes, scale)])[0]
+
+    def decode_frames(self, frames: list[tuple[np.ndarray, float | None]]) -> list[DecodedFrame]:
+        """Decode frames of equal length (codes ``[codebooks, steps]``, scale) together.
+
+        On a GPU every call is padded to the same batch size, so a frame's samples never
+        depend on which frames shared its call; on the CPU frames decode one at a time.
+        """
         import torch
 
+        if self.batch_size == 1 and len(frames) > 1:
+            return [frame for pair in frames for frame in self.decode_frames([pair])]
+        codes = np.stack([c for c, _ in frames])
+        scales = [s for _, s in frames]
+        padding = self.batch_size - len(frames)
+        if padding > 0:
+            codes = np.concatenate([codes, np.zeros((padding, *codes.shape[1:]), codes.dtype)])
+            scales += [scales[0]] * padding
         with torch.no_grad():
-            code_tensor = torch.from_numpy(codes).to(self.device)[None]
+            code_tensor = torch.from_numpy(codes).to(self.device)
             scale_tensor = (
-                None if scale is None else torch.tensor(scale, device=self.device).view(1)
+                None if scales[0] is None else torch.tensor(scales, device=self.device).view(-1)
             )
-            out = self.model._decode_frame((code_tensor, scale_tensor))
-        return DecodedFrame(out[0].float().cpu().numpy())
+            out = self.model._decode_frame((code_tensor, scale_tensor)).float().cpu().numpy()
+        return [DecodedFrame(out[i]) for i in range(len(frames))]
 
     @property
     def lm(self) -> Any:

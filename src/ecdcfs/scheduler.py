@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from typing import Any
 
 from cachetools import LRUCache
 
@@ -25,11 +26,23 @@ log = logging.getLogger(__name__)
 URGENT, READ_AHEAD = 0, 1
 
 
+@dataclass(frozen=True)
+class Batch:
+    """How a job may share one decode call with others (on a GPU): jobs of the same
+    ``group``, at most ``size`` of them, each giving its ``inputs()`` to one ``run``."""
+
+    group: Hashable
+    size: int
+    inputs: Callable[[], Any]
+    run: Callable[[list[Any]], list[DecodedFrame]]
+
+
 @dataclass
 class _Job:
     key: Hashable
     produce: Callable[[], DecodedFrame]
     urgent: bool
+    batch: Batch | None = None
     future: Future = field(default_factory=Future)
     started: bool = False
 
@@ -55,7 +68,11 @@ class FrameScheduler:
         self._worker.start()
 
     def request(
-        self, key: Hashable, produce: Callable[[], DecodedFrame], urgent: bool = True
+        self,
+        key: Hashable,
+        produce: Callable[[], DecodedFrame],
+        urgent: bool = True,
+        batch: Batch | None = None,
     ) -> Future:
         """A future for frame ``key``, decoding it with ``produce`` unless cached or queued."""
         with self._lock:
@@ -66,7 +83,7 @@ class FrameScheduler:
                 return done
             job = self._jobs.get(key)
             if job is None:
-                job = self._jobs[key] = _Job(key, produce, urgent)
+                job = self._jobs[key] = _Job(key, produce, urgent, batch)
                 self._push(job)
             elif urgent and not job.urgent:
                 job.urgent = True
@@ -107,20 +124,71 @@ class FrameScheduler:
                     job.started = True
                     return job
 
+    def _companions(self, job: _Job) -> list[_Job]:
+        """Queued jobs that can share ``job``'s decode call, waiting ones first."""
+        if job.batch is None or job.batch.size <= 1:
+            return []
+        with self._lock:
+            group = job.batch.group
+            mates = [
+                other
+                for other in self._jobs.values()
+                if other.batch is not None
+                and other.batch.group == group
+                and not other.started
+                and not other.future.cancelled()
+            ]
+            mates.sort(key=lambda other: not other.urgent)
+            mates = mates[: job.batch.size - 1]
+            for other in mates:
+                other.started = True
+            return mates
+
+    @staticmethod
+    def _produce(jobs: list[_Job]) -> list[DecodedFrame | BaseException]:
+        """Each job's frame, or what it raised; several jobs go through one batch run."""
+        if len(jobs) == 1:
+            try:
+                return [jobs[0].produce()]
+            except BaseException as exc:  # handed to every waiting reader
+                return [exc]
+        outcomes: list[DecodedFrame | BaseException] = []
+        inputs, ready = [], []
+        for job in jobs:
+            try:
+                inputs.append(job.batch.inputs())  # type: ignore[union-attr]
+                ready.append(len(outcomes))
+                outcomes.append(RuntimeError("unreachable"))
+            except BaseException as exc:
+                outcomes.append(exc)
+        if ready:
+            try:
+                frames: list = jobs[ready[0]].batch.run(inputs)  # type: ignore[union-attr]
+            except BaseException as exc:
+                frames = [exc] * len(ready)
+            for position, frame in zip(ready, frames, strict=True):
+                outcomes[position] = frame
+        return outcomes
+
     def _run(self) -> None:
         while (job := self._next_job()) is not None:
+            jobs = [job, *self._companions(job)]
             started = time.perf_counter()
-            try:
-                frame = job.produce()
-            except BaseException as exc:  # handed to every waiting reader
-                with self._lock:
-                    del self._jobs[job.key]
-                job.future.set_exception(exc)
-                continue
-            log.debug("decoded frame %s in %.3f s", job.key, time.perf_counter() - started)
+            outcomes = self._produce(jobs)
+            elapsed = time.perf_counter() - started
+            for done, outcome in zip(jobs, outcomes, strict=True):
+                self._finish(done, outcome, elapsed / len(jobs))
+
+    def _finish(self, job: _Job, outcome: DecodedFrame | BaseException, seconds: float) -> None:
+        if isinstance(outcome, BaseException):
             with self._lock:
-                self.decoded_count += 1
-                if frame.nbytes <= self.capacity_bytes:
-                    self._cache[job.key] = frame
                 del self._jobs[job.key]
-            job.future.set_result(frame)
+            job.future.set_exception(outcome)
+            return
+        log.debug("decoded frame %s in %.3f s", job.key, seconds)
+        with self._lock:
+            self.decoded_count += 1
+            if outcome.nbytes <= self.capacity_bytes:
+                self._cache[job.key] = outcome
+            del self._jobs[job.key]
+        job.future.set_result(outcome)
