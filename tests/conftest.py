@@ -45,3 +45,13 @@ def torch_home() -> Iterator[Path]:
         else:
             os.environ["TORCH_HOME"] = old
         shutil.rmtree(home, ignore_errors=True)
+
+
+@pytest.fixture
+def engine(torch_home, tmp_path):
+    """A CPU decoding engine (the bit-exact reference device) persisting into tmp_path."""
+    from ecdcfs.audiofile import Engine, Settings
+
+    engine = Engine(Settings(device="cpu", cache_dir=tmp_path / "cache"))
+    yield engine
+    engine.close()

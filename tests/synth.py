@@ -632,3 +632,10 @@ def reference_pcm(data: bytes) -> np.ndarray:
             _disk_put(disk_name, buf.getvalue())
         _pcm_cache[mem_key] = pcm
         return pcm.copy()
+
+
+def write(directory: Path, name: str, data: bytes) -> Path:
+    """Write ``data`` to ``directory / name`` and return the path."""
+    path = directory / name
+    path.write_bytes(data)
+    return path

@@ -24,19 +24,6 @@ CHUNK = CHUNK_STEPS * HOP  # samples per chunk
 ONE_MINUTE = 60 * SR
 
 
-@pytest.fixture
-def engine(torch_home, tmp_path):
-    engine = Engine(Settings(device="cpu", cache_dir=tmp_path / "cache"))
-    yield engine
-    engine.close()
-
-
-def write(tmp_path: Path, name: str, data: bytes) -> Path:
-    path = tmp_path / name
-    path.write_bytes(data)
-    return path
-
-
 def read_all(reader, size: int = READ) -> bytes:
     out = bytearray()
     while chunk := reader.read(len(out), size):
@@ -121,7 +108,7 @@ def test_sequential_read_within_one_lsb_of_encodec(
     engine, tmp_path, sequential_wavs, samples, kbps, lm
 ):
     data = synth.make_ecdc(model="encodec_24khz", samples=samples, kbps=kbps, lm=lm, seed=3)
-    audio = engine.open(write(tmp_path, "x.ecdc", data))
+    audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
     wav = read_all(audio.reader())
     assert len(wav) == audio.size == 44 + 2 * samples
     assert_within_one_lsb(wav, data)
@@ -134,7 +121,7 @@ def test_sequential_read_within_one_lsb_of_encodec(
 def test_random_and_concurrent_reads_equal_a_sequential_read(torch_home, tmp_path, sequential_wavs):
     key = (ONE_MINUTE, 1.5, False)
     data = synth.make_ecdc(model="encodec_24khz", samples=key[0], kbps=key[1], seed=3)
-    path = write(tmp_path, "x.ecdc", data)
+    path = synth.write(tmp_path, "x.ecdc", data)
     expected = sequential_wavs.get(key)
     if expected is None:  # run on its own
         first = Engine(Settings(device="cpu", cache_dir=None))
@@ -193,7 +180,7 @@ def _reset_peak_rss() -> bool:
 
 def test_one_hour_file_seeks_in_bounded_memory_and_time(engine, tmp_path):
     samples, nc = 3600 * SR + 123, 2
-    path = write(tmp_path, "hour.ecdc", container(samples, nc, random_packed(samples, nc)))
+    path = synth.write(tmp_path, "hour.ecdc", container(samples, nc, random_packed(samples, nc)))
     audio = engine.open(path)
     assert audio.size == 44 + 2 * samples
     codec = engine.codec(MODELS["encodec_24khz"])
@@ -224,6 +211,6 @@ def test_one_hour_file_seeks_in_bounded_memory_and_time(engine, tmp_path):
 def test_long_lm_24khz_file_is_refused_at_open(engine, tmp_path):
     samples = 61 * SR
     with pytest.raises(EcdcError, match="LM-coded encodec_24khz files longer than 60 s"):
-        engine.open(write(tmp_path, "long.ecdc", container(samples, 2, bytes(1000), lm=True)))
+        engine.open(synth.write(tmp_path, "long.ecdc", container(samples, 2, bytes(1000), lm=True)))
     plain = FrameLayout(MODELS["encodec_24khz"], samples, 2).plain_payload_bytes()
-    assert engine.open(write(tmp_path, "plain.ecdc", container(samples, 2, bytes(plain))))
+    assert engine.open(synth.write(tmp_path, "plain.ecdc", container(samples, 2, bytes(plain))))

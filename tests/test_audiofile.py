@@ -6,7 +6,6 @@ import random
 import threading
 import wave
 from io import BytesIO
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -18,19 +17,6 @@ from ecdcfs.container import EcdcError
 from ecdcfs.wav import WavLayout
 
 READ = 128 * 1024  # what the kernel asks a FUSE filesystem for
-
-
-@pytest.fixture
-def engine(torch_home, tmp_path):
-    engine = Engine(Settings(device="cpu", cache_dir=tmp_path / "cache"))
-    yield engine
-    engine.close()
-
-
-def write(tmp_path: Path, name: str, data: bytes) -> Path:
-    path = tmp_path / name
-    path.write_bytes(data)
-    return path
 
 
 def expected_wav(data: bytes, sample_rate: int | None = None, title=None, source=None) -> bytes:
@@ -65,7 +51,7 @@ CASES = [
 @pytest.mark.parametrize(("samples", "kbps", "lm"), CASES)
 def test_sequential_read_equals_encodec_decode(engine, tmp_path, samples, kbps, lm):
     data = synth.make_ecdc(samples=samples, kbps=kbps, lm=lm)
-    audio = engine.open(write(tmp_path, "x.ecdc", data))
+    audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
     expected = expected_wav(data)
     assert audio.size == len(expected)
     assert read_all(audio.reader()) == expected
@@ -75,7 +61,7 @@ def test_sequential_read_equals_encodec_decode(engine, tmp_path, samples, kbps, 
 def test_encodec_stream_header_sets_rate_and_tags(engine, tmp_path):
     v0 = synth.make_ecdc(samples=60_000, kbps=6)
     data = synth.to_v193(v0, sr=44_100, name="Sóng [live]", source="https://example.org/x")
-    audio = engine.open(write(tmp_path, "x.ecdc", data))
+    audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
     wav_bytes = read_all(audio.reader())
     assert wav_bytes == expected_wav(v0, 44_100, "Sóng [live]", "https://example.org/x")
     with wave.open(BytesIO(wav_bytes)) as w:
@@ -84,7 +70,7 @@ def test_encodec_stream_header_sets_rate_and_tags(engine, tmp_path):
 
 def test_random_tail_first_and_past_eof_reads(engine, tmp_path):
     data = synth.make_ecdc(samples=150_000, kbps=6)
-    audio = engine.open(write(tmp_path, "x.ecdc", data))
+    audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
     expected = expected_wav(data)
     size = audio.size
     assert audio.read(size - 1000, 5000) == expected[-1000:]  # tail first, short at EOF
@@ -97,7 +83,7 @@ def test_random_tail_first_and_past_eof_reads(engine, tmp_path):
 
 def test_concurrent_readers_decode_each_frame_once(engine, tmp_path):
     data = synth.make_ecdc(samples=200_000, kbps=12)
-    path = write(tmp_path, "x.ecdc", data)
+    path = synth.write(tmp_path, "x.ecdc", data)
     expected = expected_wav(data)
     results, errors = {}, []
 
@@ -127,7 +113,7 @@ def test_concurrent_readers_decode_each_frame_once(engine, tmp_path):
 
 def test_one_reader_shared_by_threads(engine, tmp_path):
     data = synth.make_ecdc(samples=150_000, kbps=6)
-    audio = engine.open(write(tmp_path, "x.ecdc", data))
+    audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
     expected, reader = expected_wav(data), audio.reader()
     offsets = list(range(0, audio.size, 4096))
     random.Random(3).shuffle(offsets)
@@ -151,7 +137,7 @@ def test_tiny_cache_still_exact(torch_home, tmp_path):
     data = synth.make_ecdc(samples=150_000, kbps=6)
     engine = Engine(Settings(device="cpu", cache_mb=1, cache_dir=None))
     try:
-        audio = engine.open(write(tmp_path, "x.ecdc", data))
+        audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
         assert read_all(audio.reader(), 4096 * 7) == expected_wav(data)
     finally:
         engine.close()
@@ -160,17 +146,17 @@ def test_tiny_cache_still_exact(torch_home, tmp_path):
 def test_replaced_source_serves_new_audio(engine, tmp_path):
     first = synth.make_ecdc(samples=60_000, kbps=6, seed=0)
     second = synth.make_ecdc(samples=60_000, kbps=6, seed=1)
-    path = write(tmp_path, "x.ecdc", first)
+    path = synth.write(tmp_path, "x.ecdc", first)
     old = engine.open(path)
     assert read_all(old.reader()) == expected_wav(first)
-    write(tmp_path, "x.ecdc", second)
+    synth.write(tmp_path, "x.ecdc", second)
     assert read_all(engine.open(path).reader()) == expected_wav(second)
     assert read_all(old.reader()) == expected_wav(first)  # an open handle keeps its snapshot
 
 
 def test_lm_index_is_persisted_and_reused(torch_home, tmp_path, monkeypatch):
     data = synth.make_ecdc(samples=100_000, kbps=3, lm=True)
-    path = write(tmp_path, "x.ecdc", data)
+    path = synth.write(tmp_path, "x.ecdc", data)
     settings = Settings(device="cpu", cache_dir=tmp_path / "cache")
     engine = Engine(settings)
     audio = engine.open(path)
@@ -191,10 +177,10 @@ def test_lm_index_is_persisted_and_reused(torch_home, tmp_path, monkeypatch):
 
 def test_unwritable_cache_dir_only_costs_persistence(torch_home, tmp_path):
     data = synth.make_ecdc(samples=54_240, kbps=6, lm=True)
-    blocker = write(tmp_path, "not-a-dir", b"")
+    blocker = synth.write(tmp_path, "not-a-dir", b"")
     engine = Engine(Settings(device="cpu", cache_dir=blocker / "cache"))
     try:
-        audio = engine.open(write(tmp_path, "x.ecdc", data))
+        audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
         assert read_all(audio.reader()) == expected_wav(data)
     finally:
         engine.close()
@@ -202,7 +188,7 @@ def test_unwritable_cache_dir_only_costs_persistence(torch_home, tmp_path):
 
 def test_truncated_lm_payload_fails_cleanly(engine, tmp_path):
     data = synth.make_ecdc(samples=100_000, kbps=3, lm=True)
-    audio = engine.open(write(tmp_path, "x.ecdc", data[:-40]))
+    audio = engine.open(synth.write(tmp_path, "x.ecdc", data[:-40]))
     good = expected_wav(data)
     assert audio.read(0, 4096) == good[:4096]  # the intact first frame still plays
     with pytest.raises(EcdcError, match="truncated"):
@@ -213,7 +199,7 @@ def test_bad_files_are_rejected_at_open(engine, tmp_path):
     data = synth.make_ecdc(samples=60_000, kbps=6)
     for name, bad in {"magic": b"XXXX" + data[4:], "truncated": data[:-1], "empty": b""}.items():
         with pytest.raises(EcdcError):
-            engine.open(write(tmp_path, f"{name}.ecdc", bad))
+            engine.open(synth.write(tmp_path, f"{name}.ecdc", bad))
 
 
 def test_missing_checkpoint_names_file_and_directory(tmp_path, monkeypatch):
@@ -222,7 +208,7 @@ def test_missing_checkpoint_names_file_and_directory(tmp_path, monkeypatch):
     monkeypatch.setattr("torch.hub.download_url_to_file", fail_download)
     engine = Engine(Settings(device="cpu", cache_dir=None))
     try:
-        audio = engine.open(write(tmp_path, "x.ecdc", data))
+        audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
         for _ in range(2):  # reported once, then remembered
             with pytest.raises(codec.ModelUnavailable) as info:
                 audio.read(0, 100_000)
@@ -239,7 +225,7 @@ def fail_download(*args, **kwargs):
 
 def test_24khz_short_file_equals_encodec_decode(engine, tmp_path):
     data = synth.make_ecdc(model="encodec_24khz", samples=40_000, kbps=6)
-    audio = engine.open(write(tmp_path, "x.ecdc", data))
+    audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
     expected = expected_wav(data, 24_000)
     assert read_all(audio.reader()) == expected
     assert audio.read(50_000, 999) == expected[50_000:50_999]
