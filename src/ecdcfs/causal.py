@@ -10,10 +10,10 @@ bound where a decode may start: the decoder's first convolutions reflect-pad at 
 edge (the first ~7 steps also depend on the steps after them), and the LSTM starts from a
 zero state instead of the state the file's earlier steps would have left.
 
-So ecdcfs decodes on a fixed grid of chunks of :data:`CHUNK_STEPS` code steps (10 s).
+So ecdcfs decodes on a fixed grid of chunks of :data:`CHUNK_STEPS` code steps (5 s).
 Chunk ``k`` decodes steps ``[k * C - X, (k + 1) * C)`` with the model's own
 ``_decode_frame`` (``quantizer.decode`` then ``decoder``) and discards the output of the
-:data:`CONTEXT_STEPS` (``X``, 2 s) warm-up steps, by which time the LSTM state and the
+:data:`CONTEXT_STEPS` (``X``, 1 s) warm-up steps, by which time the LSTM state and the
 edge padding no longer matter. Chunk 0 needs no warm-up: it starts where the file does, and
 a file of one chunk is decoded exactly as encodec does. Each chunk is a deterministic
 function of the file, cached in the engine's frame cache like a 48 kHz frame, so every
@@ -24,12 +24,14 @@ to the whole-file decode after int16 rounding, by warm-up: 0 steps: 11,889 LSB; 
 8,897; 16 steps (0.21 s): 10; 38 steps (0.5 s) and anything longer (1, 2, 5, 10 s): 1 LSB,
 with float differences of ~5e-7 — the noise floor of running the same convolutions on a
 different length, which is also why the bound is 1 LSB and not 0. The pretrained LSTM may
-remember longer than this random one; 2 s (150 steps, 4x the measured convergence) is the
-margin, and :data:`CONTEXT_STEPS` is the knob.
+remember longer than this random one; 1 s (75 steps, 2x the measured convergence) is the
+margin, and :data:`CONTEXT_STEPS` is the knob. (10 s chunks with 2 s of warm-up measured
+the same error but needed ~390 MB of working memory, which put a streaming daemon right at
+1 GB; 5 s + 1 s halves that at the same 1.2x cost.)
 
 Costs, in decoded code steps per kept step: sequential reads ``(C + X) / C`` = 1.2; a cold
-read decodes one chunk with its warm-up (12 s of codes), or two when it straddles a chunk
-boundary; working memory is that of a 12 s decode (~300 MB at its peak, handed back to the
+read decodes one chunk with its warm-up (6 s of codes), or two when it straddles a chunk
+boundary; working memory is that of a 6 s decode (~200 MB at its peak, handed back to the
 OS after each chunk) whatever the file length.
 """
 
@@ -45,8 +47,8 @@ import numpy as np
 from .codec import Codec, DecodedFrame
 from .container import unpack_codes
 
-CHUNK_STEPS = 750  # 10 s at 75 code steps per second
-CONTEXT_STEPS = 150  # 2 s of warm-up decoded before each chunk after the first, then dropped
+CHUNK_STEPS = 375  # 5 s at 75 code steps per second
+CONTEXT_STEPS = 75  # 1 s of warm-up decoded before each chunk after the first, then dropped
 
 
 @dataclass(frozen=True)
