@@ -475,11 +475,12 @@ def test_replaced_source_is_read_afresh(small_library, tmp_path, media):
         m.stop()
 
 
-def test_sigterm_unmounts_cleanly(small_library, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_signal_unmounts_a_foreground_mount_cleanly(small_library, tmp_path, signum):
     m = Mount(small_library, tmp_path / "mnt", tmp_path / "log")
     try:
         assert (m.mnt / "a.txt").read_text() == "a"
-        m.proc.send_signal(signal.SIGTERM)
+        m.proc.send_signal(signum)
         assert m.proc.wait(timeout=30) == 0
         assert not is_mounted(m.mnt)
     finally:

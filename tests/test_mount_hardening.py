@@ -225,20 +225,6 @@ def test_source_replaced_truncated_or_deleted_while_open(tmp_path, files):
 # ----- signals ------------------------------------------------------------------------
 
 
-def test_sigint_unmounts_a_foreground_mount(tmp_path, files):
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "a.txt").write_text("a")
-    m = Mount(src, tmp_path / "mnt", tmp_path / "log")
-    try:
-        assert (m.mnt / "a.txt").read_text() == "a"
-        m.proc.send_signal(signal.SIGINT)
-        assert m.proc.wait(timeout=30) == 0
-        assert not is_mounted(m.mnt)
-    finally:
-        m.stop()
-
-
 def test_sigterm_to_the_daemon_unmounts_and_logs(tmp_path, files):
     src = tmp_path / "src"
     src.mkdir()

@@ -50,8 +50,6 @@ log = logging.getLogger(__name__)
 # An LM-coded 24 kHz file is one arithmetic-coded stream: its first read waits for the LM
 # to decode every code step, so only short ones are accepted.
 MAX_LM_24KHZ_SECONDS = 60
-# Old name (24 kHz files of any length used to be refused over 60 s); only LM ones are now.
-MAX_WHOLE_FILE_SECONDS = MAX_LM_24KHZ_SECONDS
 # Read-ahead never asks for more than this share of the cache, so it cannot evict itself.
 READ_AHEAD_CACHE_SHARE = 4
 MAX_READ_AHEAD_FRAMES = 64
