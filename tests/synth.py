@@ -639,3 +639,29 @@ def write(directory: Path, name: str, data: bytes) -> Path:
     path = directory / name
     path.write_bytes(data)
     return path
+
+
+def lm_encode(lm, codes: np.ndarray) -> bytes:
+    """Arithmetic-code ``codes`` ``[codebooks, steps]`` as one LM-coded frame (no scale).
+
+    The loop of ``encodec.compress`` for one frame's codes, so tests can write LM-coded
+    files of chosen codes (e.g. long random ones) without encoding audio.
+    """
+    from encodec.quantization.ac import ArithmeticCoder, build_stable_quantized_cdf
+
+    out = io.BytesIO()
+    coder = ArithmeticCoder(out)
+    states, offset = None, 0
+    previous = torch.zeros(1, codes.shape[0], 1, dtype=torch.long)
+    frame = torch.from_numpy(codes.astype(np.int64))[None]
+    with torch.no_grad():
+        for t in range(codes.shape[1]):
+            probas, states, offset = lm(previous, states, offset)
+            previous = 1 + frame[:, :, t : t + 1]
+            for k, value in enumerate(frame[0, :, t].tolist()):
+                cdf = build_stable_quantized_cdf(
+                    probas[0, :, k, 0], coder.total_range_bits, check=False
+                )
+                coder.push(value, cdf)
+    coder.flush()
+    return out.getvalue()

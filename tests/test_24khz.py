@@ -13,9 +13,11 @@ import numpy as np
 import pytest
 
 import synth
+from ecdcfs import audiofile
 from ecdcfs.audiofile import Engine, Settings
 from ecdcfs.causal import CHUNK_STEPS, CONTEXT_STEPS, ChunkGrid, packed_steps
-from ecdcfs.container import MODELS, EcdcError, FrameLayout, unpack_codes
+from ecdcfs.container import MODELS, EcdcError, unpack_codes
+from ecdcfs.index import INDEX_SUFFIX, CodeIndex
 
 READ = 128 * 1024
 SR = 24_000
@@ -208,9 +210,158 @@ def test_one_hour_file_seeks_in_bounded_memory_and_time(engine, tmp_path):
     assert audio.read(offset - 10, 20)[10:] == data[:10]
 
 
-def test_long_lm_24khz_file_is_refused_at_open(engine, tmp_path):
-    samples = 61 * SR
-    with pytest.raises(EcdcError, match="LM-coded encodec_24khz files longer than 60 s"):
-        engine.open(synth.write(tmp_path, "long.ecdc", container(samples, 2, bytes(1000), lm=True)))
-    plain = FrameLayout(MODELS["encodec_24khz"], samples, 2).plain_payload_bytes()
-    assert engine.open(synth.write(tmp_path, "plain.ecdc", container(samples, 2, bytes(plain))))
+# --- LM-coded files: one arithmetic-coded stream, indexed in blocks of one chunk ----------
+
+SMALL_CHUNK = 40  # steps; small chunks make short LM-coded files span many chunks
+
+
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """Chunks (and index blocks) of 40 steps with 40 warm-up steps."""
+    real = audiofile.chunk_grid
+
+    def small(header):
+        grid = real(header)
+        return grid and ChunkGrid(grid.steps, grid.hop, SMALL_CHUNK, SMALL_CHUNK)
+
+    monkeypatch.setattr(audiofile, "chunk_grid", small)
+
+
+def lm_and_plain(engine, samples: int, nc: int, seed: int = 0) -> tuple[bytes, bytes]:
+    """The same random codes as an LM-coded and as a bit-packed 24 kHz file."""
+    plain = random_packed(samples, nc, seed)
+    steps = -(-samples // HOP)
+    codes = unpack_codes(plain, nc, steps, 10)
+    lm = engine.codec(MODELS["encodec_24khz"]).lm
+    return container(samples, nc, synth.lm_encode(lm, codes), lm=True), container(
+        samples, nc, plain
+    )
+
+
+class GatedBlocks:
+    """Stands in for ``decode_lm_steps``: yields ``open_blocks`` blocks, then waits."""
+
+    def __init__(self, open_blocks: int) -> None:
+        self.open_blocks = open_blocks
+        self.gate = threading.Event()
+        self.yielded = 0
+        self.decode_lm_steps = audiofile.decode_lm_steps
+
+    def __call__(self, *args):
+        for number, codes in enumerate(self.decode_lm_steps(*args)):
+            if number >= self.open_blocks:
+                assert self.gate.wait(60)
+            self.yielded += 1
+            yield codes
+
+
+def test_lm_file_reads_like_the_plain_file_of_its_codes(engine, small_chunks, tmp_path):
+    samples, nc = 205 * HOP - 17, 2  # 6 chunks, the last one 5 steps long
+    lm_data, plain_data = lm_and_plain(engine, samples, nc)
+    expected = read_all(engine.open(synth.write(tmp_path, "plain.ecdc", plain_data)).reader())
+    path = synth.write(tmp_path, "lm.ecdc", lm_data)
+    audio = engine.open(path)
+    assert audio.size == len(expected) == 44 + 2 * samples
+    rng = random.Random(3)
+    spans = [(rng.randrange(audio.size), rng.choice([1, 100, 4096, 3 * SMALL_CHUNK * HOP]))]
+    spans += [(44 + 2 * k * SMALL_CHUNK * HOP - 7, 14) for k in range(1, 6)]  # the seams
+    rng.shuffle(spans)
+    for offset, size in spans:
+        assert audio.read(offset, size) == expected[offset : offset + size]
+    assert read_all(audio.reader()) == expected
+    index = audio.code_index()
+    assert len(index) == index.unit_count == 6
+    assert [c.shape for c in index.codes] == [(nc, SMALL_CHUNK)] * 5 + [(nc, 5)]
+
+    # Persisted whole: a second engine reads it without running the LM.
+    engine.close()
+    second = Engine(engine.settings)
+    try:
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(audiofile, "decode_lm_steps", GatedBlocks(0))  # would wait forever
+            assert read_all(second.open(path).reader()) == expected
+    finally:
+        second.close()
+
+
+def test_lm_reads_wait_only_for_the_blocks_they_need(engine, small_chunks, tmp_path, monkeypatch):
+    samples, nc = 160 * HOP, 2  # 4 chunks
+    lm_data, plain_data = lm_and_plain(engine, samples, nc, seed=1)
+    expected = read_all(engine.open(synth.write(tmp_path, "plain.ecdc", plain_data)).reader())
+    gated = GatedBlocks(open_blocks=1)
+    monkeypatch.setattr(audiofile, "decode_lm_steps", gated)
+    audio = engine.open(synth.write(tmp_path, "lm.ecdc", lm_data))
+    reader = audio.reader()
+    first_chunk = 2 * SMALL_CHUNK * HOP
+    assert reader.read(0, 44 + first_chunk) == expected[: 44 + first_chunk]  # block 0 only
+    assert len(audio.code_index()) == 1
+    done = threading.Event()
+    last = []
+    thread = threading.Thread(
+        target=lambda: (last.append(audio.read(audio.size - 10, 10)), done.set())
+    )
+    thread.start()
+    assert not done.wait(0.5)  # the last chunk waits for its block
+    gated.gate.set()
+    thread.join(60)
+    assert last == [expected[-10:]]
+    assert read_all(reader) == expected
+
+
+def test_partial_lm_index_serves_its_blocks_while_the_rest_is_rebuilt(
+    engine, small_chunks, tmp_path, monkeypatch
+):
+    samples, nc = 160 * HOP, 2
+    lm_data, plain_data = lm_and_plain(engine, samples, nc, seed=2)
+    expected = read_all(engine.open(synth.write(tmp_path, "plain.ecdc", plain_data)).reader())
+    path = synth.write(tmp_path, "lm.ecdc", lm_data)
+    full = engine.open(path)
+    assert read_all(full.reader()) == expected
+    # What a daemon stopped after two blocks leaves in the cache directory.
+    complete = full.code_index()
+    partial = CodeIndex(complete.unit_count)
+    for unit in range(2):
+        partial.append(None, complete.codes[unit], 0)
+    cache = engine.settings.cache_dir
+    partial.save(cache / f"{full.identity}{INDEX_SUFFIX}")
+    engine.close()
+
+    gated = GatedBlocks(open_blocks=0)  # the rebuild (from block 0) waits
+    monkeypatch.setattr(audiofile, "decode_lm_steps", gated)
+    second = Engine(engine.settings)
+    try:
+        audio = second.open(path)
+        two_chunks = 44 + 2 * 2 * SMALL_CHUNK * HOP
+        assert audio.read(0, two_chunks) == expected[:two_chunks]  # served from the index
+        assert gated.yielded == 0
+        gated.gate.set()
+        assert read_all(audio.reader()) == expected
+        assert gated.yielded == 4  # decoded from the start; blocks 0 and 1 were skipped
+    finally:
+        second.close()
+
+
+def test_truncated_lm_file_reads_up_to_the_damage(engine, small_chunks, tmp_path):
+    samples, nc = 160 * HOP, 2
+    lm_data, plain_data = lm_and_plain(engine, samples, nc, seed=4)
+    expected = read_all(engine.open(synth.write(tmp_path, "plain.ecdc", plain_data)).reader())
+    audio = engine.open(synth.write(tmp_path, "lm.ecdc", lm_data[: len(lm_data) // 2]))
+    assert audio.read(0, 1000) == expected[:1000]
+    with pytest.raises(EcdcError, match="truncated"):
+        audio.read(audio.size - 10, 10)
+    with pytest.raises(EcdcError, match="truncated"):  # again, at once
+        audio.read(audio.size - 10, 10)
+    assert audio.read(0, 1000) == expected[:1000]
+
+
+def test_long_lm_file_opens_with_its_exact_size_and_fails_only_where_damaged(engine, tmp_path):
+    samples = 2 * 3600 * SR + 5  # two hours claimed, 64 bytes of payload
+    path = synth.write(tmp_path, "long.ecdc", container(samples, 2, bytes(range(64)), lm=True))
+    audio = engine.open(path)
+    assert audio.size == 44 + 2 * samples
+    assert audio.read(0, 44) == audio.wav.header
+    assert engine.codec(MODELS["encodec_24khz"]).lm  # loaded: not counted below
+    rss_before = _kib("VmRSS")
+    with pytest.raises(EcdcError):
+        audio.read(audio.size - 10, 10)
+    assert (_kib("VmRSS") - rss_before) / 1024 < 100

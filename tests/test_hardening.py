@@ -456,7 +456,7 @@ def test_corrupt_index_file_is_ignored(tmp_path, junk, caplog):
     (cache / f"ff{index.INDEX_SUFFIX}").write_bytes(junk)
     store = IndexStore(cache)
     fresh = store.get("ff", 5, 2)
-    assert len(fresh) == 0 and fresh.frame_count == 5
+    assert len(fresh) == 0 and fresh.unit_count == 5
     assert "ignoring unreadable index" in caplog.text
 
 

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import threading
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,29 +28,26 @@ from .codec import (
     Codec,
     DecodedFrame,
     ModelUnavailable,
-    decode_lm_frame,
+    decode_lm_steps,
     overlap_add_weights,
+    read_scale,
 )
 from .container import (
     MODELS,
     SCALE,
     ContainerError,
-    EcdcError,
     Header,
     ModelSpec,
     read_header,
     unpack_codes,
 )
-from .index import DEFAULT_CACHE_DIR_MB, CodeIndex, IndexStore
+from .index import DEFAULT_CACHE_DIR_MB, CodeIndex, IndexStore, Unit
 from .scheduler import Batch, FrameScheduler
 from .source import ByteSource, MemorySource, as_stream
 from .wav import WavLayout, float_to_pcm16
 
 log = logging.getLogger(__name__)
 
-# An LM-coded 24 kHz file is one arithmetic-coded stream: its first read waits for the LM
-# to decode every code step, so only short ones are accepted.
-MAX_LM_24KHZ_SECONDS = 60
 # Read-ahead never asks for more than this share of the cache, so it cannot evict itself.
 READ_AHEAD_CACHE_SHARE = 4
 MAX_READ_AHEAD_FRAMES = 64
@@ -197,19 +195,9 @@ class AudioFile:
         self.size = self.wav.size
         self.identity = source.identity
         self._source = source
-        model = header.model
         # Segment-less (24 kHz) files decode in fixed chunks; the reader's units are chunks.
         self._chunks = chunk_grid(header)
         self.unit_count = self.layout.frame_count if self._chunks is None else self._chunks.count
-        if (
-            self._chunks is not None
-            and header.use_lm
-            and header.audio_length > MAX_LM_24KHZ_SECONDS * model.sample_rate
-        ):
-            raise EcdcError(
-                f"LM-coded {model.name} files longer than {MAX_LM_24KHZ_SECONDS} s "
-                "cannot be decoded yet"
-            )
         self._wav_header = self.wav.header
         self._index: CodeIndex | None = None
         self._index_lock = threading.Lock()
@@ -257,15 +245,14 @@ class AudioFile:
         """Future decoded frame (24 kHz: chunk) ``index``, shared through the engine's cache.
 
         For an LM-coded file the caller first waits (urgent) for the index to reach the
-        frame, so the decode worker never blocks on indexing; read-ahead of a frame not
-        indexed yet returns None.
+        unit (the index holds a 24 kHz file's codes in blocks of one chunk), so the decode
+        worker never blocks on indexing; read-ahead of a unit not indexed yet returns None.
         """
         key = self.unit_key(index)
         if self.header.use_lm and not self.engine.scheduler.is_cached(key):
-            lm_index, lm_frame = self._lm_index(), index if self._chunks is None else 0
             if urgent:
-                lm_index.get(lm_frame)
-            elif not lm_index.has(lm_frame):
+                self._lm_index().get(index)
+            elif not self._lm_index().has(index):
                 return None
         if self._chunks is not None:
             produce = functools.partial(self._decode_chunk, index)
@@ -314,7 +301,7 @@ class AudioFile:
         codec = self.engine.codec(self.header.model)
         first, kept, stop = self._chunks.span(index)  # type: ignore[union-attr]
         if self.header.use_lm:
-            codes = self._lm_index().get(0)[1][:, first:stop]
+            codes = self._lm_steps(first, stop)
         else:
             base = self.header.payload_offset
             codes = packed_steps(
@@ -340,31 +327,57 @@ class AudioFile:
         codes = unpack_codes(raw, layout.num_codebooks, layout.code_steps(index), model.bits)
         return scale, codes
 
+    def _lm_steps(self, start: int, stop: int) -> np.ndarray:
+        """Codes of steps ``[start, stop)`` of an LM-coded 24 kHz file, from its index."""
+        block = self._chunks.chunk_steps  # type: ignore[union-attr]
+        index = self._lm_index()
+        blocks = range(start // block, (stop - 1) // block + 1)
+        codes = np.concatenate([index.get(b)[1] for b in blocks], axis=1)
+        return codes[:, start - blocks.start * block : stop - blocks.start * block]
+
     def _lm_index(self) -> CodeIndex:
         """The shared code index of this LM-coded file, building in the background."""
         with self._index_lock:
             if self._index is None:
-                layout = self.layout
                 self._index = self.engine.indexes.get(
-                    self.identity, layout.frame_count, layout.num_codebooks
+                    self.identity, self.unit_count, self.layout.num_codebooks
                 )
                 self.engine.indexes.build(
-                    self.identity, self._index, self._scan, os.path.basename(self.name)
+                    self.identity,
+                    self._index,
+                    self._scan,
+                    os.path.basename(self.name),
+                    "frames" if self._chunks is None else "chunks",
                 )
             return self._index
 
-    def _scan(self, frame: int, offset: int) -> tuple[float | None, np.ndarray, int]:
-        """Entropy-decode LM-coded ``frame`` at payload ``offset`` (for the index builder)."""
+    def code_index(self) -> CodeIndex | None:
+        """The code index of an LM-coded file (its build starts now); None for others."""
+        return self._lm_index() if self.header.use_lm else None
+
+    def _scan(self, first: int, offset: int) -> Iterator[Unit]:
+        """Entropy-decode LM-coded units from ``first`` at payload ``offset`` (for the index).
+
+        A 48 kHz file yields frames from ``first``; a 24 kHz file's single stream can only
+        be decoded from its start, so it yields blocks of one chunk's steps from block 0.
+        """
         base, lm = self.header.payload_offset, self.engine.codec(self.header.model).lm
+        layout, model = self.layout, self.header.model
+        if self._chunks is not None:
+            stream = as_stream(self._source, base)
+            steps = layout.code_steps(0)
+            blocks = decode_lm_steps(
+                lm, stream, layout.num_codebooks, steps, self._chunks.chunk_steps
+            )
+            for number, codes in enumerate(blocks):
+                yield number, None, codes, stream.tell() - base
+            return
         stream = as_stream(self._source, base + offset)
-        scale, codes = decode_lm_frame(
-            lm,
-            stream,
-            self.layout.num_codebooks,
-            self.layout.code_steps(frame),
-            self.header.model.normalize,
-        )
-        return scale, codes, stream.tell() - base
+        for frame in range(first, layout.frame_count):
+            scale = read_scale(stream) if model.normalize else None
+            steps = layout.code_steps(frame)
+            (codes,) = decode_lm_steps(lm, stream, layout.num_codebooks, steps, steps)
+            yield frame, scale, codes, stream.tell() - base
 
 
 class Reader:

@@ -11,6 +11,7 @@ import logging
 import os
 import threading
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -202,41 +203,46 @@ def overlap_add_weights(frame_length: int) -> np.ndarray:
     return (0.5 - (t - 0.5).abs()).numpy()
 
 
-def decode_lm_frame(
-    lm: Any, stream: BinaryIO, num_codebooks: int, steps: int, has_scale: bool
-) -> tuple[float | None, np.ndarray]:
-    """Entropy-decode one LM-coded frame from ``stream``, leaving it at the next frame.
+def read_scale(stream: BinaryIO) -> float:
+    """The float32 scale that starts each frame of a normalizing (48 kHz) model."""
+    raw = stream.read(SCALE.size)
+    if len(raw) < SCALE.size:
+        raise ContainerError("payload truncated before a frame scale")
+    return SCALE.unpack(raw)[0]
 
-    Returns ``(scale, codes [codebooks, steps])``. The coder and LM state start fresh for
-    every frame, as encodec writes them.
+
+def decode_lm_steps(
+    lm: Any, stream: BinaryIO, num_codebooks: int, steps: int, block_steps: int
+) -> Iterator[np.ndarray]:
+    """Entropy-decode the ``steps`` code steps of one LM-coded frame from ``stream``.
+
+    Yields the codes ``[codebooks, block_steps]`` of each block of steps in order (the last
+    block may be shorter), so a long frame is usable before it is decoded to the end; the
+    arithmetic decoder and the LM state carry over from block to block and start fresh
+    for every frame, as encodec writes them. ``stream`` is left at the next frame.
     """
     import torch
     from encodec.quantization.ac import ArithmeticDecoder, build_stable_quantized_cdf
 
-    scale = None
-    if has_scale:
-        raw = stream.read(SCALE.size)
-        if len(raw) < SCALE.size:
-            raise ContainerError("payload truncated before a frame scale")
-        (scale,) = SCALE.unpack(raw)
     decoder = ArithmeticDecoder(stream)
-    codes = np.zeros((num_codebooks, steps), dtype=np.int64)
     states: Any = None
     lm_offset = 0
     previous = torch.zeros(1, num_codebooks, 1, dtype=torch.long)
-    with torch.no_grad():
-        for t in range(steps):
-            probas, states, lm_offset = lm(previous, states, lm_offset)
-            for k in range(num_codebooks):
-                cdf = build_stable_quantized_cdf(
-                    probas[0, :, k, 0], decoder.total_range_bits, check=False
-                )
-                try:
-                    code = decoder.pull(cdf)
-                except RuntimeError as exc:  # "Binary search failed": garbage payload
-                    raise ContainerError(f"corrupt LM payload: {exc}") from None
-                if code is None:
-                    raise ContainerError("payload truncated inside an LM-coded frame")
-                codes[k, t] = code
-            previous = 1 + torch.from_numpy(codes[:, t : t + 1])[None]
-    return scale, codes
+    for block_start in range(0, steps, block_steps):
+        codes = np.zeros((num_codebooks, min(block_steps, steps - block_start)), dtype=np.int64)
+        with torch.no_grad():
+            for t in range(codes.shape[1]):
+                probas, states, lm_offset = lm(previous, states, lm_offset)
+                for k in range(num_codebooks):
+                    cdf = build_stable_quantized_cdf(
+                        probas[0, :, k, 0], decoder.total_range_bits, check=False
+                    )
+                    try:
+                        code = decoder.pull(cdf)
+                    except RuntimeError as exc:  # "Binary search failed": garbage payload
+                        raise ContainerError(f"corrupt LM payload: {exc}") from None
+                    if code is None:
+                        raise ContainerError("payload truncated inside an LM-coded frame")
+                    codes[k, t] = code
+                previous = 1 + torch.from_numpy(codes[:, t : t + 1])[None]
+        yield codes

@@ -1,9 +1,15 @@
-"""The code index of an LM-coded file: every frame's codes, entropy-decoded once, in order.
+"""The code index of an LM-coded file: its codes, entropy-decoded once, in order.
 
 Frame offsets of an LM-coded file are only known after decoding the frames before them,
 and that decoding (a language-model step per code step) costs more than the audio decode.
 So the codes are decoded once, kept in memory and persisted in the cache directory under
 the file's content hash; a remount or a second reader starts where the last one stopped.
+
+An index holds *units* of codes in order: a 48 kHz file's frames, or the fixed blocks of
+code steps of a 24 kHz file's single frame (one per decode chunk), so a reader waits only
+for the units it needs. A 24 kHz file is one arithmetic-coded stream that can only be
+decoded from its start: its builder resumes a partial index by decoding again from the
+start (the units already indexed are served meanwhile).
 
 The cache directory holds only ``<hash>.codes.npz`` files (and, while one is written,
 its ``.tmp`` sibling). It is capped in size: after each save the least recently used
@@ -29,30 +35,32 @@ from .container import EcdcError
 
 log = logging.getLogger(__name__)
 
-_FORMAT = 1
+_FORMAT = 2  # 2: units (frames or blocks of steps) instead of frames
 INDEX_SUFFIX = ".codes.npz"
 _TEMP_SUFFIX = ".tmp"
 DEFAULT_CACHE_DIR_MB = 256
 
 
-FrameScan = Callable[[int, int], tuple[float | None, np.ndarray, int]]
-"""``(frame, payload offset) -> (scale, codes, payload offset of the next frame)``."""
+Unit = tuple[int, float | None, np.ndarray, int]
+"""``(unit number, scale, codes, payload offset of the next unit)``."""
+UnitScan = Callable[[int, int], Iterator[Unit]]
+"""``(first unit wanted, its payload offset) -> units in order``, from that unit or earlier."""
 
 
 class CodeIndex:
-    """Codes, scales and byte offsets of the first ``len(self)`` frames of one file.
+    """Codes, scales and byte offsets of the first ``len(self)`` units of one file.
 
-    One builder thread appends frames in order; readers wait for the frame they need.
+    One builder thread appends units in order; readers wait for the unit they need.
     """
 
-    def __init__(self, frame_count: int) -> None:
-        self.frame_count = frame_count
+    def __init__(self, unit_count: int) -> None:
+        self.unit_count = unit_count
         self.changed = threading.Condition()
         self.scales: list[float | None] = []
         self.codes: list[np.ndarray] = []
-        self.next_offset = 0  # payload offset of frame len(self)
-        self.saved_frames = 0
-        self.error: EcdcError | None = None  # why frames from len(self) on cannot be had
+        self.next_offset = 0  # payload offset of unit len(self)
+        self.saved_units = 0
+        self.error: EcdcError | None = None  # why units from len(self) on cannot be had
         self.building = False
 
     def __len__(self) -> int:
@@ -60,7 +68,7 @@ class CodeIndex:
 
     @property
     def complete(self) -> bool:
-        return len(self) >= self.frame_count
+        return len(self) >= self.unit_count
 
     def append(self, scale: float | None, codes: np.ndarray, next_offset: int) -> None:
         with self.changed:
@@ -74,17 +82,17 @@ class CodeIndex:
             self.error = error
             self.changed.notify_all()
 
-    def has(self, frame: int) -> bool:
-        return frame < len(self)
+    def has(self, unit: int) -> bool:
+        return unit < len(self)
 
-    def get(self, frame: int) -> tuple[float | None, np.ndarray]:
-        """Scale and codes of ``frame``, waiting for the builder to reach it."""
+    def get(self, unit: int) -> tuple[float | None, np.ndarray]:
+        """Scale and codes of ``unit``, waiting for the builder to reach it."""
         with self.changed:
-            while frame >= len(self) and self.error is None:
+            while unit >= len(self) and self.error is None:
                 self.changed.wait()
-            if frame >= len(self):
+            if unit >= len(self):
                 raise self.error  # type: ignore[misc]
-            return self.scales[frame], self.codes[frame]
+            return self.scales[unit], self.codes[unit]
 
     def save(self, path: Path) -> None:
         """Write atomically (temp file + rename): readers never see half an index."""
@@ -92,7 +100,7 @@ class CodeIndex:
             codes, scales, next_offset = list(self.codes), list(self.scales), self.next_offset
         arrays = {
             "format": _FORMAT,
-            "frame_count": self.frame_count,
+            "unit_count": self.unit_count,
             "next_offset": next_offset,
             "lengths": np.array([c.shape[1] for c in codes], dtype=np.int64),
             "scales": np.array([np.nan if s is None else s for s in scales], dtype=np.float64),
@@ -108,15 +116,15 @@ class CodeIndex:
                 os.unlink(tmp.name)
                 raise
         os.replace(tmp.name, path)
-        self.saved_frames = len(codes)
+        self.saved_units = len(codes)
 
     @classmethod
-    def load(cls, path: Path, frame_count: int, num_codebooks: int) -> CodeIndex:
+    def load(cls, path: Path, unit_count: int, num_codebooks: int) -> CodeIndex:
         """Load a persisted index; raise ValueError if it does not fit the file."""
         with np.load(path) as data:
-            if int(data["format"]) != _FORMAT or int(data["frame_count"]) != frame_count:
+            if int(data["format"]) != _FORMAT or int(data["unit_count"]) != unit_count:
                 raise ValueError("index does not match the file")
-            index = cls(frame_count)
+            index = cls(unit_count)
             sizes = data["lengths"] * num_codebooks
             starts = np.cumsum(sizes) - sizes
             flat = data["codes"]
@@ -127,7 +135,7 @@ class CodeIndex:
                     raise ValueError("index is truncated")
                 index.codes.append(codes.reshape(num_codebooks, -1))
             index.next_offset = int(data["next_offset"])
-        index.saved_frames = len(index)
+        index.saved_units = len(index)
         return index
 
 
@@ -211,29 +219,31 @@ class IndexStore:
     def _path(self, identity: str) -> Path | None:
         return None if self.directory is None else self.directory / f"{identity}{INDEX_SUFFIX}"
 
-    def get(self, identity: str, frame_count: int, num_codebooks: int) -> CodeIndex:
+    def get(self, identity: str, unit_count: int, num_codebooks: int) -> CodeIndex:
         with self._lock:
             index = self._indexes.get(identity)
             if index is None:
-                index = self._load(identity, frame_count, num_codebooks) or CodeIndex(frame_count)
+                index = self._load(identity, unit_count, num_codebooks) or CodeIndex(unit_count)
                 self._indexes[identity] = index
             return index
 
-    def _load(self, identity: str, frame_count: int, num_codebooks: int) -> CodeIndex | None:
+    def _load(self, identity: str, unit_count: int, num_codebooks: int) -> CodeIndex | None:
         path = self._path(identity)
         if path is None or not path.exists():
             return None
         try:
-            index = CodeIndex.load(path, frame_count, num_codebooks)
+            index = CodeIndex.load(path, unit_count, num_codebooks)
         except Exception as exc:  # OSError, a bad zip, wrong arrays...: it is only a cache
             log.warning("ignoring unreadable index %s: %s", path, exc)
             return None
         with contextlib.suppress(OSError):  # most recently used: evicted last
             os.utime(path)
-        log.info("loaded index %s (%d/%d frames)", path.name, len(index), frame_count)
+        log.info("loaded index %s (%d/%d units)", path.name, len(index), unit_count)
         return index
 
-    def build(self, identity: str, index: CodeIndex, scan: FrameScan, label: str) -> None:
+    def build(
+        self, identity: str, index: CodeIndex, scan: UnitScan, label: str, unit: str = "frames"
+    ) -> None:
         """Complete ``index`` in the background (once), one file at a time."""
         with index.changed:
             if index.building or index.complete or index.error is not None:
@@ -241,36 +251,51 @@ class IndexStore:
             index.building = True
         threading.Thread(
             target=self._build,
-            args=(identity, index, scan, label),
+            args=(identity, index, scan, label, unit),
             name=f"ecdcfs-index-{label}",
             daemon=True,
         ).start()
 
-    def _build(self, identity: str, index: CodeIndex, scan: FrameScan, label: str) -> None:
+    def _build(
+        self, identity: str, index: CodeIndex, scan: UnitScan, label: str, unit: str
+    ) -> None:
         with self._builders:
-            total, reported = index.frame_count, 0
-            while not index.complete:
-                try:
-                    index.append(*scan(len(index), index.next_offset))
-                except EcdcError as exc:
-                    log.error("%s: frame %d: %s", label, len(index), exc)
-                    index.fail(exc)
-                    break
-                except Exception as exc:  # a bug or a torch failure: fail this file only
-                    log.exception("%s: indexing failed at frame %d", label, len(index))
-                    index.fail(EcdcError(f"indexing failed: {exc}"))
-                    break
-                percent = 100 * len(index) // total
-                if total >= 10 and percent >= reported + 10:
-                    reported = percent - percent % 10
-                    log.info("indexing %s: %d%% (%d/%d frames)", label, percent, len(index), total)
-                    self.persist(identity, index)
+            try:
+                self._scan_into(identity, index, scan, label, unit)
+            except EcdcError as exc:
+                log.error("%s: %s %d: %s", label, unit, len(index), exc)
+                index.fail(exc)
+            except Exception as exc:  # a bug or a torch failure: fail this file only
+                log.exception("%s: indexing failed at %s %d", label, unit, len(index))
+                index.fail(EcdcError(f"indexing failed: {exc}"))
             self.persist(identity, index)
+
+    def _scan_into(
+        self, identity: str, index: CodeIndex, scan: UnitScan, label: str, unit: str
+    ) -> None:
+        """Append the units ``scan`` yields past the end of ``index``, logging progress."""
+        total = index.unit_count
+        reported = 100 * len(index) // max(1, total) // 10 * 10
+        for number, scale, codes, next_offset in scan(len(index), index.next_offset):
+            if index.complete:
+                return
+            if number < len(index):  # a stream resumed from its start: already indexed
+                continue
+            if number > len(index):
+                raise RuntimeError(f"scan skipped from {unit} {len(index)} to {number}")
+            index.append(scale, codes, next_offset)
+            percent = 100 * len(index) // total
+            if total >= 10 and percent >= reported + 10:
+                reported = percent - percent % 10
+                log.info("indexing %s: %d%% (%d/%d %s)", label, percent, len(index), total, unit)
+                self.persist(identity, index)
+        if not index.complete:
+            raise RuntimeError(f"scan ended at {unit} {len(index)} of {total}")
 
     def persist(self, identity: str, index: CodeIndex) -> None:
         """Save the index if it grew; a cache directory that fails only costs persistence."""
         path = self._path(identity)
-        if path is None or len(index) <= index.saved_frames:
+        if path is None or len(index) <= index.saved_units:
             return
         with self._persist_lock:
             try:

@@ -414,6 +414,8 @@ def run_decode(args: Args, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO) ->
     progress = _progress(stderr, _isatty(stderr) and _is_regular_file(stdout), total=stop - start)
     try:
         audio = engine.open_source(args.target, source)
+        if _isatty(stderr):
+            _show_indexing(audio, source_units(header, start, stop).start, stderr)
         reader = audio.reader()
         for data in pcm_chunks(audio, start, stop, reader):
             stdout.write(data)
@@ -546,6 +548,34 @@ class _NoProgress:
 
     def close(self) -> None:
         pass
+
+
+def _show_indexing(audio: Any, unit: int, stderr: TextIO) -> None:
+    """A tqdm bar while an LM-coded file's codes are indexed up to decode unit ``unit``.
+
+    The LM decodes a file's codes in order, so a seek far into a long LM-coded file
+    waits for every unit before it; plain files (no index) return at once.
+    """
+    index = audio.code_index()
+    if index is None or index.has(unit):
+        return
+    from tqdm import tqdm
+
+    with (
+        tqdm(
+            total=unit + 1,
+            initial=len(index),
+            desc="indexing",
+            unit=" units",
+            file=stderr,
+            leave=False,
+            dynamic_ncols=True,
+        ) as bar,
+        index.changed,
+    ):
+        while not index.has(unit) and index.error is None:
+            index.changed.wait(0.5)
+            bar.update(min(len(index), unit + 1) - bar.n)
 
 
 def _progress(stderr: TextIO, enabled: bool, total: int | None) -> Any:
