@@ -526,3 +526,22 @@ class TestFuseOperations:
         monkeypatch.setattr(ops.tree, "getattr", lambda path: 1 / 0)
         assert self.errno_of(ops.getattr, "/x.wav") == errno.EIO
         assert "unexpected error" in caplog.text
+
+
+def test_warm_up_loads_only_the_models_the_files_use(src, torch_home):
+    from ecdcfs.audiofile import Engine, Settings
+
+    (src / "a" / "b").mkdir(parents=True)
+    (src / "a" / "b" / "voice.ecdc").write_bytes(ecdc(model="encodec_24khz"))
+    (src / "junk.ecdc").write_bytes(b"junk")
+    os.mkfifo(src / "pipe.ecdc")  # opened without blocking, then skipped
+    tree = SourceTree(src, engine_factory=lambda: Engine(Settings(device="cpu", cache_dir=None)))
+    try:
+        assert tree.models_in_use() == {"encodec_24khz"}
+        tree.warm_up(quiet_seconds=0)
+        assert tree.engine.loaded_codec(MODELS["encodec_24khz"]) is not None
+        assert tree.engine.loaded_codec(MODELS["encodec_48khz"]) is None
+    finally:
+        tree.close()
+    (src / "song.ecdc").write_bytes(ecdc())
+    assert SourceTree(src, engine_factory=NoEngine()).models_in_use() == set(MODELS)

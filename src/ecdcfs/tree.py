@@ -60,7 +60,7 @@ from cachetools import LRUCache
 
 from .audiofile import AudioFile, Engine, Reader, wav_layout
 from .codec import ModelUnavailable
-from .container import EcdcError, Header, parse_header, read_header
+from .container import MODELS, EcdcError, Header, parse_header, read_header
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +81,8 @@ _LM_FRAME_BYTES = 16
 
 DIR, FILE, LINK, AUDIO = "dir", "file", "link", "audio"
 WARM_UP_QUIET_SECONDS = 1.0
+# Headers read (in this many folders at most) to learn which models to load at mount.
+WARM_UP_HEADERS, WARM_UP_FOLDERS = 64, 256
 
 
 def _kind(mode: int) -> str | None:
@@ -277,7 +279,7 @@ class SourceTree:
             return self._engine
 
     def warm_up(self, quiet_seconds: float = WARM_UP_QUIET_SECONDS) -> None:
-        """Load the models whose checkpoints are on disk (in the daemon, in the background).
+        """Load the models the source's files use (in the daemon, in the background).
 
         Waits until the mount has been quiet for ``quiet_seconds``: importing torch holds
         Python's GIL for seconds, which would stall a listing running meanwhile. A read
@@ -286,11 +288,35 @@ class SourceTree:
         while (idle := time.monotonic() - self._last_activity) < quiet_seconds:
             time.sleep(quiet_seconds - idle)
         try:
-            self.engine.warm_up()
+            self.engine.warm_up(self.models_in_use())
         except EcdcError:  # unmounted meanwhile
             pass
         except Exception:  # the first read that needs the model reports it again
             log.exception("loading the models in the background failed")
+
+    def models_in_use(self) -> set[str]:
+        """Names of the models of the first .ecdc files under the source.
+
+        Reads at most :data:`WARM_UP_HEADERS` headers in :data:`WARM_UP_FOLDERS` folders,
+        so a huge tree costs no more; unreadable and corrupt files are skipped.
+        """
+        names: set[str] = set()
+        headers = 0
+        for folders, (folder, _, files) in enumerate(os.walk(self.source), 1):
+            for name in sorted(filter(is_ecdc_name, files)):
+                try:
+                    with open(_open_noatime(os.path.join(folder, name)), "rb") as f:
+                        st = os.fstat(f.fileno())
+                        if stat.S_ISREG(st.st_mode):
+                            names.add(read_header(f, st.st_size).model.name)
+                except (EcdcError, OSError) as exc:
+                    log.debug("warm-up: skipping %s: %s", name, exc)
+                headers += 1
+                if headers >= WARM_UP_HEADERS or len(names) == len(MODELS):
+                    return names
+            if folders >= WARM_UP_FOLDERS:
+                break
+        return names
 
     def close(self) -> None:
         """Close every handle and the engine (at unmount)."""
@@ -614,7 +640,7 @@ def _attributes(kind: str, st: os.stat_result, wav_size: int | None = None) -> d
     return attrs
 
 
-def _open_noatime(name: str, dir_fd: int) -> int:
+def _open_noatime(name: str, dir_fd: int | None = None) -> int:
     """Open to read a header without touching the source's atime (where allowed)."""
     try:
         return os.open(name, _FILE_FLAGS | os.O_NOATIME, dir_fd=dir_fd)
