@@ -95,6 +95,7 @@ CASES = [
     (700, 6, False),  # three code steps: encodec's left-edge padding sees the future
     (CHUNK + 321, 24, False),  # a chunk, then a two-step chunk (its warm-up is longer)
     (ONE_MINUTE, 1.5, False),  # six chunks
+    (700, 6, True),  # LM-coded, three code steps
     (30_007, 24, True),  # LM-coded, one chunk
     (CHUNK + 20_000, 1.5, True),  # LM-coded, two chunks
 ]

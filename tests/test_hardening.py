@@ -438,7 +438,7 @@ def test_persisting_keeps_the_directory_under_its_cap_and_loading_touches(tmp_pa
     os.utime(cache / f"bb{index.INDEX_SUFFIX}", ns=(old + 10**9, old + 10**9))
     # A new store (a remount) loads "aa": it becomes the most recently used.
     store = IndexStore(cache, max_bytes=int(size * 2.5))
-    loaded = store.get("aa", 20, 2)
+    loaded = store.get("aa", 20, 2, lambda unit: 150)
     assert len(loaded) == 20 and int(loaded.codes[7][0, 0]) == 7
     store.persist("cc", _index(20))
     assert sorted(p.name for p in cache.iterdir()) == [
@@ -455,9 +455,17 @@ def test_corrupt_index_file_is_ignored(tmp_path, junk, caplog):
     cache.mkdir()
     (cache / f"ff{index.INDEX_SUFFIX}").write_bytes(junk)
     store = IndexStore(cache)
-    fresh = store.get("ff", 5, 2)
+    fresh = store.get("ff", 5, 2, lambda unit: 150)
     assert len(fresh) == 0 and fresh.unit_count == 5
     assert "ignoring unreadable index" in caplog.text
+
+
+def test_index_with_other_unit_lengths_is_ignored(tmp_path, caplog):
+    """E.g. an LM-coded 24 kHz file's index written with another chunk size."""
+    IndexStore(tmp_path / "cache").persist("aa", _index(3, steps=150))
+    assert len(IndexStore(tmp_path / "cache").get("aa", 3, 2, lambda unit: 150)) == 3
+    fresh = IndexStore(tmp_path / "cache").get("aa", 3, 2, lambda unit: 100 if unit else 150)
+    assert len(fresh) == 0 and "ignoring unreadable index" in caplog.text
 
 
 def test_clear_cache_deletes_only_indexes(tmp_path):

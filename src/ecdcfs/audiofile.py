@@ -343,7 +343,7 @@ class AudioFile:
         with self._index_lock:
             if self._index is None:
                 self._index = self.engine.indexes.get(
-                    self.identity, self.unit_count, self.layout.num_codebooks
+                    self.identity, self.unit_count, self.layout.num_codebooks, self._unit_steps
                 )
                 self.engine.indexes.build(
                     self.identity,
@@ -353,6 +353,13 @@ class AudioFile:
                     "frames" if self._chunks is None else "chunks",
                 )
             return self._index
+
+    def _unit_steps(self, unit: int) -> int:
+        """Code steps of decode unit ``unit`` (a frame, or a 24 kHz chunk's kept steps)."""
+        if self._chunks is None:
+            return self.layout.code_steps(unit)
+        _, kept, stop = self._chunks.span(unit)
+        return stop - kept
 
     def code_index(self) -> CodeIndex | None:
         """The code index of an LM-coded file (its build starts now); None for others."""

@@ -119,13 +119,23 @@ class CodeIndex:
         self.saved_units = len(codes)
 
     @classmethod
-    def load(cls, path: Path, unit_count: int, num_codebooks: int) -> CodeIndex:
-        """Load a persisted index; raise ValueError if it does not fit the file."""
+    def load(
+        cls, path: Path, unit_count: int, num_codebooks: int, unit_steps: Callable[[int], int]
+    ) -> CodeIndex:
+        """Load a persisted index; raise ValueError if it does not fit the file.
+
+        ``unit_steps(unit)`` is the number of code steps unit ``unit`` must hold.
+        """
         with np.load(path) as data:
             if int(data["format"]) != _FORMAT or int(data["unit_count"]) != unit_count:
                 raise ValueError("index does not match the file")
             index = cls(unit_count)
-            sizes = data["lengths"] * num_codebooks
+            lengths = data["lengths"]
+            if len(lengths) > unit_count or any(
+                int(n) != unit_steps(unit) for unit, n in enumerate(lengths)
+            ):
+                raise ValueError("index units do not match the file")
+            sizes = lengths * num_codebooks
             starts = np.cumsum(sizes) - sizes
             flat = data["codes"]
             for scale, start, size in zip(data["scales"], starts, sizes, strict=True):
@@ -219,20 +229,26 @@ class IndexStore:
     def _path(self, identity: str) -> Path | None:
         return None if self.directory is None else self.directory / f"{identity}{INDEX_SUFFIX}"
 
-    def get(self, identity: str, unit_count: int, num_codebooks: int) -> CodeIndex:
+    def get(
+        self, identity: str, unit_count: int, num_codebooks: int, unit_steps: Callable[[int], int]
+    ) -> CodeIndex:
+        """The index of ``identity``: in memory, persisted, or new (``unit_steps``: see load)."""
         with self._lock:
             index = self._indexes.get(identity)
             if index is None:
-                index = self._load(identity, unit_count, num_codebooks) or CodeIndex(unit_count)
+                loaded = self._load(identity, unit_count, num_codebooks, unit_steps)
+                index = loaded or CodeIndex(unit_count)
                 self._indexes[identity] = index
             return index
 
-    def _load(self, identity: str, unit_count: int, num_codebooks: int) -> CodeIndex | None:
+    def _load(
+        self, identity: str, unit_count: int, num_codebooks: int, unit_steps: Callable[[int], int]
+    ) -> CodeIndex | None:
         path = self._path(identity)
         if path is None or not path.exists():
             return None
         try:
-            index = CodeIndex.load(path, unit_count, num_codebooks)
+            index = CodeIndex.load(path, unit_count, num_codebooks, unit_steps)
         except Exception as exc:  # OSError, a bad zip, wrong arrays...: it is only a cache
             log.warning("ignoring unreadable index %s: %s", path, exc)
             return None
