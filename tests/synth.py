@@ -665,3 +665,17 @@ def lm_encode(lm, codes: np.ndarray) -> bytes:
                 coder.push(value, cdf)
     coder.flush()
     return out.getvalue()
+
+
+def container_24khz(samples: int, nc: int, payload: bytes, lm: bool = False) -> bytes:
+    """A version-0 ``encodec_24khz`` file of ``samples`` with ``payload`` (any bytes)."""
+    meta = json.dumps({"m": "encodec_24khz", "al": samples, "nc": nc, "lm": lm}).encode()
+    return _HEADER.pack(_MAGIC, 0, len(meta)) + meta + payload
+
+
+def random_packed_24khz(samples: int, nc: int, seed: int = 0) -> bytes:
+    """Bit-packed random codes for a 24 kHz file of ``samples`` (no encoder needed)."""
+    steps = -(-samples // 320)
+    codes = np.random.default_rng(seed).integers(0, 1024, steps * nc, dtype=np.uint16)
+    bits = ((codes[:, None] >> np.arange(10, dtype=np.uint16)) & 1).astype(np.uint8)
+    return np.packbits(bits.reshape(-1), bitorder="little").tobytes()

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import json
 import random
-import struct
 import threading
 import time
 from pathlib import Path
@@ -45,19 +43,6 @@ def assert_within_one_lsb(wav: bytes, data: bytes) -> None:
     assert expected.std() > 100  # not silence
 
 
-def container(samples: int, nc: int, payload: bytes, lm: bool = False) -> bytes:
-    meta = json.dumps({"m": "encodec_24khz", "al": samples, "nc": nc, "lm": lm}).encode()
-    return struct.pack("!4sBI", b"ECDC", 0, len(meta)) + meta + payload
-
-
-def random_packed(samples: int, nc: int, seed: int = 0) -> bytes:
-    """Bit-packed random codes for a 24 kHz file of ``samples`` (no encoder needed)."""
-    steps = -(-samples // HOP)
-    codes = np.random.default_rng(seed).integers(0, 1024, steps * nc, dtype=np.uint16)
-    bits = ((codes[:, None] >> np.arange(10, dtype=np.uint16)) & 1).astype(np.uint8)
-    return np.packbits(bits.reshape(-1), bitorder="little").tobytes()
-
-
 # --- the grid and the codes of a step range (no model) ----------------------------------
 
 
@@ -78,7 +63,7 @@ def test_grid_covers_samples_with_chunks():
 @pytest.mark.parametrize("nc", [1, 2, 3, 8, 32])
 def test_step_ranges_unpack_like_the_whole_frame(nc):
     steps = 101
-    payload = random_packed(steps * HOP, nc, seed=nc)
+    payload = synth.random_packed_24khz(steps * HOP, nc, seed=nc)
     whole = unpack_codes(payload, nc, steps, 10)
     rng = random.Random(nc)
     for _ in range(50):
@@ -183,7 +168,11 @@ def _reset_peak_rss() -> bool:
 
 def test_one_hour_file_seeks_in_bounded_memory_and_time(engine, tmp_path):
     samples, nc = 3600 * SR + 123, 2
-    path = synth.write(tmp_path, "hour.ecdc", container(samples, nc, random_packed(samples, nc)))
+    path = synth.write(
+        tmp_path,
+        "hour.ecdc",
+        synth.container_24khz(samples, nc, synth.random_packed_24khz(samples, nc)),
+    )
     audio = engine.open(path)
     assert audio.size == 44 + 2 * samples
     codec = engine.codec(MODELS["encodec_24khz"])
@@ -230,12 +219,14 @@ def small_chunks(monkeypatch):
 
 def lm_and_plain(engine, samples: int, nc: int, seed: int = 0) -> tuple[bytes, bytes]:
     """The same random codes as an LM-coded and as a bit-packed 24 kHz file."""
-    plain = random_packed(samples, nc, seed)
+    plain = synth.random_packed_24khz(samples, nc, seed)
     steps = -(-samples // HOP)
     codes = unpack_codes(plain, nc, steps, 10)
     lm = engine.codec(MODELS["encodec_24khz"]).lm
-    return container(samples, nc, synth.lm_encode(lm, codes), lm=True), container(
-        samples, nc, plain
+    lm_coded = synth.lm_encode(lm, codes)
+    return (
+        synth.container_24khz(samples, nc, lm_coded, lm=True),
+        synth.container_24khz(samples, nc, plain),
     )
 
 
@@ -357,7 +348,9 @@ def test_truncated_lm_file_reads_up_to_the_damage(engine, small_chunks, tmp_path
 
 def test_long_lm_file_opens_with_its_exact_size_and_fails_only_where_damaged(engine, tmp_path):
     samples = 2 * 3600 * SR + 5  # two hours claimed, 64 bytes of payload
-    path = synth.write(tmp_path, "long.ecdc", container(samples, 2, bytes(range(64)), lm=True))
+    path = synth.write(
+        tmp_path, "long.ecdc", synth.container_24khz(samples, 2, bytes(range(64)), lm=True)
+    )
     audio = engine.open(path)
     assert audio.size == 44 + 2 * samples
     assert audio.read(0, 44) == audio.wav.header

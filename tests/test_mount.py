@@ -586,3 +586,49 @@ def test_missing_checkpoint_fails_reads_with_one_log_line(small_library, tmp_pat
         assert "Traceback" not in m.log_text()
     finally:
         m.stop()
+
+
+def _status_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise LookupError(field)
+
+
+def test_one_hour_24khz_file_mounts_seeks_and_streams_in_bounded_memory(torch_home, tmp_path):
+    rate, nc = 24_000, 2
+    samples = 3600 * rate + 7
+    data = synth.container_24khz(samples, nc, synth.random_packed_24khz(samples, nc, seed=8))
+    src = tmp_path / "src"
+    src.mkdir()
+    path = synth.write(src, "hour.ecdc", data)
+    m = Mount(src, tmp_path / "mnt", tmp_path / "log", "--cache-mb", "16")
+    try:
+        wav = m.mnt / "hour.wav"
+        assert os.stat(wav).st_size == 44 + 2 * samples
+        deadline = time.monotonic() + 120
+        while "loaded encodec_24khz" not in m.log_text():  # the only model its files use
+            assert time.monotonic() < deadline, m.log_text()
+            time.sleep(0.2)
+        pid = m.proc.pid
+        rss_kib = _status_kib(pid, "VmRSS")
+        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS from here on
+        from ecdcfs.audiofile import Engine, Settings
+
+        engine = Engine(Settings(device="cpu", cache_dir=None))
+        expected = engine.open(path)
+        with open(wav, "rb") as f:
+            seek = 44 + 2 * 45 * 60 * rate  # 45:00
+            assert os.pread(f.fileno(), 2 * rate, seek) == expected.read(seek, 2 * rate)
+            start = 44 + 2 * 10 * 60 * rate  # 10:00, then 40 s in 128 KiB reads
+            f.seek(start)
+            for offset in range(start, start + 2 * 40 * rate, 128 << 10):
+                assert f.read(128 << 10) == expected.read(offset, 128 << 10), offset
+        engine.close()
+        growth_mb = (_status_kib(pid, "VmHWM") - rss_kib) / 1024
+        # A 6 s decode's activations (~300 MB at their peak) and a 16 MB cache, whatever
+        # the length: decoding the hour in one piece, as encodec does, takes ~60 GB.
+        assert growth_mb < 450, growth_mb
+        assert "loaded encodec_48khz" not in m.log_text()
+    finally:
+        m.stop()
