@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import random
 import threading
 import time
@@ -14,6 +15,7 @@ import synth
 from ecdcfs import audiofile
 from ecdcfs.audiofile import Engine, Settings
 from ecdcfs.causal import CHUNK_STEPS, CONTEXT_STEPS, ChunkGrid, packed_steps
+from ecdcfs.codec import decode_lm_steps
 from ecdcfs.container import MODELS, EcdcError, unpack_codes
 from ecdcfs.index import INDEX_SUFFIX, CodeIndex
 
@@ -359,3 +361,28 @@ def test_long_lm_file_opens_with_its_exact_size_and_fails_only_where_damaged(eng
     with pytest.raises(EcdcError):
         audio.read(audio.size - 10, 10)
     assert (_kib("VmRSS") - rss_before) / 1024 < 100
+
+
+def test_lm_blocks_do_not_keep_the_decoders_symbol_log(engine, monkeypatch):
+    """encodec's ArithmeticDecoder logs every symbol it pulls; a 24 kHz file is one stream
+    (one decoder for the whole file), so the log must not live as long as the decoder."""
+    import encodec.quantization.ac as ac
+
+    decoders = []
+
+    class Recorded(ac.ArithmeticDecoder):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            decoders.append(self)
+
+    monkeypatch.setattr(ac, "ArithmeticDecoder", Recorded)
+    nc, steps = 2, 100
+    codes = np.random.default_rng(5).integers(0, 1024, (nc, steps))
+    lm = engine.codec(MODELS["encodec_24khz"]).lm
+    stream = io.BytesIO(synth.lm_encode(lm, codes))
+    blocks = []
+    for block in decode_lm_steps(lm, stream, nc, steps, 40):
+        assert decoders[0]._dbg == decoders[0]._dbg2 == []
+        blocks.append(block)
+    assert [b.shape[1] for b in blocks] == [40, 40, 20]
+    assert np.array_equal(np.concatenate(blocks, axis=1), codes)
