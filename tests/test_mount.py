@@ -86,6 +86,14 @@ def is_mounted(mnt: Path) -> bool:
     return cli_is_mounted(str(mnt))
 
 
+def _proc_kib(pid: int, field: str) -> int:
+    """A ``/proc/PID/status`` figure in KiB (VmRSS, VmHWM...)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise LookupError(field)
+
+
 def ecdcfs_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "ecdcfs", *args]
 
@@ -588,13 +596,6 @@ def test_missing_checkpoint_fails_reads_with_one_log_line(small_library, tmp_pat
         m.stop()
 
 
-def _status_kib(pid: int, field: str) -> int:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise LookupError(field)
-
-
 def test_one_hour_24khz_file_mounts_seeks_and_streams_in_bounded_memory(torch_home, tmp_path):
     rate, nc = 24_000, 2
     samples = 3600 * rate + 7
@@ -611,7 +612,7 @@ def test_one_hour_24khz_file_mounts_seeks_and_streams_in_bounded_memory(torch_ho
             assert time.monotonic() < deadline, m.log_text()
             time.sleep(0.2)
         pid = m.proc.pid
-        rss_kib = _status_kib(pid, "VmRSS")
+        rss_kib = _proc_kib(pid, "VmRSS")
         Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS from here on
         from ecdcfs.audiofile import Engine, Settings
 
@@ -625,7 +626,7 @@ def test_one_hour_24khz_file_mounts_seeks_and_streams_in_bounded_memory(torch_ho
             for offset in range(start, start + 2 * 40 * rate, 128 << 10):
                 assert f.read(128 << 10) == expected.read(offset, 128 << 10), offset
         engine.close()
-        growth_mb = (_status_kib(pid, "VmHWM") - rss_kib) / 1024
+        growth_mb = (_proc_kib(pid, "VmHWM") - rss_kib) / 1024
         # A 6 s decode's activations (~300 MB at their peak) and a 16 MB cache, whatever
         # the length: decoding the hour in one piece, as encodec does, takes ~60 GB.
         assert growth_mb < 450, growth_mb

@@ -27,6 +27,7 @@ from test_mount import (
     SR,
     Mount,
     _daemon_pids,
+    _proc_kib,
     ecdcfs_cmd,
     is_mounted,
     unmount,
@@ -38,14 +39,6 @@ pytestmark = pytest.mark.mount
 
 VENV_BIN = Path(sys.executable).parent
 IS_ROOT = os.geteuid() == 0
-
-
-def _proc_kib(pid: int, key: str) -> int:
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise KeyError(key)
 
 
 def _error_lines(mount: Mount) -> list[str]:
