@@ -332,9 +332,10 @@ def test_24khz_seek_across_chunks(torch_home, tmp_path):
     assert np.abs(pcm_array(out).astype(int) - whole[468_000:492_000]).max() <= 1
 
 
-def test_seek_into_an_lm_file_shows_indexing_progress(torch_home, tmp_path):
+def test_seek_into_an_lm_file_shows_indexing_progress(torch_home, tmp_path, monkeypatch):
     data = synth.make_ecdc("encodec_48khz", 2 * RATE + 1000, kbps=3, lm=True)  # 3 frames
     path = synth.write(tmp_path, "lm.ecdc", data)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))  # no index persisted yet
     rc, out, err = run("-ss", "1.5", "-d", str(path), stderr=Terminal())
     assert rc == 0 and "indexing" in err  # the codes of frames 0 and 1 come first
     assert out == synth.reference_pcm(data)[RATE * 3 // 2 :].astype("<i2").tobytes()
