@@ -679,3 +679,22 @@ def random_packed_24khz(samples: int, nc: int, seed: int = 0) -> bytes:
     codes = np.random.default_rng(seed).integers(0, 1024, steps * nc, dtype=np.uint16)
     bits = ((codes[:, None] >> np.arange(10, dtype=np.uint16)) & 1).astype(np.uint8)
     return np.packbits(bits.reshape(-1), bitorder="little").tobytes()
+
+
+def run_in_threads(func, arguments: list[tuple], timeout: float = 300) -> list[BaseException]:
+    """Run ``func(*args)`` for every ``args`` at once, a thread each; return what they raised."""
+    errors: list[BaseException] = []
+
+    def guarded(*args) -> None:
+        try:
+            func(*args)
+        except BaseException as exc:  # reported to the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=args) for args in arguments]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    assert not any(thread.is_alive() for thread in threads), "threads still running"
+    return errors

@@ -128,21 +128,13 @@ def test_random_and_concurrent_reads_equal_a_sequential_read(torch_home, tmp_pat
         for _ in range(24):
             spans.append((rng.randrange(audio.size), rng.choice([1, 3, 4096, READ, 3 * CHUNK])))
         rng.shuffle(spans)
-        errors: list[BaseException] = []
 
         def worker(part):
-            try:
-                reader = audio.reader()
-                for offset, size in part:
-                    assert reader.read(offset, size) == expected[offset : offset + size]
-            except BaseException as exc:
-                errors.append(exc)
+            reader = audio.reader()
+            for offset, size in part:
+                assert reader.read(offset, size) == expected[offset : offset + size]
 
-        threads = [threading.Thread(target=worker, args=(spans[i::4],)) for i in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
+        errors = synth.run_in_threads(worker, [(spans[i::4],) for i in range(4)])
         assert not errors, errors[0]
         # A chunk decoded again (as after an eviction) gives the same bytes.
         assert np.array_equal(audio._decode_chunk(3).audio, audio.frame(3).result().audio)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import random
-import threading
 import wave
 from io import BytesIO
 
@@ -85,27 +84,20 @@ def test_concurrent_readers_decode_each_frame_once(engine, tmp_path):
     data = synth.make_ecdc(samples=200_000, kbps=12)
     path = synth.write(tmp_path, "x.ecdc", data)
     expected = expected_wav(data)
-    results, errors = {}, []
+    results = {}
 
     def run(n: int) -> None:
-        try:
-            audio = engine.open(path)
-            reader = audio.reader()
-            rng = random.Random(n)
-            offsets = list(range(0, audio.size, 50_000))
-            if n % 2:
-                rng.shuffle(offsets)
-            results[n] = {o: reader.read(o, 50_000) for o in offsets}
-            reader.close()
-        except Exception as exc:  # reported below
-            errors.append(exc)
+        audio = engine.open(path)
+        reader = audio.reader()
+        rng = random.Random(n)
+        offsets = list(range(0, audio.size, 50_000))
+        if n % 2:
+            rng.shuffle(offsets)
+        results[n] = {o: reader.read(o, 50_000) for o in offsets}
+        reader.close()
 
-    threads = [threading.Thread(target=run, args=(n,)) for n in range(6)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors
+    errors = synth.run_in_threads(run, [(n,) for n in range(6)])
+    assert not errors, errors[0]
     for chunks in results.values():
         assert all(chunk == expected[o : o + 50_000] for o, chunk in chunks.items())
     assert engine.scheduler.decoded_count == engine.open(path).layout.frame_count
@@ -117,19 +109,13 @@ def test_one_reader_shared_by_threads(engine, tmp_path):
     expected, reader = expected_wav(data), audio.reader()
     offsets = list(range(0, audio.size, 4096))
     random.Random(3).shuffle(offsets)
-    errors = []
 
     def run(part: list[int]) -> None:
         for offset in part:
-            if reader.read(offset, 4096) != expected[offset : offset + 4096]:
-                errors.append(offset)
+            assert reader.read(offset, 4096) == expected[offset : offset + 4096], offset
 
-    threads = [threading.Thread(target=run, args=(offsets[n::4],)) for n in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
-    assert not errors
+    errors = synth.run_in_threads(run, [(offsets[n::4],) for n in range(4)])
+    assert not errors, errors[0]
     reader.close()
 
 

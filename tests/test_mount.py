@@ -15,7 +15,6 @@ import signal
 import struct
 import subprocess
 import sys
-import threading
 import time
 import wave
 from collections.abc import Iterator
@@ -295,7 +294,6 @@ def test_concurrent_cold_reads(mount, media):
     """Threads reading a file nothing has decoded yet, through shared and own handles."""
     expected = wav_bytes(media["short_pcm"], SR)
     size = len(expected)
-    errors: list[str] = []
     path = mount.mnt / "cold.wav"
     shared = os.open(path, os.O_RDONLY)
 
@@ -308,20 +306,13 @@ def test_concurrent_cold_reads(mount, media):
                 length = rng.choice([7, 4096, 65_536, 131_072])
                 offset = size - 5000 if i == 0 and seed % 2 else rng.randrange(size)
                 got = os.pread(fd, length, offset)
-                if got != expected[offset : offset + length]:
-                    errors.append(f"seed {seed}: mismatch at {offset}+{length}")
-        except OSError as exc:
-            errors.append(f"seed {seed}: {exc}")
+                assert got == expected[offset : offset + length], (seed, offset, length)
         finally:
             os.close(own)
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(8)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout=300)
+    errors = synth.run_in_threads(worker, [(i,) for i in range(8)])
     os.close(shared)
-    assert not errors
+    assert not errors, errors[0]
     assert path.read_bytes() == expected
 
 

@@ -152,23 +152,21 @@ class FrameScheduler:
                 return [jobs[0].produce()]
             except BaseException as exc:  # handed to every waiting reader
                 return [exc]
-        outcomes: list[DecodedFrame | BaseException] = []
+        outcomes: dict[int, DecodedFrame | BaseException] = {}
         inputs, ready = [], []
-        for job in jobs:
+        for position, job in enumerate(jobs):
             try:
                 inputs.append(job.batch.inputs())  # type: ignore[union-attr]
-                ready.append(len(outcomes))
-                outcomes.append(RuntimeError("unreachable"))
-            except BaseException as exc:
-                outcomes.append(exc)
+                ready.append(position)
+            except BaseException as exc:  # this frame fails alone
+                outcomes[position] = exc
         if ready:
             try:
                 frames: list = jobs[ready[0]].batch.run(inputs)  # type: ignore[union-attr]
             except BaseException as exc:
                 frames = [exc] * len(ready)
-            for position, frame in zip(ready, frames, strict=True):
-                outcomes[position] = frame
-        return outcomes
+            outcomes.update(zip(ready, frames, strict=True))
+        return [outcomes[position] for position in range(len(jobs))]
 
     def _run(self) -> None:
         while (job := self._next_job()) is not None:
