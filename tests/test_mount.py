@@ -624,3 +624,32 @@ def test_one_hour_24khz_file_mounts_seeks_and_streams_in_bounded_memory(torch_ho
         assert "loaded encodec_48khz" not in m.log_text()
     finally:
         m.stop()
+
+
+def test_lm_coded_24khz_file_reads_like_the_plain_file_of_its_codes(torch_home, tmp_path):
+    """Two chunks of LM-coded 24 kHz through the mount: the index is built in blocks from
+    one arithmetic-coded stream; the bytes equal those of the same codes bit-packed."""
+    from ecdcfs.audiofile import Engine, Settings
+    from ecdcfs.container import MODELS, unpack_codes
+
+    samples, nc = 400 * 320 - 9, 2  # 400 code steps: a 375-step chunk and a short one
+    plain = synth.random_packed_24khz(samples, nc, seed=21)
+    engine = Engine(Settings(device="cpu", cache_dir=None))
+    lm = engine.codec(MODELS["encodec_24khz"]).lm
+    lm_coded = synth.lm_encode(lm, unpack_codes(plain, nc, 400, 10))
+    engine.close()
+    src = tmp_path / "src"
+    src.mkdir()
+    synth.write(src, "lm.ecdc", synth.container_24khz(samples, nc, lm_coded, lm=True))
+    synth.write(src, "plain.ecdc", synth.container_24khz(samples, nc, plain))
+    m = Mount(src, tmp_path / "mnt", tmp_path / "log")
+    try:
+        with open(m.mnt / "lm.wav", "rb") as f:  # the second chunk first
+            tail = os.pread(f.fileno(), 10_000, 44 + 2 * 375 * 320 - 5000)
+            whole = f.read()
+        expected = (m.mnt / "plain.wav").read_bytes()
+        assert whole == expected and len(whole) == 44 + 2 * samples
+        assert tail == expected[44 + 2 * 375 * 320 - 5000 :][:10_000]
+        assert "Traceback" not in m.log_text()
+    finally:
+        m.stop()
