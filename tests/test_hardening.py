@@ -592,3 +592,23 @@ def test_fuzzed_files_through_the_view_only_fail_cleanly(tmp_path_factory, data)
         return
     assert size > 0 and tree.read(fh, 4, 0) in (b"RIFF", b"RF64")
     tree.release(fh)
+
+
+def test_an_index_being_built_is_shared_even_after_eviction(tmp_path):
+    """More LM-coded files than the in-memory slots: a reopen finds the running build."""
+    store = IndexStore(tmp_path / "cache", in_memory=1)
+    gate = threading.Event()
+
+    def scan(first: int, offset: int):
+        for unit in range(first, 3):
+            assert gate.wait(30)
+            yield unit, None, np.full((2, 10), unit, dtype=np.int64), 0
+
+    building = store.get("aa", 3, 2, lambda unit: 10)
+    assert len(building) == 0  # empty, and still the one index of "aa"
+    assert store.get("aa", 3, 2, lambda unit: 10) is building
+    store.build("aa", building, scan, "aa")
+    store.get("bb", 3, 2, lambda unit: 10)  # evicts "aa" from memory
+    assert store.get("aa", 3, 2, lambda unit: 10) is building
+    gate.set()
+    assert int(building.get(2)[1][0, 0]) == 2

@@ -222,6 +222,7 @@ class IndexStore:
         self.directory = directory
         self.max_bytes = max_bytes
         self._indexes: LRUCache = LRUCache(maxsize=in_memory)
+        self._building: dict[str, CodeIndex] = {}  # kept while built, even if evicted above
         self._lock = threading.Lock()
         self._builders = threading.Semaphore(1)  # indexing is CPU-bound: one file at a time
         self._persist_lock = threading.Lock()
@@ -236,9 +237,12 @@ class IndexStore:
         with self._lock:
             index = self._indexes.get(identity)
             if index is None:
-                loaded = self._load(identity, unit_count, num_codebooks, unit_steps)
-                index = loaded or CodeIndex(unit_count)
-                self._indexes[identity] = index
+                index = self._building.get(identity)
+            if index is None:
+                index = self._load(identity, unit_count, num_codebooks, unit_steps)
+            if index is None:
+                index = CodeIndex(unit_count)
+            self._indexes[identity] = index
             return index
 
     def _load(
@@ -265,6 +269,8 @@ class IndexStore:
             if index.building or index.complete or index.error is not None:
                 return
             index.building = True
+        with self._lock:
+            self._building[identity] = index
         threading.Thread(
             target=self._build,
             args=(identity, index, scan, label, unit),
@@ -285,6 +291,8 @@ class IndexStore:
                 log.exception("%s: indexing failed at %s %d", label, unit, len(index))
                 index.fail(EcdcError(f"indexing failed: {exc}"))
             self.persist(identity, index)
+        with self._lock:
+            del self._building[identity]
 
     def _scan_into(
         self, identity: str, index: CodeIndex, scan: UnitScan, label: str, unit: str
