@@ -31,7 +31,7 @@ the same error but needed ~390 MB of working memory, which put a streaming daemo
 
 Costs, in decoded code steps per kept step: sequential reads ``(C + X) / C`` = 1.2; a cold
 read decodes one chunk with its warm-up (6 s of codes), or two when it straddles a chunk
-boundary; working memory is that of a 6 s decode (~200 MB at its peak, handed back to the
+boundary; working memory is that of a 6 s decode (~250-300 MB at its peak, handed back to the
 OS after each chunk) whatever the file length.
 """
 
