@@ -61,7 +61,6 @@ class CodeIndex:
         self.next_offset = 0  # payload offset of unit len(self)
         self.saved_units = 0
         self.error: EcdcError | None = None  # why units from len(self) on cannot be had
-        self.building = False
 
     def __len__(self) -> int:
         return len(self.codes)
@@ -222,7 +221,7 @@ class IndexStore:
         self.directory = directory
         self.max_bytes = max_bytes
         self._indexes: LRUCache = LRUCache(maxsize=in_memory)
-        self._building: dict[str, CodeIndex] = {}  # kept while built, even if evicted above
+        self._building: dict[str, CodeIndex] = {}  # builds running (kept if evicted above)
         self._lock = threading.Lock()
         self._builders = threading.Semaphore(1)  # indexing is CPU-bound: one file at a time
         self._persist_lock = threading.Lock()
@@ -265,11 +264,9 @@ class IndexStore:
         self, identity: str, index: CodeIndex, scan: UnitScan, label: str, unit: str = "frames"
     ) -> None:
         """Complete ``index`` in the background (once), one file at a time."""
-        with index.changed:
-            if index.building or index.complete or index.error is not None:
-                return
-            index.building = True
         with self._lock:
+            if identity in self._building or index.complete or index.error is not None:
+                return
             self._building[identity] = index
         threading.Thread(
             target=self._build,
