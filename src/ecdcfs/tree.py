@@ -60,7 +60,7 @@ from cachetools import LRUCache
 
 from .audiofile import AudioFile, Engine, Reader, wav_layout
 from .codec import ModelUnavailable
-from .container import MODELS, EcdcError, Header, parse_header, read_header
+from .container import MODELS, EcdcError, Header, read_header
 
 log = logging.getLogger(__name__)
 
@@ -559,7 +559,6 @@ class SourceTree:
             st.st_ctime_ns,
         ):
             return None
-        parse_header(data, len(data))
         return data
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
