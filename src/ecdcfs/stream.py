@@ -266,17 +266,15 @@ def open_source(target: str, stdin: BinaryIO) -> ByteSource:
 
 def read_info_header(target: str, stdin: BinaryIO) -> Header:
     """The header alone: a local file's first bytes, one Range request for a URL."""
-    from .http import HttpSource, is_url
+    from .http import is_url
 
-    if is_url(target):
-        source = HttpSource(target)
+    if is_url(target) or target == "-":
+        source = open_source(target, stdin)
         try:
             return read_header(as_stream(source, block=1), source.size)
         finally:
-            source.close()
-    if target == "-":
-        data = stdin.read()
-        return read_header(as_stream(MemorySource(data), block=1), len(data))
+            if hasattr(source, "close"):
+                source.close()
     _not_another_url(target)
     try:
         with open(target, "rb") as f:
@@ -404,8 +402,8 @@ def run_decode(args: Args, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO) ->
     start = min(total, round(args.start * OUT_RATE))
     stop = total if args.end is None else min(total, round(args.end * OUT_RATE))
     settings = Settings(device=device, bufsize=args.bufsize)
+    units = source_units(header, start, stop)
     if args.bufsize == 0:  # every unit of the range at once, all kept until written
-        units = source_units(header, start, stop)
         unit_samples = header.model.segment or CHUNK_STEPS * header.model.hop  # frame, chunk
         unit_bytes = header.model.channels * unit_samples * 4
         settings.bufsize = max(1, len(units))
@@ -415,7 +413,7 @@ def run_decode(args: Args, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO) ->
     try:
         audio = engine.open_source(args.target, source)
         if _isatty(stderr):
-            _show_indexing(audio, source_units(header, start, stop).start, stderr)
+            _show_indexing(audio, units.start, stderr)
         reader = audio.reader()
         for data in pcm_chunks(audio, start, stop, reader):
             stdout.write(data)
