@@ -18,6 +18,7 @@ import sys
 import time
 import wave
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -95,6 +96,15 @@ def _proc_kib(pid: int, field: str) -> int:
 
 def ecdcfs_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "ecdcfs", *args]
+
+
+def source_folder(tmp_path: Path, files: dict[str, bytes]) -> Path:
+    """``tmp_path/src`` holding ``files`` (name -> content): a SOURCE to mount."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, data in files.items():
+        (src / name).write_bytes(data)
+    return src
 
 
 def wait_mounted(mnt: Path, proc: subprocess.Popen | None = None, timeout: float = 30) -> None:
@@ -436,11 +446,34 @@ def test_statfs(mount):
 
 @pytest.fixture
 def small_library(tmp_path, media) -> Path:
-    src = tmp_path / "src"
-    src.mkdir()
-    (src / "x.ecdc").write_bytes(media["short"])
-    (src / "a.txt").write_text("a")
-    return src
+    return source_folder(tmp_path, {"x.ecdc": media["short"], "a.txt": b"a"})
+
+
+@contextmanager
+def daemon(src: Path, mnt: Path, log: Path, *options: str) -> Iterator[None]:
+    """``ecdcfs SRC MNT`` in daemon mode (no -f), mounted once the command returns; on
+    exit, unmounted and its daemon gone (killed if need be)."""
+    mnt.mkdir(exist_ok=True)
+    try:
+        started = subprocess.run(
+            ecdcfs_cmd(str(src), str(mnt), "--no-persist", "--log-file", str(log), *options),
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert started.returncode == 0, started.stderr
+        yield
+    finally:
+        unmount(mnt)
+        for pid in _daemon_pids(mnt):
+            os.kill(pid, signal.SIGKILL)
+
+
+def wait_daemon_gone(mnt: Path, timeout: float = 30) -> None:
+    """Wait until no process serves ``mnt`` any more (at most ``timeout`` seconds)."""
+    deadline = time.monotonic() + timeout
+    while _daemon_pids(mnt) and time.monotonic() < deadline:
+        time.sleep(0.1)
 
 
 def _daemon_pids(mnt: Path) -> list[int]:
@@ -515,24 +548,8 @@ def test_sigkill_then_unmount_clears_dead_mount_and_remount_works(small_library,
 
 def test_daemon_mode_and_unmount(small_library, tmp_path, media):
     mnt = tmp_path / "mnt"
-    mnt.mkdir()
     log = tmp_path / "daemon.log"
-    try:
-        started = subprocess.run(
-            ecdcfs_cmd(
-                str(small_library),
-                str(mnt),
-                "--no-persist",
-                "--log-file",
-                str(log),
-                "-o",
-                "device=cpu,cache_mb=64,bufsize=2",
-            ),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert started.returncode == 0, started.stderr
+    with daemon(small_library, mnt, log, "-o", "device=cpu,cache_mb=64,bufsize=2"):
         assert os.path.ismount(mnt)  # mounted by the time the command returns
         pids = _daemon_pids(mnt)
         assert len(pids) == 1
@@ -546,16 +563,10 @@ def test_daemon_mode_and_unmount(small_library, tmp_path, media):
         )
         assert done.returncode == 0, done.stderr
         assert not is_mounted(mnt)
-        deadline = time.monotonic() + 30
-        while _daemon_pids(mnt) and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_daemon_gone(mnt)
         assert not _daemon_pids(mnt), "the daemon did not exit after unmount"
         text = log.read_text()
         assert "serving" in text and "unmounted" in text and "loaded encodec_48khz" in text
-    finally:
-        unmount(mnt)
-        for pid in _daemon_pids(mnt):
-            os.kill(pid, signal.SIGKILL)
 
 
 def test_missing_checkpoint_fails_reads_with_one_log_line(small_library, tmp_path):
@@ -591,9 +602,8 @@ def test_one_hour_24khz_file_mounts_seeks_and_streams_in_bounded_memory(torch_ho
     rate, nc = 24_000, 2
     samples = 3600 * rate + 7
     data = synth.container_24khz(samples, nc, synth.random_packed_24khz(samples, nc, seed=8))
-    src = tmp_path / "src"
-    src.mkdir()
-    path = synth.write(src, "hour.ecdc", data)
+    src = source_folder(tmp_path, {"hour.ecdc": data})
+    path = src / "hour.ecdc"
     m = Mount(src, tmp_path / "mnt", tmp_path / "log", "--cache-mb", "16")
     try:
         wav = m.mnt / "hour.wav"
@@ -638,10 +648,13 @@ def test_lm_coded_24khz_file_reads_like_the_plain_file_of_its_codes(torch_home, 
     lm = engine.codec(MODELS["encodec_24khz"]).lm
     lm_coded = synth.lm_encode(lm, unpack_codes(plain, nc, 400, 10))
     engine.close()
-    src = tmp_path / "src"
-    src.mkdir()
-    synth.write(src, "lm.ecdc", synth.container_24khz(samples, nc, lm_coded, lm=True))
-    synth.write(src, "plain.ecdc", synth.container_24khz(samples, nc, plain))
+    src = source_folder(
+        tmp_path,
+        {
+            "lm.ecdc": synth.container_24khz(samples, nc, lm_coded, lm=True),
+            "plain.ecdc": synth.container_24khz(samples, nc, plain),
+        },
+    )
     m = Mount(src, tmp_path / "mnt", tmp_path / "log")
     try:
         with open(m.mnt / "lm.wav", "rb") as f:  # the second chunk first
