@@ -698,3 +698,20 @@ def run_in_threads(func, arguments: list[tuple], timeout: float = 300) -> list[B
         thread.join(timeout)
     assert not any(thread.is_alive() for thread in threads), "threads still running"
     return errors
+
+
+def proc_kib(pid: int, field: str) -> int:
+    """A ``/proc/PID/status`` figure in KiB (VmRSS, VmHWM...)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise LookupError(field)
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Set ``pid``'s VmHWM to its VmRSS, so VmHWM measures from now on (False: not allowed)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True

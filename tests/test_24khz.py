@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import io
+import os
 import random
 import threading
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -145,21 +145,6 @@ def test_random_and_concurrent_reads_equal_a_sequential_read(torch_home, tmp_pat
 # --- long files ---------------------------------------------------------------------------
 
 
-def _kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise LookupError(field)
-
-
-def _reset_peak_rss() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
 def test_one_hour_file_seeks_in_bounded_memory_and_time(engine, tmp_path):
     samples, nc = 3600 * SR + 123, 2
     path = synth.write(
@@ -176,8 +161,8 @@ def test_one_hour_file_seeks_in_bounded_memory_and_time(engine, tmp_path):
     codec.decode_frame(codes, None)  # baseline: a chunk of codes (5 s) with a warm model
     baseline = time.perf_counter() - started
 
-    measured = _reset_peak_rss()
-    rss_before = _kib("VmRSS")
+    measured = synth.reset_peak_rss(os.getpid())
+    rss_before = synth.proc_kib(os.getpid(), "VmRSS")
     offset = 44 + 2 * 45 * 60 * SR
     started = time.perf_counter()
     data = audio.reader().read(offset, 2 * SR)
@@ -188,7 +173,7 @@ def test_one_hour_file_seeks_in_bounded_memory_and_time(engine, tmp_path):
     assert engine.scheduler.decoded_count == 1
     assert elapsed < 6 * baseline + 1, (elapsed, baseline)
     if measured:
-        growth_mb = (_kib("VmHWM") - rss_before) / 1024
+        growth_mb = (synth.proc_kib(os.getpid(), "VmHWM") - rss_before) / 1024
         assert growth_mb < 400, growth_mb
     # The same bytes as when the chunk is reached from its neighbour.
     assert audio.read(offset - 10, 20)[10:] == data[:10]
@@ -349,10 +334,10 @@ def test_long_lm_file_opens_with_its_exact_size_and_fails_only_where_damaged(eng
     assert audio.size == 44 + 2 * samples
     assert audio.read(0, 44) == audio.wav.header
     assert engine.codec(MODELS["encodec_24khz"]).lm  # loaded: not counted below
-    rss_before = _kib("VmRSS")
+    rss_before = synth.proc_kib(os.getpid(), "VmRSS")
     with pytest.raises(EcdcError):
         audio.read(audio.size - 10, 10)
-    assert (_kib("VmRSS") - rss_before) / 1024 < 100
+    assert (synth.proc_kib(os.getpid(), "VmRSS") - rss_before) / 1024 < 100
 
 
 def test_lm_blocks_do_not_keep_the_decoders_symbol_log(engine, monkeypatch):

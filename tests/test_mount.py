@@ -86,14 +86,6 @@ def is_mounted(mnt: Path) -> bool:
     return cli_is_mounted(str(mnt))
 
 
-def _proc_kib(pid: int, field: str) -> int:
-    """A ``/proc/PID/status`` figure in KiB (VmRSS, VmHWM...)."""
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise LookupError(field)
-
-
 def ecdcfs_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "ecdcfs", *args]
 
@@ -613,8 +605,8 @@ def test_one_hour_24khz_file_mounts_seeks_and_streams_in_bounded_memory(torch_ho
             assert time.monotonic() < deadline, m.log_text()
             time.sleep(0.2)
         pid = m.proc.pid
-        rss_kib = _proc_kib(pid, "VmRSS")
-        Path(f"/proc/{pid}/clear_refs").write_text("5")  # VmHWM := VmRSS from here on
+        rss_kib = synth.proc_kib(pid, "VmRSS")
+        assert synth.reset_peak_rss(pid)
         from ecdcfs.audiofile import Engine, Settings
 
         engine = Engine(Settings(device="cpu", cache_dir=None))
@@ -627,7 +619,7 @@ def test_one_hour_24khz_file_mounts_seeks_and_streams_in_bounded_memory(torch_ho
             for offset in range(start, start + 2 * 40 * rate, 128 << 10):
                 assert f.read(128 << 10) == expected.read(offset, 128 << 10), offset
         engine.close()
-        growth_mb = (_proc_kib(pid, "VmHWM") - rss_kib) / 1024
+        growth_mb = (synth.proc_kib(pid, "VmHWM") - rss_kib) / 1024
         # A 6 s decode's activations (~300 MB at their peak) and a 16 MB cache, whatever
         # the length: decoding the hour in one piece, as encodec does, takes ~60 GB.
         assert growth_mb < 450, growth_mb

@@ -27,7 +27,6 @@ from test_mount import (
     SR,
     Mount,
     _daemon_pids,
-    _proc_kib,
     daemon,
     ecdcfs_cmd,
     is_mounted,
@@ -532,9 +531,8 @@ def test_many_readers_for_a_while(tmp_path, files):
         deadline = time.monotonic() + 60
         while "loaded encodec_24khz" not in m.log_text() and time.monotonic() < deadline:
             time.sleep(0.2)
-        baseline_kib = _proc_kib(pid, "VmRSS")
-        with open(f"/proc/{pid}/clear_refs", "w") as f:  # VmHWM := VmRSS from here on
-            f.write("5")
+        baseline_kib = synth.proc_kib(pid, "VmRSS")
+        assert synth.reset_peak_rss(pid)
         errors: list[str] = []
         checked = [0]
         lock = threading.Lock()
@@ -616,7 +614,7 @@ def test_many_readers_for_a_while(tmp_path, files):
         os.close(shared)
         assert not errors, errors[:5]
         assert checked[0] > 0
-        growth = (_proc_kib(pid, "VmHWM") - baseline_kib) * 1024
+        growth = (synth.proc_kib(pid, "VmHWM") - baseline_kib) * 1024
         # The frame cache cap, plus decoding's working memory and the readers' frames.
         assert growth < (cache_mb << 20) + (250 << 20), growth / 2**20
         assert m.proc.poll() is None
