@@ -242,9 +242,22 @@ class FrameLayout:
         scale = SCALE.size if self.model.normalize else 0
         return scale + -(-self.code_steps(index) * self.num_codebooks * self.model.bits // 8)
 
+    @property
+    def whole_frames(self) -> int:
+        """Frames that cover a whole segment: all but the last one or two."""
+        return max(0, (self.audio_length - self.segment) // self.stride + 1)
+
     def plain_frame_offset(self, index: int) -> int:
-        """Byte offset of a bit-packed frame relative to the payload start."""
-        return index * self.plain_frame_bytes(0)
+        """Byte offset of a bit-packed frame relative to the payload start.
+
+        Frames before :attr:`whole_frames` all have the size of frame 0. After them come
+        at most two short ones: when the audio ends at most one overlap past a stride
+        (``k * stride + r``, ``r <= segment - stride``), the frame before the last is
+        short too (149 of 150 steps at 48 kHz for ``r <= 160``).
+        """
+        whole = min(index, self.whole_frames)
+        tail = sum(self.plain_frame_bytes(i) for i in range(whole, index))
+        return whole * self.plain_frame_bytes(0) + tail
 
     def plain_payload_bytes(self) -> int:
         count = self.frame_count

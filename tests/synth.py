@@ -528,8 +528,9 @@ def decompress_fixed(v0: bytes) -> tuple[torch.Tensor, int]:
     """``encodec.compress.decompress_from_file`` with integer frame lengths.
 
     A faithful copy of upstream's logic (same parsing via encodec's BitUnpacker /
-    ArithmeticDecoder, same ``model.decode``) except that the number of frames of a
-    segment is ``ceil(segment_length / hop)`` computed with integers.
+    ArithmeticDecoder, same per-frame decode and blend) except that the number of frames
+    of a segment is ``ceil(segment_length / hop)`` computed with integers and the blend's
+    output covers every frame (:func:`decode_every_frame`).
     """
     from encodec import binary
     from encodec.compress import MODELS
@@ -588,20 +589,57 @@ def decompress_fixed(v0: bytes) -> tuple[torch.Tensor, int]:
             if use_lm:
                 input_ = 1 + frame[:, :, t : t + 1]
         frames.append((frame, scale))
-    wav = model.decode(frames)
+    wav = decode_every_frame(model, frames)
     return wav[0, :, :audio_length], model.sample_rate
+
+
+def decode_every_frame(model, frames: list) -> torch.Tensor:
+    """``model.decode(frames)`` over an output long enough for every frame.
+
+    encodec's ``_linear_overlap_add`` sizes its output from the last frame alone, so it
+    crashes when the frame before reaches further (e.g. 47,840 samples: frame 0 decodes
+    48,000 samples, the last one ends at 47,840). Zero-padding the last frame to that
+    length only adds zeros and weights past the audio's end, which is trimmed: the
+    samples before it are encodec's own per-frame decode and blend, float for float.
+    """
+    from encodec.utils import _linear_overlap_add
+
+    decoded = [model._decode_frame(frame) for frame in frames]
+    if model.segment_length is None:
+        return decoded[0]
+    stride = model.segment_stride
+    end = max(i * stride + frame.shape[-1] for i, frame in enumerate(decoded))
+    last = decoded[-1]
+    missing = end - (len(decoded) - 1) * stride - last.shape[-1]
+    if missing > 0:
+        decoded[-1] = torch.nn.functional.pad(last, (0, missing))
+    return _linear_overlap_add(decoded, stride)
+
+
+def _decodes_upstream(audio_length: int, model) -> bool:
+    """Whether encodec 0.1.1's ``decompress`` decodes this length (see the two helpers)."""
+    if not _frame_length_ok_upstream(audio_length, model):
+        return False
+    if model.segment_length is None:
+        return True
+    hop = model.sample_rate // model.frame_rate
+    ends = [
+        offset + -(-min(audio_length - offset, model.segment_length) // hop) * hop
+        for offset in range(0, audio_length, model.segment_stride)
+    ]
+    return ends[-1] >= max(ends)
 
 
 def reference_decode(data: bytes) -> tuple[torch.Tensor, int]:
     """Float reference decode ``([C, T] tensor, sample_rate)`` of a v0 (or v192/193) file:
-    upstream ``encodec.compress.decompress`` where its frame-length formula is right,
-    else ``decompress_fixed``."""
+    upstream ``encodec.compress.decompress`` where it works, else ``decompress_fixed``
+    (integer frame lengths, an overlap-add long enough for every frame)."""
     from encodec.compress import decompress
 
     v0 = to_v0(data)
     _, meta, _ = parse_header(v0)
     model = load_model(meta["m"])
-    if _frame_length_ok_upstream(meta["al"], model):
+    if _decodes_upstream(meta["al"], model):
         return decompress(v0)
     return decompress_fixed(v0)
 
