@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import synth
+from ecdcfs.causal import CHUNK_STEPS
 from ecdcfs.container import SCALE, parse_header, unpack_codes
 
 STRIDE = 47_520
@@ -122,3 +123,38 @@ def test_reference_decodes_lengths_encodec_cannot(torch_home):
         assert torch.equal(synth.decompress_fixed(data)[0], wav)
     with pytest.raises(RuntimeError):
         decompress(synth.make_ecdc(samples=STRIDE + 320, kbps=3))
+
+
+CHUNK_24K = CHUNK_STEPS * 320  # samples per 24 kHz decode chunk
+EDGE_LENGTHS_24K = [
+    1,
+    319,
+    320,
+    321,  # around one code step
+    CHUNK_24K - 1,
+    CHUNK_24K,  # exactly one chunk
+    CHUNK_24K + 1,  # a chunk, then a chunk of one step
+    CHUNK_24K + 320,
+    2 * CHUNK_24K + 1,
+]
+
+
+@pytest.mark.parametrize("samples", EDGE_LENGTHS_24K)
+def test_24khz_edge_lengths_read_within_one_lsb(engine, tmp_path, samples):
+    data = synth.make_ecdc(model="encodec_24khz", samples=samples, kbps=6, seed=5)
+    audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
+    assert audio.size == len(audio.wav.header) + samples * 2
+    wav = read_all(audio.reader())
+    assert len(wav) == audio.size
+    actual = data_pcm(audio, wav).astype(np.int32)
+    expected = synth.reference_pcm(data).astype(np.int32)
+    if samples <= CHUNK_24K:  # one chunk: encodec's own whole-file decode
+        assert np.array_equal(actual, expected)
+    else:
+        assert np.abs(actual - expected).max() <= 1
+    # The last samples first, then a read across each seam between chunks.
+    fresh = audio.reader()
+    assert fresh.read(audio.size - 2, 2) == wav[-2:]
+    for seam in range(1, audio.unit_count):
+        offset = len(audio.wav.header) + 2 * seam * CHUNK_24K - 6
+        assert fresh.read(offset, 12) == wav[offset : offset + 12]

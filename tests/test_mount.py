@@ -658,3 +658,25 @@ def test_lm_coded_24khz_file_reads_like_the_plain_file_of_its_codes(torch_home, 
         assert "Traceback" not in m.log_text()
     finally:
         m.stop()
+
+
+def test_edge_length_library_copies_whole(torch_home, tmp_path):
+    """Lengths that end on two short frames, or whose second-to-last frame reaches past
+    the last one's end: `cp -r` of the library succeeds and every byte is the reference."""
+    lengths = [2 * SR - 2 * 480 + 1, SR - 480 + 320, 4 * 47_520 + 160]  # k*47,520 + r
+    files = {f"{n}.ecdc": synth.make_ecdc(samples=n, kbps=3, seed=n) for n in lengths}
+    src = source_folder(tmp_path, files)
+    m = Mount(src, tmp_path / "mnt", tmp_path / "log")
+    try:
+        copy = tmp_path / "copy"
+        subprocess.run(["cp", "-r", str(m.mnt), str(copy)], check=True, timeout=300)
+        for n in lengths:
+            expected = synth.reference_pcm(files[f"{n}.ecdc"])
+            assert os.stat(m.mnt / f"{n}.wav").st_size == 44 + 4 * n
+            with wave.open(str(copy / f"{n}.wav")) as w:
+                assert w.getnframes() == n
+                pcm = np.frombuffer(w.readframes(n), "<i2").reshape(-1, 2)
+            assert np.array_equal(pcm, expected)
+        assert " ERROR " not in m.log_text()
+    finally:
+        m.stop()
