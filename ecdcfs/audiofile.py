@@ -1,10 +1,9 @@
 """Random access to an .ecdc file as the bytes of a WAV file.
 
-Bytes map to samples, samples to the frames whose decoded output overlaps them; those
-frames come from the shared :class:`~ecdcfs.scheduler.FrameScheduler` (decoded once) and
-are blended with encodec's triangular overlap-add, reproduced sample for sample. A 24 kHz
-file (one frame) is decoded instead in the fixed chunks of :mod:`ecdcfs.causal`, cached
-the same way.
+Bytes map to samples, samples to the decode units whose output overlaps them (48 kHz
+frames or 24 kHz chunks: :mod:`ecdcfs.units`); units come from the shared
+:class:`~ecdcfs.scheduler.DecodeScheduler` (decoded once) and assemble into samples that
+equal encodec's decode.
 """
 
 from __future__ import annotations
@@ -12,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
-import math
 import os
 import threading
 from collections.abc import Collection, Iterator
@@ -22,35 +20,19 @@ from pathlib import Path
 
 import numpy as np
 
-from .causal import ChunkGrid, decode_chunk, packed_steps
-from .codec import (
-    CHECKPOINTS,
-    Codec,
-    DecodedFrame,
-    ModelUnavailable,
-    decode_lm_steps,
-    overlap_add_weights,
-    read_scale,
-)
-from .container import (
-    MODELS,
-    SCALE,
-    ContainerError,
-    Header,
-    ModelSpec,
-    read_header,
-    unpack_codes,
-)
+from .codec import CHECKPOINTS, Codec, DecodedFrame, ModelUnavailable
+from .container import MODELS, EncodedFrame, Header, ModelSpec, read_header
 from .index import DEFAULT_CACHE_DIR_MB, CodeIndex, IndexStore, Unit
-from .scheduler import Batch, FrameScheduler
+from .scheduler import Batch, DecodeScheduler
 from .source import ByteSource, MemorySource, as_stream
+from .units import CodeSource, decode_units
 from .wav import WavLayout, float_to_pcm16
 
 log = logging.getLogger(__name__)
 
 # Read-ahead never asks for more than this share of the cache, so it cannot evict itself.
 READ_AHEAD_CACHE_SHARE = 4
-MAX_READ_AHEAD_FRAMES = 64
+MAX_READ_AHEAD_UNITS = 64
 
 
 def default_cache_dir() -> Path:
@@ -83,21 +65,6 @@ def wav_layout(header: Header) -> WavLayout:
     )
 
 
-def chunk_grid(header: Header) -> ChunkGrid | None:
-    """The fixed decode chunks of a segment-less (24 kHz) file; None for framed files."""
-    if header.model.segment is not None:
-        return None
-    return ChunkGrid(header.layout.code_steps(0), header.model.hop)
-
-
-def units_covering(header: Header, start: int, stop: int) -> range:
-    """Decode units (48 kHz: frames; 24 kHz: chunks) whose output overlaps ``[start, stop)``."""
-    chunks = chunk_grid(header)
-    if chunks is None:
-        return header.layout.frames_covering(start, stop)
-    return chunks.covering(start, stop)
-
-
 def probe(path: Path) -> WavLayout:
     """WAV layout of an .ecdc file from its header alone (no decoding, no torch)."""
     with open(path, "rb") as f:
@@ -109,19 +76,13 @@ class Engine:
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
-        self.scheduler = FrameScheduler(self.settings.cache_mb << 20)
+        self.scheduler = DecodeScheduler(self.settings.cache_mb << 20)
         cap = self.settings.cache_dir_mb
         self.indexes = IndexStore(
             self.settings.cache_dir, max_bytes=None if cap is None else cap << 20
         )
         self._codecs: dict[str, Codec | ModelUnavailable] = {}
         self._codec_lock = threading.Lock()
-
-    @property
-    def max_read_ahead(self) -> int:
-        frame_bytes = 2 * 48_000 * 4  # a 48 kHz stereo float32 frame, the common case
-        share = self.scheduler.capacity_bytes // (READ_AHEAD_CACHE_SHARE * frame_bytes)
-        return max(self.settings.bufsize, min(MAX_READ_AHEAD_FRAMES, share))
 
     def codec(self, spec: ModelSpec) -> Codec:
         """The loaded model for ``spec``; a load failure is reported once and remembered."""
@@ -186,7 +147,8 @@ class AudioFile:
 
     Local files are snapshotted in memory (compressed audio is tens of kbps), so every
     handle sees one version of the file; the source's identity (the content hash) keys the
-    shared frame cache, so a replaced file never serves stale frames.
+    shared unit cache, so a replaced file never serves stale audio. Reads go through a
+    :class:`Reader`; this class decodes units and serves them through the engine's cache.
     """
 
     def __init__(self, engine: Engine, name: str, source: ByteSource, header: Header) -> None:
@@ -197,245 +159,170 @@ class AudioFile:
         self.wav = wav_layout(header)
         self.size = self.wav.size
         self.identity = source.identity
+        self.units = decode_units(header)
         self._source = source
-        # Segment-less (24 kHz) files decode in fixed chunks; the reader's units are chunks.
-        self._chunks = chunk_grid(header)
-        self.unit_count = self.layout.frame_count if self._chunks is None else self._chunks.count
-        self._wav_header = self.wav.header
         self._index: CodeIndex | None = None
         self._index_lock = threading.Lock()
+        self._codes = self.units.code_source(source, None) if not header.use_lm else None
+
+    @property
+    def unit_count(self) -> int:
+        return self.units.count
+
+    @property
+    def max_read_ahead(self) -> int:
+        """Read-ahead window cap, in units: a share of the cache, so it cannot evict itself."""
+        share = self.engine.scheduler.capacity_bytes // (
+            READ_AHEAD_CACHE_SHARE * self.units.decoded_bytes
+        )
+        return max(self.engine.settings.bufsize, min(MAX_READ_AHEAD_UNITS, share))
 
     def reader(self) -> Reader:
         """A handle with its own read-ahead window."""
-        return Reader(self)
+        return Reader(self, self.engine.settings.bufsize)
 
-    def read(self, offset: int, size: int, reader: Reader | None = None) -> bytes:
-        """WAV bytes ``[offset, offset + size)``, short at end of file."""
-        stop = min(offset + size, self.size)
-        if offset >= stop:
-            return b""
-        header_size = len(self._wav_header)
-        head = self._wav_header[offset:stop]
-        if stop <= header_size:
-            return head
-        data_start, data_stop = max(offset, header_size) - header_size, stop - header_size
-        first, last = self.wav.samples_for_bytes(data_start, data_stop)
-        pcm = float_to_pcm16(self.samples(first, last, reader))
-        skip = data_start - first * self.wav.block_align
-        return head + pcm[skip : skip + data_stop - data_start]
+    def read(self, offset: int, size: int) -> bytes:
+        """WAV bytes ``[offset, offset + size)``, short at end of file (no read-ahead)."""
+        return Reader(self, bufsize=0).read(offset, size)
 
-    def samples(self, start: int, stop: int, reader: Reader | None = None) -> np.ndarray:
-        """Decoded float32 audio ``[channels, stop - start]``, equal to encodec's decode."""
-        chunks = self._chunks
-        needed = units_covering(self.header, start, stop)
-        futures = {i: self.frame(i) for i in needed}  # urgent: never None
-        if reader is not None:
-            reader.read_ahead(needed)
-        frames = {i: future.result() for i, future in futures.items()}
-        if chunks is None:
-            return self._overlap_add(frames, start, stop)
-        pieces = []
-        for i, chunk in sorted(frames.items()):  # consecutive, no overlap
-            first = chunks.start_sample(i)
-            pieces.append(chunk.audio[:, max(start, first) - first : stop - first])
-        return np.concatenate(pieces, axis=1) if len(pieces) > 1 else pieces[0]
+    def samples(self, start: int, stop: int) -> np.ndarray:
+        """Decoded float32 audio ``[channels, stop - start]`` (no read-ahead)."""
+        return Reader(self, bufsize=0).samples(start, stop)
 
-    def unit_key(self, index: int) -> tuple:
-        """Cache key of frame (or, for a 24 kHz file, chunk) ``index``."""
-        return (self.identity, index if self._chunks is None else ("c", index))
+    def request(self, index: int, urgent: bool = True) -> Future | None:
+        """Future decoded unit ``index``, shared through the engine's cache.
 
-    def frame(self, index: int, urgent: bool = True) -> Future | None:
-        """Future decoded frame (24 kHz: chunk) ``index``, shared through the engine's cache.
-
-        For an LM-coded file the caller first waits (urgent) for the index to reach the
-        unit (the index holds a 24 kHz file's codes in blocks of one chunk), so the decode
-        worker never blocks on indexing; read-ahead of a unit not indexed yet returns None.
+        For an LM-coded file an urgent request first waits for the index to reach the
+        unit, so the decode worker never blocks on indexing; read-ahead of a unit not
+        indexed yet returns None.
         """
-        key = self.unit_key(index)
-        if self.header.use_lm and not self.engine.scheduler.is_cached(key):
+        key = (self.identity, self.units.tag, index)
+        scheduler = self.engine.scheduler
+        if self.header.use_lm and not scheduler.is_cached(key):
             if urgent:
                 self._lm_index().get(index)
             elif not self._lm_index().has(index):
                 return None
-        if self._chunks is not None:
-            produce = functools.partial(self._decode_chunk, index)
-            return self.engine.scheduler.request(key, produce, urgent)
-        return self.engine.scheduler.request(
-            key, functools.partial(self._decode, index), urgent, self._batch(index)
-        )
+        produce = functools.partial(self.decode, index)
+        return scheduler.request(key, produce, urgent, self._batch(index))
+
+    def cancel(self, index: int) -> None:
+        """Drop a queued read-ahead request for unit ``index``."""
+        self.engine.scheduler.cancel((self.identity, self.units.tag, index))
+
+    def decode(self, index: int) -> DecodedFrame:
+        """Decode unit ``index`` now, bypassing the cache (the decode worker calls this)."""
+        return self.units.decode(self.engine.codec(self.header.model), index, self._code_source())
+
+    def inputs(self, index: int) -> EncodedFrame:
+        """The codes (and scale) unit ``index`` decodes from."""
+        return self.units.inputs(index, self._code_source())
 
     def _batch(self, index: int) -> Batch | None:
-        """How frame ``index`` joins other frames of its length in one GPU decode call."""
+        """How unit ``index`` joins other units of its group in one GPU decode call."""
         codec = self.engine.loaded_codec(self.header.model)
-        if codec is None or codec.batch_size == 1:
+        group = self.units.batch_group(index)
+        if codec is None or codec.batch_size == 1 or group is None:
             return None
-        steps = self.layout.code_steps(index)
-        key = (codec.spec.name, self.layout.num_codebooks, steps)
-        return Batch(
-            key, codec.batch_size, functools.partial(self._inputs, index), codec.decode_frames
-        )
+        inputs = functools.partial(self.inputs, index)
+        return Batch((codec.spec.name, group), codec.batch_size, inputs, codec.decode_frames)
 
-    def _overlap_add(self, frames: dict[int, DecodedFrame], start: int, stop: int) -> np.ndarray:
-        """encodec's ``_linear_overlap_add`` restricted to ``[start, stop)``, same float order."""
-        weights = overlap_add_weights(self.layout.decoded_length(0))
-        out = np.zeros((self.wav.channels, stop - start), dtype=np.float32)
-        weight_sum = np.zeros(stop - start, dtype=np.float32)
-        for i, frame in sorted(frames.items()):
-            frame_start = self.layout.frame_start(i)
-            lo = max(start, frame_start)
-            hi = min(stop, frame_start + frame.audio.shape[-1])
-            span = slice(lo - frame_start, hi - frame_start)
-            out[:, lo - start : hi - start] += weights[span] * frame.audio[:, span]
-            weight_sum[lo - start : hi - start] += weights[span]
-        return out / weight_sum
-
-    def _decode(self, index: int) -> DecodedFrame:
-        return self.engine.codec(self.header.model).decode_frame(*self._inputs(index))
-
-    def _inputs(self, index: int) -> tuple[np.ndarray, float | None]:
-        """Codes (int64) and scale of frame ``index``, checked."""
-        scale, codes = self._lm_index().get(index) if self.header.use_lm else self._codes(index)
-        if scale is not None and not math.isfinite(scale):
-            raise ContainerError(f"frame {index} has a non-finite scale {scale}")
-        return codes.astype(np.int64), scale
-
-    def _decode_chunk(self, index: int) -> DecodedFrame:
-        """Decode 24 kHz chunk ``index`` with its warm-up steps (see :mod:`ecdcfs.causal`)."""
-        codec = self.engine.codec(self.header.model)
-        first, kept, stop = self._chunks.span(index)  # type: ignore[union-attr]
-        if self.header.use_lm:
-            codes = self._lm_steps(first, stop)
-        else:
-            base = self.header.payload_offset
-            codes = packed_steps(
-                lambda offset, size: self._source.read(base + offset, size),
-                self.layout.num_codebooks,
-                self.header.model.bits,
-                first,
-                stop,
-            )
-        return decode_chunk(codec, codes.astype(np.int64), kept - first)
-
-    def _codes(self, index: int) -> tuple[float | None, np.ndarray]:
-        """Scale and codes of a bit-packed frame, located from the header alone."""
-        layout, model = self.layout, self.header.model
-        offset = self.header.payload_offset + layout.plain_frame_offset(index)
-        raw = self._source.read(offset, layout.plain_frame_bytes(index))
-        scale = None
-        if model.normalize:
-            if len(raw) < SCALE.size:
-                raise ContainerError(f"frame {index} truncated")
-            (scale,) = SCALE.unpack_from(raw)
-            raw = raw[SCALE.size :]
-        codes = unpack_codes(raw, layout.num_codebooks, layout.code_steps(index), model.bits)
-        return scale, codes
-
-    def _lm_steps(self, start: int, stop: int) -> np.ndarray:
-        """Codes of steps ``[start, stop)`` of an LM-coded 24 kHz file, from its index."""
-        block = self._chunks.chunk_steps  # type: ignore[union-attr]
-        index = self._lm_index()
-        blocks = range(start // block, (stop - 1) // block + 1)
-        codes = np.concatenate([index.get(b)[1] for b in blocks], axis=1)
-        return codes[:, start - blocks.start * block : stop - blocks.start * block]
+    def _code_source(self) -> CodeSource:
+        if self._codes is None:
+            self._codes = self.units.code_source(self._source, self._lm_index())
+        return self._codes
 
     def _lm_index(self) -> CodeIndex:
         """The shared code index of this LM-coded file, building in the background."""
         with self._index_lock:
             if self._index is None:
                 self._index = self.engine.indexes.get(
-                    self.identity, self.unit_count, self.layout.num_codebooks, self._unit_steps
+                    self.identity, self.units.count, self.layout.num_codebooks, self.units.lm_steps
                 )
                 self.engine.indexes.build(
                     self.identity,
                     self._index,
                     self._scan,
                     os.path.basename(self.name),
-                    "frames" if self._chunks is None else "chunks",
+                    self.units.noun,
                 )
             return self._index
-
-    def _unit_steps(self, unit: int) -> int:
-        """Code steps of decode unit ``unit`` (a frame, or a 24 kHz chunk's kept steps)."""
-        if self._chunks is None:
-            return self.layout.code_steps(unit)
-        _, kept, stop = self._chunks.span(unit)
-        return stop - kept
 
     def code_index(self) -> CodeIndex | None:
         """The code index of an LM-coded file (its build starts now); None for others."""
         return self._lm_index() if self.header.use_lm else None
 
     def _scan(self, first: int, offset: int) -> Iterator[Unit]:
-        """Entropy-decode LM-coded units from ``first`` at payload ``offset`` (for the index).
-
-        A 48 kHz file yields frames from ``first``; a 24 kHz file's single stream can only
-        be decoded from its start, so it yields blocks of one chunk's steps from block 0.
-        """
-        base, lm = self.header.payload_offset, self.engine.codec(self.header.model).lm
-        layout, model = self.layout, self.header.model
-        if self._chunks is not None:
-            stream = as_stream(self._source, base)
-            steps = layout.code_steps(0)
-            blocks = decode_lm_steps(
-                lm, stream, layout.num_codebooks, steps, self._chunks.chunk_steps
-            )
-            for number, codes in enumerate(blocks):
-                yield number, None, codes, stream.tell() - base
-            return
-        stream = as_stream(self._source, base + offset)
-        for frame in range(first, layout.frame_count):
-            scale = read_scale(stream) if model.normalize else None
-            steps = layout.code_steps(frame)
-            (codes,) = decode_lm_steps(lm, stream, layout.num_codebooks, steps, steps)
-            yield frame, scale, codes, stream.tell() - base
+        """Entropy-decode LM-coded units from ``first`` at payload ``offset`` (for the index)."""
+        lm = self.engine.codec(self.header.model).lm
+        return self.units.scan_lm(lm, self._source, first, offset)
 
 
 class Reader:
-    """One open handle: reads plus a growing read-ahead window (Encodec-Stream's idea).
+    """One open handle: WAV bytes at any offset, plus a growing read-ahead window.
 
-    A reader moving forward gets a window that starts at ``bufsize`` frames and grows by
-    ``bufsize`` each time it advances into a new frame; a seek starts a new window.
+    A reader moving forward gets a window that starts at ``bufsize`` units and grows by
+    ``bufsize`` each time it advances into a new unit (Encodec-Stream's idea); a seek
+    starts a new window. ``bufsize`` 0: no read-ahead. The reader drives a read: the units
+    it needs, then its read-ahead, then the assembly; the file never calls back.
     """
 
-    def __init__(self, audio: AudioFile) -> None:
+    def __init__(self, audio: AudioFile, bufsize: int) -> None:
         self.audio = audio
+        self.bufsize = bufsize
         self._lock = threading.Lock()  # the kernel sends concurrent reads on one handle
         self.window = 0
         self._last: range | None = None
         self._ahead: list[int] = []
 
     def read(self, offset: int, size: int) -> bytes:
-        return self.audio.read(offset, size, self)
+        """WAV bytes ``[offset, offset + size)``, short at end of file."""
+        wav = self.audio.wav
+        stop = min(offset + size, self.audio.size)
+        if offset >= stop:
+            return b""
+        header = wav.header
+        head = header[offset:stop]
+        if stop <= len(header):
+            return head
+        data_start, data_stop = max(offset, len(header)) - len(header), stop - len(header)
+        first, last = wav.samples_for_bytes(data_start, data_stop)
+        pcm = float_to_pcm16(self.samples(first, last))
+        skip = data_start - first * wav.block_align
+        return head + pcm[skip : skip + data_stop - data_start]
 
-    def read_ahead(self, needed: range) -> None:
-        """Queue the frames after ``needed`` that this reader will probably want next."""
-        if not needed:
-            return
-        with self._lock:
-            self._plan(needed)
+    def samples(self, start: int, stop: int) -> np.ndarray:
+        """Decoded float32 audio ``[channels, stop - start]``, equal to encodec's decode."""
+        audio = self.audio
+        needed = audio.units.covering(start, stop)
+        futures = {i: audio.request(i) for i in needed}  # urgent: never None
+        if self.bufsize and needed:
+            with self._lock:
+                self._plan(needed)
+        decoded = {i: future.result() for i, future in futures.items()}  # type: ignore[union-attr]
+        return audio.units.assemble(decoded, start, stop)
 
     def _plan(self, needed: range) -> None:
-        engine = self.audio.engine
-        bufsize = engine.settings.bufsize
+        """Queue the units after ``needed`` that this reader will probably want next."""
         last = self._last
         if last is not None and last.start <= needed.start <= last.stop:
             if needed.stop > last.stop:
-                self.window = min(self.window + bufsize, engine.max_read_ahead)
+                self.window = min(self.window + self.bufsize, self.audio.max_read_ahead)
         else:
             self._cancel()
-            self.window = bufsize
+            self.window = self.bufsize
         self._last = needed
         stop = min(needed.stop + self.window, self.audio.unit_count)
         for index in range(needed.stop, stop):
             if index not in self._ahead:
-                if self.audio.frame(index, urgent=False) is None:
+                if self.audio.request(index, urgent=False) is None:
                     break
                 self._ahead.append(index)
         self._ahead = [i for i in self._ahead if i >= needed.start]
 
     def _cancel(self) -> None:
         for index in self._ahead:
-            self.audio.engine.scheduler.cancel(self.audio.unit_key(index))
+            self.audio.cancel(index)
         self._ahead.clear()
 
     def close(self) -> None:

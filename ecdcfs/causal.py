@@ -45,7 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .codec import Codec, DecodedFrame
-from .container import unpack_codes
+from .container import EncodedFrame, unpack_codes
 
 CHUNK_STEPS = 375  # 5 s at 75 code steps per second
 CONTEXT_STEPS = 75  # 1 s of warm-up decoded before each chunk after the first, then dropped
@@ -97,7 +97,7 @@ def packed_steps(
 
 def decode_chunk(codec: Codec, codes: np.ndarray, warm_up: int) -> DecodedFrame:
     """Decode ``codes`` (a chunk and its warm-up) and keep the output after ``warm_up`` steps."""
-    audio = codec.decode_frame(codes, None).audio
+    audio = codec.decode_frame(EncodedFrame(codes, None)).audio
     kept = audio[:, warm_up * codec.spec.hop :].copy()  # the cache must not hold the warm-up
     del audio
     _release_free_memory()

@@ -18,7 +18,7 @@ from typing import Any, BinaryIO
 
 import numpy as np
 
-from .container import SCALE, ContainerError, EcdcError, ModelSpec
+from .container import SCALE, ContainerError, EcdcError, EncodedFrame, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -149,11 +149,11 @@ class Codec:
         """Frames decoded per call: a fixed batch on a GPU, one at a time on the CPU."""
         return GPU_BATCH if self.device.startswith("cuda") and self.spec.segment else 1
 
-    def decode_frame(self, codes: np.ndarray, scale: float | None) -> DecodedFrame:
+    def decode_frame(self, frame: EncodedFrame) -> DecodedFrame:
         """Decode one frame's codes ``[codebooks, steps]`` exactly as encodec does."""
-        return self.decode_frames([(codes, scale)])[0]
+        return self.decode_frames([frame])[0]
 
-    def decode_frames(self, frames: list[tuple[np.ndarray, float | None]]) -> list[DecodedFrame]:
+    def decode_frames(self, frames: list[EncodedFrame]) -> list[DecodedFrame]:
         """Decode frames of equal length (codes ``[codebooks, steps]``, scale) together.
 
         On a GPU every call is padded to the same batch size, so a frame's samples never
@@ -162,9 +162,9 @@ class Codec:
         import torch
 
         if self.batch_size == 1 and len(frames) > 1:
-            return [frame for pair in frames for frame in self.decode_frames([pair])]
-        codes = np.stack([c for c, _ in frames])
-        scales = [s for _, s in frames]
+            return [decoded for frame in frames for decoded in self.decode_frames([frame])]
+        codes = np.stack([frame.codes for frame in frames])
+        scales = [frame.scale for frame in frames]
         padding = self.batch_size - len(frames)
         if padding > 0:
             codes = np.concatenate([codes, np.zeros((padding, *codes.shape[1:]), codes.dtype)])

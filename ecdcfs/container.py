@@ -13,7 +13,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -34,6 +34,16 @@ class EcdcError(Exception):
 
 class ContainerError(EcdcError):
     """The file is not a valid, supported ECDC container."""
+
+
+class EncodedFrame(NamedTuple):
+    """One frame's codes, int ``[codebooks, steps]``, and its scale (None: not normalised).
+
+    The order is encodec's own ``EncodedFrame``.
+    """
+
+    codes: np.ndarray
+    scale: float | None
 
 
 @dataclass(frozen=True)

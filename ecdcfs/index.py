@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 from cachetools import LRUCache
 
-from .container import EcdcError
+from .container import EcdcError, EncodedFrame
 
 log = logging.getLogger(__name__)
 
@@ -84,14 +84,14 @@ class CodeIndex:
     def has(self, unit: int) -> bool:
         return unit < len(self)
 
-    def get(self, unit: int) -> tuple[float | None, np.ndarray]:
-        """Scale and codes of ``unit``, waiting for the builder to reach it."""
+    def get(self, unit: int) -> EncodedFrame:
+        """Codes and scale of ``unit``, waiting for the builder to reach it."""
         with self.changed:
             while unit >= len(self) and self.error is None:
                 self.changed.wait()
             if unit >= len(self):
                 raise self.error  # type: ignore[misc]
-            return self.scales[unit], self.codes[unit]
+            return EncodedFrame(self.codes[unit], self.scales[unit])
 
     def save(self, path: Path) -> None:
         """Write atomically (temp file + rename): readers never see half an index."""

@@ -1,8 +1,9 @@
-"""Decoded frames, each decoded once: a byte-bounded LRU cache in front of one decode worker.
+"""Decoded units, each decoded once: a byte-bounded LRU cache in front of one decode worker.
 
-Readers ask for frames they need now (urgent) or will need soon (read-ahead). Urgent work
-always runs first; a request for a frame that is cached or already being decoded shares
-that result, so two readers never decode the same frame twice.
+Readers ask for units (48 kHz frames, 24 kHz chunks: see :mod:`ecdcfs.units`) they need now
+(urgent) or will need soon (read-ahead). Urgent work always runs first; a request for a
+unit that is cached or already being decoded shares that result, so two readers never
+decode the same unit twice.
 """
 
 from __future__ import annotations
@@ -15,15 +16,20 @@ import time
 from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from cachetools import LRUCache
-
-from .codec import DecodedFrame
 
 log = logging.getLogger(__name__)
 
 URGENT, READ_AHEAD = 0, 1
+
+
+class Decoded(Protocol):
+    """What the cache holds: a decoded unit, which knows its size."""
+
+    @property
+    def nbytes(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -34,29 +40,29 @@ class Batch:
     group: Hashable
     size: int
     inputs: Callable[[], Any]
-    run: Callable[[list[Any]], list[DecodedFrame]]
+    run: Callable[[list[Any]], list[Decoded]]
 
 
 @dataclass
 class _Job:
     key: Hashable
-    produce: Callable[[], DecodedFrame]
+    produce: Callable[[], Decoded]
     urgent: bool
     batch: Batch | None = None
     future: Future = field(default_factory=Future)
     started: bool = False
 
 
-class FrameScheduler:
-    """Cache of decoded frames plus the single worker thread that fills it.
+class DecodeScheduler:
+    """Cache of decoded units plus the single worker thread that fills it.
 
-    One worker keeps CPU decoding deterministic (one frame at a time, fixed torch thread
+    One worker keeps CPU decoding deterministic (one unit at a time, fixed torch thread
     count) and leaves the other cores to the readers.
     """
 
     def __init__(self, capacity_bytes: int) -> None:
         self.capacity_bytes = capacity_bytes
-        self.decoded_count = 0  # frames produced since start (for benchmarks and tests)
+        self.decoded_count = 0  # units produced since start (for benchmarks and tests)
         self._cache: LRUCache = LRUCache(maxsize=capacity_bytes, getsizeof=lambda f: f.nbytes)
         self._jobs: dict[Hashable, _Job] = {}
         self._queue: list[tuple[int, int, _Job]] = []
@@ -70,11 +76,11 @@ class FrameScheduler:
     def request(
         self,
         key: Hashable,
-        produce: Callable[[], DecodedFrame],
+        produce: Callable[[], Decoded],
         urgent: bool = True,
         batch: Batch | None = None,
     ) -> Future:
-        """A future for frame ``key``, decoding it with ``produce`` unless cached or queued."""
+        """A future for unit ``key``, decoding it with ``produce`` unless cached or queued."""
         with self._lock:
             cached = self._cache.get(key)
             if cached is not None:
@@ -145,27 +151,27 @@ class FrameScheduler:
             return mates
 
     @staticmethod
-    def _produce(jobs: list[_Job]) -> list[DecodedFrame | BaseException]:
-        """Each job's frame, or what it raised; several jobs go through one batch run."""
+    def _produce(jobs: list[_Job]) -> list[Decoded | BaseException]:
+        """Each job's unit, or what it raised; several jobs go through one batch run."""
         if len(jobs) == 1:
             try:
                 return [jobs[0].produce()]
             except BaseException as exc:  # handed to every waiting reader
                 return [exc]
-        outcomes: dict[int, DecodedFrame | BaseException] = {}
+        outcomes: dict[int, Decoded | BaseException] = {}
         inputs, ready = [], []
         for position, job in enumerate(jobs):
             try:
                 inputs.append(job.batch.inputs())  # type: ignore[union-attr]
                 ready.append(position)
-            except BaseException as exc:  # this frame fails alone
+            except BaseException as exc:  # this unit fails alone
                 outcomes[position] = exc
         if ready:
             try:
-                frames: list = jobs[ready[0]].batch.run(inputs)  # type: ignore[union-attr]
+                decoded: list = jobs[ready[0]].batch.run(inputs)  # type: ignore[union-attr]
             except BaseException as exc:
-                frames = [exc] * len(ready)
-            outcomes.update(zip(ready, frames, strict=True))
+                decoded = [exc] * len(ready)
+            outcomes.update(zip(ready, decoded, strict=True))
         return [outcomes[position] for position in range(len(jobs))]
 
     def _run(self) -> None:
@@ -177,13 +183,13 @@ class FrameScheduler:
             for done, outcome in zip(jobs, outcomes, strict=True):
                 self._finish(done, outcome, elapsed / len(jobs))
 
-    def _finish(self, job: _Job, outcome: DecodedFrame | BaseException, seconds: float) -> None:
+    def _finish(self, job: _Job, outcome: Decoded | BaseException, seconds: float) -> None:
         if isinstance(outcome, BaseException):
             with self._lock:
                 del self._jobs[job.key]
             job.future.set_exception(outcome)
             return
-        log.debug("decoded frame %s in %.3f s", job.key, seconds)
+        log.debug("decoded unit %s in %.3f s", job.key, seconds)
         with self._lock:
             self.decoded_count += 1
             if outcome.nbytes <= self.capacity_bytes:

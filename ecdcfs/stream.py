@@ -327,16 +327,16 @@ def output_length(header: Header) -> int:
 def source_units(header: Header, start: int, stop: int) -> range:
     """The decode units (48 kHz: frames; 24 kHz: the core's fixed chunks) that output
     samples ``[start, stop)`` come from."""
-    from .audiofile import units_covering
+    from .units import decode_units
 
     rate = header.sample_rate
     margin = 0 if rate == OUT_RATE else int(PRE_ROLL_S * rate) + 1
     first = max(0, start * rate // OUT_RATE - margin)
     last = min(header.audio_length, -(-stop * rate // OUT_RATE) + margin)
-    return units_covering(header, first, last)
+    return decode_units(header).covering(first, last)
 
 
-def pcm_chunks(audio: Any, start: int, stop: int, reader: Any = None) -> Iterator[bytes]:
+def pcm_chunks(reader: Any, start: int, stop: int) -> Iterator[bytes]:
     """PCM (s16le, 2 channels, 48 kHz) of output samples ``[start, stop)``, in pieces of
     about one frame.
 
@@ -345,14 +345,14 @@ def pcm_chunks(audio: Any, start: int, stop: int, reader: Any = None) -> Iterato
     48 kHz grid, a little before the seek point, so every output sample is the one a
     resample of the whole file gives there (to float precision) wherever the seek lands.
     """
-    header = audio.header
+    header = reader.audio.header
     rate, length = header.sample_rate, header.audio_length
     chunk = header.model.stride or header.model.sample_rate
     if rate == OUT_RATE:
         position = start
         while position < stop:
             end = min(stop, (position // chunk + 1) * chunk)
-            yield _pcm(audio.samples(position, end, reader))
+            yield _pcm(reader.samples(position, end))
             position = end
         return
     import soxr
@@ -366,7 +366,7 @@ def pcm_chunks(audio: Any, start: int, stop: int, reader: Any = None) -> Iterato
     resampler = soxr.ResampleStream(rate, OUT_RATE, header.model.channels, dtype="float32")
     while remaining > 0 and position < length:
         end = min(length, (position // chunk + 1) * chunk)
-        samples = audio.samples(position, end, reader)
+        samples = reader.samples(position, end)
         out = resampler.resample_chunk(np.ascontiguousarray(samples.T), last=end == length)
         position = end
         dropped = min(skip, len(out))
@@ -415,7 +415,7 @@ def run_decode(args: Args, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO) ->
         if _isatty(stderr):
             _show_indexing(audio, units.start, stderr)
         reader = audio.reader()
-        for data in pcm_chunks(audio, start, stop, reader):
+        for data in pcm_chunks(reader, start, stop):
             stdout.write(data)
             stdout.flush()
             progress.update(len(data) // (2 * OUT_CHANNELS))

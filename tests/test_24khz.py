@@ -12,12 +12,13 @@ import numpy as np
 import pytest
 
 import synth
-from ecdcfs import audiofile
+from ecdcfs import units
 from ecdcfs.audiofile import Engine, Settings
 from ecdcfs.causal import CHUNK_STEPS, CONTEXT_STEPS, ChunkGrid, packed_steps
 from ecdcfs.codec import decode_lm_steps
-from ecdcfs.container import MODELS, EcdcError, unpack_codes
+from ecdcfs.container import MODELS, EcdcError, EncodedFrame, unpack_codes
 from ecdcfs.index import INDEX_SUFFIX, CodeIndex
+from ecdcfs.units import Chunks
 
 READ = 128 * 1024
 SR = 24_000
@@ -137,7 +138,7 @@ def test_random_and_concurrent_reads_equal_a_sequential_read(torch_home, tmp_pat
         errors = synth.run_in_threads(worker, [(spans[i::4],) for i in range(4)])
         assert not errors, errors[0]
         # A chunk decoded again (as after an eviction) gives the same bytes.
-        assert np.array_equal(audio._decode_chunk(3).audio, audio.frame(3).result().audio)
+        assert np.array_equal(audio.decode(3).audio, audio.request(3).result().audio)
     finally:
         engine.close()
 
@@ -156,9 +157,9 @@ def test_one_hour_file_seeks_in_bounded_memory_and_time(engine, tmp_path):
     assert audio.size == 44 + 2 * samples
     codec = engine.codec(MODELS["encodec_24khz"])
     codes = np.random.default_rng(1).integers(0, 1024, (nc, CHUNK_STEPS), dtype=np.int64)
-    codec.decode_frame(codes[:, :10], None)  # warm the model
+    codec.decode_frame(EncodedFrame(codes[:, :10], None))  # warm the model
     started = time.perf_counter()
-    codec.decode_frame(codes, None)  # baseline: a chunk of codes (5 s) with a warm model
+    codec.decode_frame(EncodedFrame(codes, None))  # baseline: 5 s of codes, a warm model
     baseline = time.perf_counter() - started
 
     measured = synth.reset_peak_rss(os.getpid())
@@ -187,13 +188,8 @@ SMALL_CHUNK = 40  # steps; small chunks make short LM-coded files span many chun
 @pytest.fixture
 def small_chunks(monkeypatch):
     """Chunks (and index blocks) of 40 steps with 40 warm-up steps."""
-    real = audiofile.chunk_grid
-
-    def small(header):
-        grid = real(header)
-        return grid and ChunkGrid(grid.steps, grid.hop, SMALL_CHUNK, SMALL_CHUNK)
-
-    monkeypatch.setattr(audiofile, "chunk_grid", small)
+    monkeypatch.setattr(Chunks, "chunk_steps", SMALL_CHUNK)
+    monkeypatch.setattr(Chunks, "context_steps", SMALL_CHUNK)
 
 
 def lm_and_plain(engine, samples: int, nc: int, seed: int = 0) -> tuple[bytes, bytes]:
@@ -216,7 +212,7 @@ class GatedBlocks:
         self.open_blocks = open_blocks
         self.gate = threading.Event()
         self.yielded = 0
-        self.decode_lm_steps = audiofile.decode_lm_steps
+        self.decode_lm_steps = units.decode_lm_steps
 
     def __call__(self, *args):
         for number, codes in enumerate(self.decode_lm_steps(*args)):
@@ -249,7 +245,7 @@ def test_lm_file_reads_like_the_plain_file_of_its_codes(engine, small_chunks, tm
     second = Engine(engine.settings)
     try:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(audiofile, "decode_lm_steps", GatedBlocks(0))  # would wait forever
+            mp.setattr(units, "decode_lm_steps", GatedBlocks(0))  # would wait forever
             assert read_all(second.open(path).reader()) == expected
     finally:
         second.close()
@@ -260,7 +256,7 @@ def test_lm_reads_wait_only_for_the_blocks_they_need(engine, small_chunks, tmp_p
     lm_data, plain_data = lm_and_plain(engine, samples, nc, seed=1)
     expected = read_all(engine.open(synth.write(tmp_path, "plain.ecdc", plain_data)).reader())
     gated = GatedBlocks(open_blocks=1)
-    monkeypatch.setattr(audiofile, "decode_lm_steps", gated)
+    monkeypatch.setattr(units, "decode_lm_steps", gated)
     audio = engine.open(synth.write(tmp_path, "lm.ecdc", lm_data))
     reader = audio.reader()
     first_chunk = 2 * SMALL_CHUNK * HOP
@@ -298,7 +294,7 @@ def test_partial_lm_index_serves_its_blocks_while_the_rest_is_rebuilt(
     engine.close()
 
     gated = GatedBlocks(open_blocks=0)  # the rebuild (from block 0) waits
-    monkeypatch.setattr(audiofile, "decode_lm_steps", gated)
+    monkeypatch.setattr(units, "decode_lm_steps", gated)
     second = Engine(engine.settings)
     try:
         audio = second.open(path)

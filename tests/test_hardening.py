@@ -81,7 +81,10 @@ class RecordingEngine:
     """Engine stand-in: records the bytes each open snapshot holds, decodes nothing."""
 
     def __init__(self) -> None:
+        from ecdcfs.audiofile import Settings
+
         self.opened: list[int] = []
+        self.settings = Settings()
 
     def __call__(self):
         return self
@@ -611,4 +614,4 @@ def test_an_index_being_built_is_shared_even_after_eviction(tmp_path):
     store.get("bb", 3, 2, lambda unit: 10)  # evicts "aa" from memory
     assert store.get("aa", 3, 2, lambda unit: 10) is building
     gate.set()
-    assert int(building.get(2)[1][0, 0]) == 2
+    assert int(building.get(2).codes[0, 0]) == 2

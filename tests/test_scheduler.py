@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from ecdcfs.codec import DecodedFrame
-from ecdcfs.scheduler import Batch, FrameScheduler
+from ecdcfs.scheduler import Batch, DecodeScheduler
 
 
 def frame(value: float) -> DecodedFrame:
@@ -17,12 +17,12 @@ def frame(value: float) -> DecodedFrame:
 
 @pytest.fixture
 def scheduler():
-    scheduler = FrameScheduler(capacity_bytes=1 << 20)
+    scheduler = DecodeScheduler(capacity_bytes=1 << 20)
     yield scheduler
     scheduler.close()
 
 
-def block_worker(scheduler: FrameScheduler) -> threading.Event:
+def block_worker(scheduler: DecodeScheduler) -> threading.Event:
     """Occupy the worker until the returned event is set, so requests queue up."""
     release, running = threading.Event(), threading.Event()
 
