@@ -61,7 +61,12 @@ def _torch_hub_dir() -> Path:
 def wav_layout(header: Header) -> WavLayout:
     """The WAV file that presents this header's audio."""
     return WavLayout(
-        header.model.channels, header.sample_rate, header.audio_length, header.title, header.source
+        header.model.channels,
+        header.sample_rate,
+        header.audio_length,
+        header.title,
+        header.source,
+        header.thumbnail,
     )
 
 

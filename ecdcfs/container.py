@@ -117,6 +117,10 @@ class Header:
         return _optional_str(self.metadata, "s")
 
     @property
+    def thumbnail(self) -> str | None:
+        return _optional_str(self.metadata, "t")
+
+    @property
     def layout(self) -> FrameLayout:
         return FrameLayout(self.model, self.audio_length, self.num_codebooks)
 

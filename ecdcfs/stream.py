@@ -10,6 +10,9 @@ pipe::
     ecdc-stream -d song.ecdc | ffplay -f s16le -ac 2 -ar 48k -i -
     ffmpeg -i song.flac -f s16le -ac 2 -ar 48k - | ecdc-stream -b 24 -e song.ecdc
 
+Programs that imported Encodec-Stream's script for ``get_info(path)`` import
+:func:`get_info` from here (the same dict as ``-i``, no torch import).
+
 Arguments come in any order; the file or URL is the one that is not an option's value
 (by convention the last). Decoding goes through ecdcfs's core (:class:`~ecdcfs.audiofile.
 AudioFile`), so the PCM is encodec's own decode sample for sample, ``-ss``/``-to`` are
@@ -87,7 +90,10 @@ argument that is not an option's value.
                 Thumbnail, Source (when present), then the other keys upper-cased;
                 values JSON-encoded. A URL costs one small Range request.
   -d            decode to stdout: PCM only (messages go to stderr). Files at another
-                rate are resampled to 48 kHz (soxr), mono goes to both channels.
+                rate are resampled to 48 kHz (soxr), mono goes to both channels. An
+                LM-coded file's code index is saved in $XDG_CACHE_HOME/ecdcfs
+                (~/.cache/ecdcfs, shared with ecdcfs, at most 256 MiB; emptied by
+                ecdcfs --clear-cache), so a later seek into it skips the indexing.
     -ss S       start at S seconds (sample-accurate; a seek costs the same anywhere)
     -to S       stop at S seconds (past the end: the end)
     -b N        read-ahead: N frames at first, growing by N as playback advances
@@ -288,27 +294,44 @@ def _not_another_url(target: str) -> None:
         raise EcdcError(f"{target}: only http and https URLs are supported")
 
 
-def info_lines(header: Header) -> list[str]:
-    """``-i`` output: Encodec-Stream's keys and order, values JSON-encoded."""
+def header_info(header: Header) -> dict[str, Any]:
+    """Encodec-Stream's info dict: its keys, in its order (what ``-i`` prints)."""
     metadata = dict(header.metadata)
-    info: list[tuple[str, Any]] = [("Version", header.version)]
+    info: dict[str, Any] = {"Version": header.version}
     if "n" in metadata:
-        info.append(("Name", metadata.pop("n")))
-    info.append(("Duration", header.audio_length / header.sample_rate))
+        info["Name"] = metadata.pop("n")
+    info["Duration"] = header.audio_length / header.sample_rate
     if "sr" in metadata:
-        info.append(("Sample Rate", metadata.pop("sr")))
+        info["Sample Rate"] = metadata.pop("sr")
     if "br" in metadata:
         bitrate = metadata.pop("br")
         with contextlib.suppress(TypeError, ValueError, OverflowError):
             bitrate = float(bitrate)
             bitrate = int(bitrate) if bitrate == int(bitrate) else bitrate
-        info.append(("Bitrate", bitrate))
+        info["Bitrate"] = bitrate
     if "t" in metadata:
-        info.append(("Thumbnail", metadata.pop("t")))
+        info["Thumbnail"] = metadata.pop("t")
     if "s" in metadata:
-        info.append(("Source", metadata.pop("s")))
-    info.extend((key.upper(), value) for key, value in metadata.items())
-    return [f"{key}: {json.dumps(value)}" for key, value in info]
+        info["Source"] = metadata.pop("s")
+    info.update((key.upper(), value) for key, value in metadata.items())
+    return info
+
+
+def info_lines(header: Header) -> list[str]:
+    """``-i`` output: :func:`header_info`'s items, values JSON-encoded."""
+    return [f"{key}: {json.dumps(value)}" for key, value in header_info(header).items()]
+
+
+def get_info(path_or_url: str | os.PathLike[str]) -> dict[str, Any]:
+    """Encodec-Stream's ``get_info``: the header of a file or an http(s) URL as the keys and
+    values ``-i`` prints (``-``: stdin, as for ``-i``).
+
+    Only the header is read (a URL costs one small Range request) and torch is not
+    imported, so a program that imported the vendored ``ecdc_stream`` for this can import
+    it from here. Raises :class:`~ecdcfs.container.EcdcError` (no such file, an HTTP
+    error, not an ECDC file).
+    """
+    return header_info(read_info_header(os.fspath(path_or_url), _stdin()))
 
 
 # --------------------------------------------------------------------------------------
@@ -521,6 +544,11 @@ def resolve_device(gpu: int | None, stderr: TextIO) -> str | None:
     return f"cuda:{gpu}"
 
 
+def _stdin() -> BinaryIO:
+    """The process's binary stdin (empty when fd 0 was closed)."""
+    return sys.stdin.buffer if sys.stdin is not None else io.BytesIO()
+
+
 def _warn(stderr: TextIO, message: str) -> None:
     stderr.write(f"{PROG}: warning: {message}\n")
     stderr.flush()
@@ -655,7 +683,7 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(stderr.fileno(), sys.stdout.fileno())
         sys.stdout = stderr
     out = os.fdopen(out_fd, "wb")
-    stdin = sys.stdin.buffer if sys.stdin is not None else io.BytesIO()
+    stdin = _stdin()
     try:
         status = run(sys.argv[1:] if argv is None else argv, stdin, out, stderr)
         out.flush()

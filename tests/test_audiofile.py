@@ -8,6 +8,7 @@ from io import BytesIO
 
 import numpy as np
 import pytest
+from mutagen.wave import WAVE
 
 import synth
 from ecdcfs import codec
@@ -18,9 +19,11 @@ from ecdcfs.wav import WavLayout
 READ = 128 * 1024  # what the kernel asks a FUSE filesystem for
 
 
-def expected_wav(data: bytes, sample_rate: int | None = None, title=None, source=None) -> bytes:
+def expected_wav(
+    data: bytes, sample_rate: int | None = None, title=None, source=None, thumbnail=None
+) -> bytes:
     pcm = synth.reference_pcm(data)
-    layout = WavLayout(pcm.shape[1], sample_rate or 48_000, pcm.shape[0], title, source)
+    layout = WavLayout(pcm.shape[1], sample_rate or 48_000, pcm.shape[0], title, source, thumbnail)
     return layout.header + pcm.astype("<i2").tobytes()
 
 
@@ -59,12 +62,15 @@ def test_sequential_read_equals_encodec_decode(engine, tmp_path, samples, kbps, 
 
 def test_encodec_stream_header_sets_rate_and_tags(engine, tmp_path):
     v0 = synth.make_ecdc(samples=60_000, kbps=6)
-    data = synth.to_v193(v0, sr=44_100, name="Sóng [live]", source="https://example.org/x")
+    tags = ("Sóng [live]", "https://example.org/x", "https://example.org/t.jpg")
+    data = synth.to_v193(v0, sr=44_100, name=tags[0], source=tags[1], thumbnail=tags[2])
     audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
     wav_bytes = read_all(audio.reader())
-    assert wav_bytes == expected_wav(v0, 44_100, "Sóng [live]", "https://example.org/x")
+    assert wav_bytes == expected_wav(v0, 44_100, *tags)
     with wave.open(BytesIO(wav_bytes)) as w:
         assert (w.getframerate(), w.getnchannels(), w.getnframes()) == (44_100, 2, 60_000)
+    id3 = WAVE(BytesIO(wav_bytes)).tags
+    assert (id3["TIT2"].text, id3["WOAS"].url, id3["WXXX:thumbnail"].url) == ([tags[0]], *tags[1:])
 
 
 def test_random_tail_first_and_past_eof_reads(engine, tmp_path):

@@ -7,6 +7,7 @@ tests mount their own. Every mount is unmounted in teardown, lazily if need be.
 from __future__ import annotations
 
 import errno
+import io
 import json
 import os
 import random
@@ -23,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from mutagen.id3 import ID3, TIT2, Encoding
+from mutagen.wave import WAVE
 
 import synth
 
@@ -60,9 +63,19 @@ def wav_bytes(pcm: np.ndarray, rate: int, title: str | None = None) -> bytes:
         text = title.encode() + b"\0"
         text += b"\0" * (len(text) % 2)
         inam = b"INAM" + struct.pack("<I", len(title.encode()) + 1) + text
-        info = b"LIST" + struct.pack("<I", 4 + len(inam)) + b"INFO" + inam
+        info = b"LIST" + struct.pack("<I", 4 + len(inam)) + b"INFO" + inam + _id3_chunk(title)
     body = b"WAVE" + fmt + info + b"data" + struct.pack("<I", len(data)) + data
     return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def _id3_chunk(title: str) -> bytes:
+    """An ``id3 `` chunk holding an ID3v2.4 tag with a UTF-8 title, written by mutagen."""
+    tag = ID3()
+    tag.add(TIT2(encoding=Encoding.UTF8, text=title))
+    out = io.BytesIO()
+    tag.save(out, v2_version=4, padding=lambda info: 0)
+    body = out.getvalue()
+    return b"id3 " + struct.pack("<I", len(body)) + body + b"\0" * (len(body) % 2)
 
 
 def unmount(mnt: Path) -> None:
@@ -270,8 +283,6 @@ def test_sequential_read_is_the_reference(song_bytes, media):
 
 
 def _wave(data: bytes):
-    import io
-
     return wave.open(io.BytesIO(data), "rb")
 
 
@@ -333,6 +344,7 @@ def test_v193_rate_and_title(mount, media):
     with _wave(data) as w:
         assert w.getframerate() == 44_100 and w.getnframes() == SHORT_SAMPLES
     assert b"INAM" in data[:200] and TITLE.encode() in data[:200]
+    assert WAVE(mount.mnt / "titled.wav").tags["TIT2"].text == [TITLE]  # the tag reader's view
 
 
 def test_subfolder_with_unicode_names(mount, media):

@@ -26,6 +26,8 @@ from encodec.compress import compress, decompress
 
 import synth
 from ecdcfs import stream
+from ecdcfs.audiofile import Settings, default_cache_dir
+from ecdcfs.container import EcdcError
 from ecdcfs.encode import int16_to_float, parse_bitrate, plan_bitrate
 from ecdcfs.http import HttpSource, RemoteError
 
@@ -129,6 +131,9 @@ def test_help():
     assert text.startswith("usage: ecdc-stream")
     for flag in ("-i", "-d", "-e", "-ss", "-to", "-b", "-g", "-n", "-s", "-t", "ffplay"):
         assert flag in text
+    # -d of an LM-coded file persists its code index where an Engine keeps them.
+    assert "LM-coded file's code index is saved in $XDG_CACHE_HOME/ecdcfs" in text
+    assert f"at most {Settings().cache_dir_mb} MiB" in text and "ecdcfs --clear-cache" in text
 
 
 @pytest.mark.parametrize(
@@ -238,6 +243,77 @@ def test_info_duration_is_in_real_seconds(files):
     assert "Duration: 3.0" in lines and 'M: "encodec_24khz"' in lines
 
 
+def info_as_lines(info: dict) -> list[str]:
+    """How Encodec-Stream's ``-i`` prints ``get_info``'s dict."""
+    return [f"{key}: {json.dumps(value)}" for key, value in info.items()]
+
+
+@pytest.mark.parametrize("key", ["v0", "v193", "v193_44k", "v0_24k"])
+def test_get_info_is_what_dash_i_prints(files, key):
+    info = stream.get_info(str(files[key]))
+    assert info_as_lines(info) == run("-i", str(files[key]))[1].decode().splitlines()
+    assert stream.get_info(files[key]) == info  # a Path too
+    assert isinstance(info["Version"], int) and isinstance(info["Duration"], float)
+
+
+def test_get_info_values(files):
+    assert stream.get_info(files["v193"]) == {
+        "Version": 193,
+        "Name": NAME,
+        "Duration": SAMPLES / 48_000,
+        "Sample Rate": 48_000,
+        "Bitrate": 6,
+        "Thumbnail": THUMB,
+        "Source": SOURCE,
+        "M": "encodec_48khz",
+        "AL": SAMPLES,
+        "NC": 4,
+        "LM": False,
+    }
+
+
+def test_get_info_errors_are_ecdc_errors(tmp_path):
+    with pytest.raises(EcdcError, match="No such file"):
+        stream.get_info(tmp_path / "missing.ecdc")
+    (tmp_path / "junk.ecdc").write_bytes(b"RIFF" + bytes(100))
+    with pytest.raises(EcdcError, match="not an ECDC file"):
+        stream.get_info(tmp_path / "junk.ecdc")
+
+
+def readme_shim() -> str:
+    """The ``ecdc_stream.py`` shim the README shows."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    return "# ecdc_stream.py" + readme.split("```python\n# ecdc_stream.py", 1)[1].split("```")[0]
+
+
+def test_readme_shim_replaces_the_vendored_script(files, tmp_path):
+    """Imported (``get_info``, without torch) and run as a script (``-i``), as bots do."""
+    (tmp_path / "ecdc_stream.py").write_text(readme_shim())
+    assert len(readme_shim().strip().splitlines()) == 3  # a comment and two lines
+    code = (
+        "import json, sys, ecdc_stream\n"
+        "print(json.dumps(ecdc_stream.get_info(sys.argv[1])))\n"
+        "assert 'torch' not in sys.modules and 'encodec' not in sys.modules"
+    )
+    imported = subprocess.run(
+        [sys.executable, "-c", code, str(files["v193"])],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert (imported.returncode, imported.stderr) == (0, "")
+    assert json.loads(imported.stdout) == stream.get_info(files["v193"])
+    script = subprocess.run(
+        [sys.executable, "ecdc_stream.py", "-i", str(files["v193"])],
+        capture_output=True,
+        timeout=120,
+        cwd=tmp_path,
+    )
+    assert (script.returncode, script.stderr) == (0, b"")
+    assert script.stdout == cli("-i", str(files["v193"]))[1]
+
+
 # --------------------------------------------------------------------------------------
 # -d
 # --------------------------------------------------------------------------------------
@@ -339,6 +415,11 @@ def test_seek_into_an_lm_file_shows_indexing_progress(torch_home, tmp_path, monk
     rc, out, err = run("-ss", "1.5", "-d", str(path), stderr=Terminal())
     assert rc == 0 and "indexing" in err  # the codes of frames 0 and 1 come first
     assert out == synth.reference_pcm(data)[RATE * 3 // 2 :].astype("<i2").tobytes()
+    # As -h says: the index persists in the cache dir and the next seek skips indexing.
+    assert default_cache_dir() == tmp_path / "xdg" / "ecdcfs"
+    assert len(list(default_cache_dir().glob("*.codes.npz"))) == 1
+    rc, again, err = run("-ss", "1.5", "-d", str(path), stderr=Terminal())
+    assert (rc, again) == (0, out) and "indexing" not in err
 
 
 def test_closed_stdout_ends_quietly(files):
@@ -512,6 +593,16 @@ def test_url_seek_fetches_only_what_it_decodes(files, serve):
     assert len(out) == 24_000 * 4
     assert out == run("-ss", "590", "-to", "590.5", "-d", str(local))[1]
     assert server.served < len(data) // 4
+
+
+def test_get_info_of_a_url_fetches_only_the_header(files, serve):
+    data = long_plain_file(files["v0"].read_bytes(), 600)
+    (files["v0"].parent / "long.ecdc").write_bytes(data)
+    base, server = serve({"/long.ecdc": data})
+    assert stream.get_info(base + "/long.ecdc") == stream.get_info(files["v0"].parent / "long.ecdc")
+    assert server.served <= 8192
+    with pytest.raises(EcdcError, match="404"):
+        stream.get_info(base + "/nothing.ecdc")
 
 
 def test_url_without_range_support_still_plays(files, serve):

@@ -95,11 +95,13 @@ def test_ecdc_shown_as_wav_with_exact_size_and_source_attributes(src, tree):
         tree.getattr("/nothing.wav")
 
 
-def test_v193_header_size_includes_info_chunk(src, tree):
-    # v193 with sr and a title: 44-byte header + LIST/INFO with INAM "Song\0" (padded).
+def test_v193_header_size_includes_the_tag_chunks(src, tree):
+    # v193 with sr and a title: 44-byte header + LIST/INFO with INAM "Song\0" (padded)
+    # + an ID3v2.4 tag with a TIT2 frame in an "id3 " chunk.
     (src / "t.ecdc").write_bytes(ecdc(9_600, version=193, sr=44_100, n="Song", br=6.0))
     info = 4 + (8 + 6)  # "INFO" + INAM chunk of "Song\0" padded to 6 bytes
-    assert tree.getattr("/t.wav")["st_size"] == 44 + 8 + info + 9_600 * 4
+    id3 = 10 + 10 + 1 + 5  # tag header + frame header + UTF-8 encoding byte + "Song\0"
+    assert tree.getattr("/t.wav")["st_size"] == 44 + 8 + info + 8 + id3 + 9_600 * 4
 
 
 def test_24khz_mono_size(src, tree):
