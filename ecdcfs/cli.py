@@ -14,6 +14,8 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import version
+
 log = logging.getLogger("ecdcfs")
 
 LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
@@ -197,6 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
         "default_permissions; non-root users need user_allow_other in "
         "/etc/fuse.conf)",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     return p
 
 

@@ -284,3 +284,14 @@ def test_import_of_the_command_does_not_import_torch():
 
 def test_config_is_a_plain_dataclass():
     assert Config().fuse_options == {} and Config().fuse_options is not Config().fuse_options
+
+
+@pytest.mark.parametrize("module, prog", [("ecdcfs", "ecdcfs"), ("ecdcfs.stream", "ecdc-stream")])
+def test_version_of_both_commands(module, prog):
+    from importlib.metadata import version
+
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{prog} {version('ecdcfs')}\n" and done.stderr == ""
