@@ -7,6 +7,7 @@ import errno
 import logging
 import logging.handlers
 import os
+import re
 import shutil
 import stat
 import subprocess
@@ -73,11 +74,33 @@ logging:
   In the foreground messages go to stderr (or --log-file); a daemon logs to --log-file,
   else to syslog (/dev/log).
 
+refused at mount (exit status 2, one line):
+  a MOUNTPOINT that is already mounted (unmount it first), a --device that is not
+  one, or a GPU that is not there (--device cuda without CUDA, cuda:N past the last).
+
 unmounting:
   ecdcfs -u MOUNTPOINT, or fusermount3 -u MOUNTPOINT. -u also clears a dead mount
   ("Transport endpoint is not connected") left by a killed daemon. SIGTERM or SIGINT
   to the daemon unmounts cleanly."""
 
+
+# What --device accepts: torch device names ecdcfs can decode on.
+_DEVICE = re.compile(r"cpu|mps|cuda(:[0-9]+)?")
+# Whether a GPU device exists, asked in a child process: torch takes seconds to import and
+# starts threads, and neither may happen before libfuse forks the daemon.
+_DEVICE_PROBE = """\
+import sys, torch
+device = sys.argv[1]
+kind, _, number = device.partition(":")
+if kind == "mps":
+    sys.exit(0 if torch.backends.mps.is_available() else "MPS is not available here")
+count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+if count == 0:
+    sys.exit("no CUDA device is available here (torch.cuda.is_available() is False)")
+if int(number or 0) >= count:
+    sys.exit(f"no such CUDA device: this machine has {count} (cuda:0 to cuda:{count - 1})")
+"""
+DEVICE_CHECK_SECONDS = 120
 
 # Default cap of the cache directory (ecdcfs.index.DEFAULT_CACHE_DIR_MB; not imported here
 # so that ecdcfs -u and --help import nothing heavy).
@@ -151,8 +174,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--device",
-        help="torch device for decoding, e.g. cpu, cuda, cuda:1 "
-        "(default: cuda when available, else cpu)",
+        type=_device,
+        help="torch device for decoding: cpu, cuda, cuda:N or mps; a GPU that is not "
+        "there is refused at mount (default: cuda when available, else cpu)",
     )
     p.add_argument(
         "--cache-mb",
@@ -213,6 +237,12 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _device(text: str) -> str:
+    if not _DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:N or mps)")
+    return text
+
+
 def _log_level(text: str) -> str:
     if text.lower() not in LOG_LEVELS:
         raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
@@ -236,7 +266,7 @@ def split_options(text: str) -> list[str]:
 
 # -o keys that set ecdcfs options: key -> (attribute, converter; None for a flag)
 _OPTION_KEYS = {
-    "device": ("device", str),
+    "device": ("device", _device),
     "cache_mb": ("cache_mb", _positive_int),
     "bufsize": ("bufsize", _positive_int),
     "cache_dir": ("cache_dir", str),
@@ -345,6 +375,13 @@ def check_paths(cfg: Config) -> None:
     if not is_dir:
         raise UsageError(f"MOUNTPOINT {cfg.mountpoint!r} is not a directory")
     mountpoint = os.path.realpath(cfg.mountpoint)
+    # libfuse would only say "not empty" and suggest -o nonempty, which stacks a second mount.
+    mounted = mount_points().get(mountpoint)
+    if mounted:
+        raise UsageError(
+            f"MOUNTPOINT {cfg.mountpoint!r} is already mounted ({mounted}); "
+            "unmount it first (ecdcfs -u MOUNTPOINT)"
+        )
     if _inside(mountpoint, source):
         raise UsageError(f"MOUNTPOINT {cfg.mountpoint!r} is inside SOURCE {cfg.source!r}")
     if _inside(source, mountpoint):
@@ -365,6 +402,25 @@ def check_paths(cfg: Config) -> None:
     hub = os.path.realpath(_torch_hub_dir())
     if _inside(hub, mountpoint):
         raise UsageError(f"the model checkpoints ({hub}, TORCH_HOME) are inside MOUNTPOINT")
+
+
+def check_device(device: str | None) -> None:
+    """UsageError unless ``device`` exists here (a GPU is looked for in a child process)."""
+    if device is None or device == "cpu":
+        return
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _DEVICE_PROBE, device],
+            capture_output=True,
+            text=True,
+            timeout=DEVICE_CHECK_SECONDS,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UsageError(f"--device {device}: cannot check that it exists ({exc})") from None
+    if done.returncode:
+        lines = done.stderr.strip().splitlines()
+        reason = lines[-1] if lines else f"the check exited with {done.returncode}"
+        raise UsageError(f"--device {device}: {reason}; use --device cpu, or leave it out")
 
 
 class _Formatter(logging.Formatter):
@@ -480,13 +536,21 @@ def _unescape_mount_path(text: str) -> str:
     return bytes(out).decode("utf-8", "surrogateescape")
 
 
-def mount_points() -> set[str]:
-    """Every mount point of this mount namespace (a dead FUSE mount included)."""
+def mount_points() -> dict[str, str]:
+    """Every mount point of this mount namespace (a dead FUSE mount included) and the type
+    of the file system mounted there (the last one mounted, if several are)."""
+    points = {}
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            return {_unescape_mount_path(line.split(" ")[4]) for line in f if line.strip()}
+            for line in f:
+                fields = line.split(" ")
+                if len(fields) > 4:
+                    # Optional fields end at "-", which the file system type follows.
+                    kind = fields[fields.index("-", 6) + 1] if "-" in fields[6:] else "?"
+                    points[_unescape_mount_path(fields[4])] = kind
     except OSError:
-        return set()
+        pass
+    return points
 
 
 def is_mounted(path: str) -> bool:
@@ -559,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.unmount:
             return unmount(cfg.mountpoint)
         check_paths(cfg)
+        check_device(cfg.device)
         setup_logging(cfg)
     except UsageError as exc:
         sys.stderr.write(f"ecdcfs: error: {exc}\n")

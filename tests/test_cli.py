@@ -143,11 +143,21 @@ def test_fuse_options_given_to_libfuse():
         (["a", "b", "-o", "allow_other=1"], "takes no value"),
         (["a", "b", "-o", "log_level=loud"], "is not one of"),
         (["a", "b", "-o", "=x"], "bad -o option"),
+        (["a", "b", "--device", "gpu"], "'gpu' is not a device"),
+        (["a", "b", "--device", "cuda:"], "is not a device"),
+        (["a", "b", "--device", "cuda:-1"], "is not a device"),
+        (["a", "b", "-o", "device=CPU"], "-o device: 'CPU' is not a device"),
     ],
 )
 def test_bad_arguments(argv, reason):
     with pytest.raises(UsageError, match=reason):
         parse_args(argv)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:0", "cuda:12", "mps"])
+def test_devices_that_parse(device):
+    assert parse_args(["a", "b", "--device", device]).device == device
+    assert parse_args(["a", "b", "-o", f"device={device}"]).device == device
 
 
 def test_bad_arguments_exit_nonzero_with_one_line(capsys):
@@ -243,6 +253,39 @@ def test_command_line_errors_in_a_subprocess(dirs, tmp_path):
         assert done.returncode == 2
         assert done.stderr.count("\n") == 1 and reason in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_mount_over_a_mount_point_is_refused(dirs, monkeypatch):
+    src, mnt = dirs
+    monkeypatch.setattr(cli, "mount_points", lambda: {"/": "ext4", os.path.realpath(mnt): "tmpfs"})
+    with pytest.raises(UsageError, match=r"MOUNTPOINT .* is already mounted \(tmpfs\)"):
+        check_paths(parse_args([src, mnt]))
+
+
+def cuda_device_count() -> int:
+    """CUDA devices torch sees here (0 without CUDA), asked in a child process."""
+    code = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(done.stdout)
+
+
+def test_a_gpu_that_is_not_here_is_refused_before_mounting(dirs):
+    src, mnt = dirs
+    count = cuda_device_count()
+    missing = [f"cuda:{count}", "cuda:99"] + (["cuda"] if count == 0 else [])
+    try:
+        for device in missing:
+            done = run(src, mnt, "--device", device)  # a daemon, were the device there
+            assert done.returncode == 2, done.stderr
+            assert done.stderr.count("\n") == 1, done.stderr
+            assert done.stderr.startswith(f"ecdcfs: error: --device {device}: "), done.stderr
+            assert "CUDA" in done.stderr and "--device cpu" in done.stderr
+            assert not cli.is_mounted(mnt)
+    finally:
+        if cli.is_mounted(mnt):  # the test failed: leave no mount behind
+            cli.unmount(mnt)
+    for device in ["cpu", *(["cuda", f"cuda:{count - 1}"] if count else [])]:
+        cli.check_device(device)  # no error
 
 
 def test_unmount_of_something_not_mounted(dirs):
