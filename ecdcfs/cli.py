@@ -500,7 +500,7 @@ def mount(cfg: Config) -> int:
     log.debug("mounting %s on %s with %s", cfg.source, cfg.mountpoint, fuse_options(cfg))
     try:
         FUSE(
-            EcdcFS(tree),
+            EcdcFS(tree, cfg.mountpoint),
             cfg.mountpoint,
             foreground=cfg.foreground,
             encoding=sys.getfilesystemencoding(),

@@ -64,19 +64,20 @@ class EcdcFS(Operations):
 
     use_ns = True
 
-    def __init__(self, tree: SourceTree, warm_up: bool = True) -> None:
+    def __init__(self, tree: SourceTree, mountpoint: str = "", warm_up: bool = True) -> None:
         self.tree = tree
+        self.mountpoint = mountpoint  # for messages (libfuse passes "/" to init and destroy)
         self.warm_up = warm_up  # load models with checkpoints on disk as the mount starts
 
     def init(self, path: str) -> None:
         # Runs in the daemon, after the fork: only now may threads start and torch load.
-        log.info("serving %s", self.tree.source)
+        log.info("serving %s on %s", self.tree.source, self.mountpoint)
         if self.warm_up:
             threading.Thread(target=self.tree.warm_up, name="ecdcfs-warm-up", daemon=True).start()
 
     def destroy(self, path: str) -> None:
         self.tree.close()
-        log.info("unmounted %s", self.tree.source)
+        log.info("unmounted %s", self.mountpoint)
 
     @_errno
     def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:

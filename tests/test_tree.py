@@ -522,6 +522,16 @@ class TestFuseOperations:
         assert ops.release("/a.txt", fh) == 0
         assert ops.statfs("/")["f_bavail"] == 0
 
+    def test_start_and_end_name_source_and_mount_point(self, src, caplog):
+        caplog.set_level(logging.INFO, "ecdcfs")
+        fs = EcdcFS(SourceTree(src, engine_factory=NoEngine()), "/the/mnt", warm_up=False)
+        fs.init("/")
+        fs.destroy("/")
+        assert [r.getMessage() for r in caplog.records] == [
+            f"serving {src} on /the/mnt",
+            "unmounted /the/mnt",
+        ]
+
     def test_unexpected_errors_become_eio(self, ops, monkeypatch, caplog):
         monkeypatch.setattr(ops.tree, "getattr", lambda path: 1 / 0)
         assert self.errno_of(ops.getattr, "/x.wav") == errno.EIO
