@@ -9,6 +9,7 @@ import logging.handlers
 import os
 import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
@@ -72,7 +73,8 @@ decoding:
 
 logging:
   In the foreground messages go to stderr (or --log-file); a daemon logs to --log-file,
-  else to syslog (/dev/log).
+  else to syslog (/dev/log), else (containers, WSL: no syslog listening) to
+  $XDG_STATE_HOME/ecdcfs/ecdcfs.log (~/.local/state/ecdcfs/), as it says at mount.
 
 refused at mount (exit status 2, one line):
   a MOUNTPOINT that is already mounted (unmount it first), a --device that is not
@@ -101,6 +103,9 @@ if int(number or 0) >= count:
     sys.exit(f"no such CUDA device: this machine has {count} (cuda:0 to cuda:{count - 1})")
 """
 DEVICE_CHECK_SECONDS = 120
+
+# Where syslog listens (a module constant, so that tests can point it elsewhere).
+SYSLOG_SOCKET = "/dev/log"
 
 # Default cap of the cache directory (ecdcfs.index.DEFAULT_CACHE_DIR_MB; not imported here
 # so that ecdcfs -u and --help import nothing heavy).
@@ -439,8 +444,51 @@ class _Formatter(logging.Formatter):
         return raw.decode("utf-8", "backslashreplace")
 
 
+def default_log_file() -> Path:
+    """``$XDG_STATE_HOME/ecdcfs/ecdcfs.log`` (``~/.local/state/...``): a daemon's log
+    when it has no --log-file and no syslog."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
+    return Path(base) / "ecdcfs" / "ecdcfs.log"
+
+
+def _syslog_listening(path: str) -> bool:
+    """Whether a syslog daemon takes messages at ``path`` (its socket can outlive it)."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):  # as SysLogHandler tries them
+        with socket.socket(socket.AF_UNIX, kind) as sock:
+            try:
+                sock.connect(path)
+                return True
+            except OSError:
+                continue
+    return False
+
+
+def _state_log_handler(cfg: Config) -> logging.Handler:
+    """A daemon's log without --log-file and syslog: the state dir's file, said on stderr."""
+    path = default_log_file()
+    if _inside(os.path.realpath(path), cfg.mountpoint):
+        raise UsageError(
+            f"no syslog ({SYSLOG_SOCKET}), and the log file {str(path)!r} would be inside "
+            "MOUNTPOINT: use --log-file or set XDG_STATE_HOME"
+        )
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        handler: logging.Handler = logging.FileHandler(path)
+    except OSError as exc:
+        sys.stderr.write(
+            f"ecdcfs: warning: no syslog ({SYSLOG_SOCKET}) and cannot write {path} "
+            f"({exc.strerror}): the daemon's messages are lost (use --log-file or -f)\n"
+        )
+        return logging.NullHandler()
+    sys.stderr.write(f"ecdcfs: no syslog ({SYSLOG_SOCKET}): the daemon logs to {path}\n")
+    return handler
+
+
 def setup_logging(cfg: Config) -> logging.Handler:
-    """Log to stderr (foreground), else to --log-file, else to syslog."""
+    """Log to --log-file, else to stderr (foreground), else to syslog, else to the state
+    dir (:func:`default_log_file`)."""
     fmt = "%(asctime)s ecdcfs[%(process)d] %(levelname)s %(name)s: %(message)s"
     handler: logging.Handler
     if cfg.log_file:
@@ -450,17 +498,13 @@ def setup_logging(cfg: Config) -> logging.Handler:
             raise UsageError(f"cannot open the log file {cfg.log_file!r}: {exc.strerror}") from None
     elif cfg.foreground:
         handler = logging.StreamHandler(sys.stderr)
-    elif os.path.exists("/dev/log"):
+    elif _syslog_listening(SYSLOG_SOCKET):
         handler = logging.handlers.SysLogHandler(
-            "/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON
+            SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON
         )
         fmt = "ecdcfs[%(process)d]: %(levelname)s %(name)s: %(message)s"
     else:
-        sys.stderr.write(
-            "ecdcfs: warning: no syslog (/dev/log); the daemon's messages are "
-            "lost (use --log-file or -f)\n"
-        )
-        handler = logging.NullHandler()
+        handler = _state_log_handler(cfg)
     handler.setFormatter(_Formatter(fmt))
     root = logging.getLogger()
     root.addHandler(handler)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -318,6 +319,68 @@ def test_logging_setup_foreground_and_file(tmp_path, dirs):
     finally:
         root.handlers[:] = before
         root.setLevel(logging.WARNING)
+
+
+@pytest.fixture
+def root_logger():
+    """The root logger, its handlers and level restored after the test."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield root
+    for handler in root.handlers:
+        if handler not in before:
+            handler.close()
+    root.handlers[:] = before
+    root.setLevel(logging.WARNING)
+
+
+def test_a_daemon_without_syslog_logs_to_the_state_dir(
+    tmp_path, dirs, monkeypatch, capsys, root_logger
+):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    log_file = tmp_path / "state" / "ecdcfs" / "ecdcfs.log"
+    dead = tmp_path / "dead-syslog"  # a socket that no daemon listens on any more
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(dead))
+    for syslog in (tmp_path / "no-syslog", dead):
+        monkeypatch.setattr(cli, "SYSLOG_SOCKET", str(syslog))
+        cfg = parse_args([*dirs])
+        check_paths(cfg)
+        handler = cli.setup_logging(cfg)
+        logging.getLogger("ecdcfs.test").error("reason %s", syslog.name)
+        handler.flush()
+        assert f"ERROR ecdcfs.test: reason {syslog.name}" in log_file.read_text()
+        assert capsys.readouterr().err == (
+            f"ecdcfs: no syslog ({syslog}): the daemon logs to {log_file}\n"
+        )
+        root_logger.removeHandler(handler)
+        handler.close()
+    assert log_file.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_daemon_logs_to_a_listening_syslog(tmp_path, dirs, monkeypatch, capsys, root_logger):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
+        syslog.bind(str(tmp_path / "syslog"))
+        syslog.settimeout(10)
+        monkeypatch.setattr(cli, "SYSLOG_SOCKET", str(tmp_path / "syslog"))
+        cfg = parse_args([*dirs])
+        check_paths(cfg)
+        handler = cli.setup_logging(cfg)
+        logging.getLogger("ecdcfs.test").error("to syslog")
+        assert b"ERROR ecdcfs.test: to syslog" in syslog.recv(4096)
+        root_logger.removeHandler(handler)
+        handler.close()
+    assert capsys.readouterr().err == "" and not (tmp_path / "state").exists()
+
+
+def test_the_state_dir_log_may_not_be_inside_the_mount_point(dirs, monkeypatch, root_logger):
+    monkeypatch.setenv("XDG_STATE_HOME", os.path.join(dirs[1], "state"))
+    monkeypatch.setattr(cli, "SYSLOG_SOCKET", "/nonexistent/syslog")
+    cfg = parse_args([*dirs])
+    check_paths(cfg)
+    with pytest.raises(UsageError, match="inside MOUNTPOINT: use --log-file"):
+        cli.setup_logging(cfg)
 
 
 def test_import_of_the_command_does_not_import_torch():

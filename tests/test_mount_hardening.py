@@ -243,6 +243,43 @@ def test_sigterm_to_the_daemon_unmounts_and_logs(tmp_path, files):
         assert "unmounted" in log.read_text() or "serving" in log.read_text()
 
 
+# ----- where the reasons go -----------------------------------------------------------
+
+
+def test_a_daemon_without_syslog_logs_to_the_state_dir(tmp_path, files):
+    """No --log-file, no syslog listening (containers, WSL): $XDG_STATE_HOME/ecdcfs/."""
+    src = source_folder(tmp_path, {"x.ecdc": files["short"], "bad.ecdc": b"not ECDC"})
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "state" / "ecdcfs" / "ecdcfs.log"
+    # The daemon's command with syslog pointed at a path where none listens.
+    code = "import sys; from ecdcfs import cli; cli.SYSLOG_SOCKET = sys.argv[1]; "
+    code += "sys.exit(cli.main(sys.argv[2:]))"
+    no_syslog = str(tmp_path / "no-syslog")
+    try:
+        started = subprocess.run(
+            [sys.executable, "-c", code, no_syslog, str(src), str(mnt), "--no-persist"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")},
+        )
+        assert started.returncode == 0, started.stderr
+        assert started.stderr == f"ecdcfs: no syslog ({no_syslog}): the daemon logs to {log}\n"
+        assert (mnt / "x.wav").read_bytes() == files["short_wav"]
+        with pytest.raises(OSError):
+            (mnt / "bad.wav").read_bytes()
+        unmount(mnt)
+        wait_daemon_gone(mnt)
+        text = log.read_text()
+        assert f"serving {src} on {mnt}" in text and f"unmounted {mnt}" in text
+        assert f"cannot open {src}/bad.ecdc: " in text
+    finally:
+        unmount(mnt)
+        for pid in _daemon_pids(mnt):
+            os.kill(pid, signal.SIGKILL)
+
+
 # ----- model load failures ------------------------------------------------------------
 
 
