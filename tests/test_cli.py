@@ -368,7 +368,8 @@ def test_a_daemon_logs_to_a_listening_syslog(tmp_path, dirs, monkeypatch, capsys
         check_paths(cfg)
         handler = cli.setup_logging(cfg)
         logging.getLogger("ecdcfs.test").error("to syslog")
-        assert b"ERROR ecdcfs.test: to syslog" in syslog.recv(4096)
+        message = syslog.recv(4096)  # <27>: facility daemon (3 * 8), severity error (3)
+        assert message.startswith(b"<27>ecdcfs[") and b"ERROR ecdcfs.test: to syslog" in message
         root_logger.removeHandler(handler)
         handler.close()
     assert capsys.readouterr().err == "" and not (tmp_path / "state").exists()

@@ -527,32 +527,6 @@ def test_checkpoints_inside_the_mount_point_are_refused(tmp_path, monkeypatch):
         cli.check_paths(cli.parse_args([str(tmp_path / "src"), str(tmp_path / "mnt")]))
 
 
-def test_daemon_without_log_file_logs_to_syslog(tmp_path, monkeypatch):
-    import logging.handlers
-
-    opened = []
-
-    class FakeSyslog(logging.Handler):
-        LOG_DAEMON = logging.handlers.SysLogHandler.LOG_DAEMON
-
-        def __init__(self, address, facility):
-            super().__init__()
-            opened.append((address, facility))
-
-    real_exists = os.path.exists
-    monkeypatch.setattr(os.path, "exists", lambda p: p == "/dev/log" or real_exists(p))
-    monkeypatch.setattr(logging.handlers, "SysLogHandler", FakeSyslog)
-    root = logging.getLogger()
-    before = list(root.handlers)
-    try:
-        handler = cli.setup_logging(cli.parse_args(["a", "b"]))  # a daemon, no --log-file
-        assert isinstance(handler, FakeSyslog)
-        assert opened == [("/dev/log", FakeSyslog.LOG_DAEMON)]
-    finally:
-        root.handlers[:] = before
-        root.setLevel(logging.WARNING)
-
-
 def test_view_of_a_hostile_tree_has_no_surprises(src, tmp_path):
     """Names the kernel hands over (spaces, brackets, unicode, bytes) all resolve."""
     tree = SourceTree(src, engine_factory=RecordingEngine())
