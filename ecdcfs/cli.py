@@ -68,7 +68,8 @@ decoding:
   started: in the background right away for checkpoints already on disk, else at the
   first read. Checkpoints come from torch.hub's cache ($TORCH_HOME/hub/checkpoints,
   downloaded there if missing); if one is missing offline, the error is logged once and
-  reads of that model's files fail with EIO. A corrupt .ecdc lists
+  reads of that model's files fail with EIO until it is copied there (no remount
+  needed: the next read after the file appears uses it). A corrupt .ecdc lists
   with size 0 and fails to open with EIO; one log line names it and says why.
 
 logging:

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import struct
 import subprocess
 import sys
@@ -331,6 +332,69 @@ def test_unavailable_device_fails_reads_quickly_and_clearly(torch_home, tmp_path
     finally:
         engine.close()
     assert sum(r.levelno >= logging.ERROR for r in caplog.records) == 1
+
+
+def test_a_checkpoint_copied_in_is_used_at_the_next_read(
+    torch_home, tmp_path, src, engine, monkeypatch, caplog
+):
+    """A model that failed to load is tried again when its checkpoint file changes (it
+    appears, a partial copy is completed), not at every read: offline, no download is
+    attempted twice."""
+    for name, lm in (("x.ecdc", False), ("y.ecdc", True)):
+        (src / name).write_bytes(synth.make_ecdc(samples=30_000, kbps=6, lm=lm, seed=3))
+    expected = {n: read_whole(engine.open(src / f"{n}.ecdc")) for n in "xy"}
+    seeded = synth.checkpoint_dir(torch_home)
+    home = tmp_path / "home"
+    checkpoints = home / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    downloads = []
+
+    def fail_download(url, *args, **kwargs):
+        downloads.append(url.rsplit("/", 1)[-1])
+        raise OSError("network is unreachable")
+
+    def read(fh: int) -> bytes:
+        return tree.read(fh, 10**7, 0)
+
+    monkeypatch.setattr("torch.hub.download_url_to_file", fail_download)
+    caplog.set_level(logging.INFO, logger="ecdcfs")
+    tree = SourceTree(src, engine_factory=lambda: Engine(Settings(device="cpu", cache_dir=None)))
+    try:
+        x, y = tree.open("/x.wav"), tree.open("/y.wav")
+        for _ in range(3):
+            for fh in (x, y):
+                with pytest.raises(ModelUnavailable, match="encodec_48khz-7e698e3e.th is missing"):
+                    read(fh)
+        assert downloads == ["encodec_48khz-7e698e3e.th"]
+        model = (seeded / "encodec_48khz-7e698e3e.th").read_bytes()
+        (checkpoints / "encodec_48khz-7e698e3e.th").write_bytes(model[: len(model) // 2])
+        for _ in range(2):
+            with pytest.raises(ModelUnavailable, match="cannot load encodec_48khz from"):
+                read(x)
+        (checkpoints / "part").write_bytes(model)  # the copy completed
+        os.replace(checkpoints / "part", checkpoints / "encodec_48khz-7e698e3e.th")
+        assert read(x) == expected["x"]
+        for _ in range(2):  # the LM-coded file needs the LM checkpoint too
+            with pytest.raises(ModelUnavailable, match="encodec_lm_48khz-7add9fc3.th is missing"):
+                read(y)
+        assert downloads == ["encodec_48khz-7e698e3e.th", "encodec_lm_48khz-7add9fc3.th"]
+        shutil.copy(seeded / "encodec_lm_48khz-7add9fc3.th", checkpoints)
+        assert read(y) == expected["y"]
+    finally:
+        tree.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 3, errors  # missing, then a partial copy; the missing LM
+    found = [r.getMessage() for r in caplog.records if "checkpoint" in r.getMessage()]
+    found = [m for m in found if m not in errors]
+    assert found == [
+        "encodec_48khz loaded: its checkpoint encodec_48khz-7e698e3e.th was found",
+        "encodec_48khz LM loaded: its checkpoint encodec_lm_48khz-7add9fc3.th was found",
+    ]
+
+
+def read_whole(audio) -> bytes:
+    return audio.read(0, audio.size)
 
 
 def test_full_cache_directory_only_costs_persistence(torch_home, tmp_path, monkeypatch, caplog):
