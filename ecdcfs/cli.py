@@ -71,6 +71,8 @@ decoding:
   reads of that model's files fail with EIO until it is copied there (no remount
   needed: the next read after the file appears uses it). A corrupt .ecdc lists
   with size 0 and fails to open with EIO; one log line names it and says why.
+  A .wav that cannot be read carries the reason in its extended attribute
+  user.ecdcfs.error (getfattr -d x.wav); files that read fine have none.
 
 logging:
   In the foreground messages go to stderr (or --log-file); a daemon logs to --log-file,

@@ -367,20 +367,28 @@ def test_a_checkpoint_copied_in_is_used_at_the_next_read(
                 with pytest.raises(ModelUnavailable, match="encodec_48khz-7e698e3e.th is missing"):
                     read(fh)
         assert downloads == ["encodec_48khz-7e698e3e.th"]
+        for path in ("/x.wav", "/y.wav"):  # the reason, with the URL, in the xattr
+            assert f"from {URL}encodec_48khz-7e698e3e.th " in tree.error(path)
         model = (seeded / "encodec_48khz-7e698e3e.th").read_bytes()
         (checkpoints / "encodec_48khz-7e698e3e.th").write_bytes(model[: len(model) // 2])
+        assert tree.error("/x.wav") is None  # changed: the next read tries again
         for _ in range(2):
             with pytest.raises(ModelUnavailable, match="cannot load encodec_48khz from"):
                 read(x)
+        assert "partial or damaged copy" in tree.error("/x.wav")
         (checkpoints / "part").write_bytes(model)  # the copy completed
         os.replace(checkpoints / "part", checkpoints / "encodec_48khz-7e698e3e.th")
         assert read(x) == expected["x"]
+        assert tree.error("/x.wav") is None
         for _ in range(2):  # the LM-coded file needs the LM checkpoint too
             with pytest.raises(ModelUnavailable, match="encodec_lm_48khz-7add9fc3.th is missing"):
                 read(y)
         assert downloads == ["encodec_48khz-7e698e3e.th", "encodec_lm_48khz-7add9fc3.th"]
+        assert "encodec_lm_48khz-7add9fc3.th is missing" in tree.error("/y.wav")
+        assert tree.error("/x.wav") is None
         shutil.copy(seeded / "encodec_lm_48khz-7add9fc3.th", checkpoints)
         assert read(y) == expected["y"]
+        assert tree.error("/y.wav") is None
     finally:
         tree.close()
     errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
@@ -393,8 +401,36 @@ def test_a_checkpoint_copied_in_is_used_at_the_next_read(
     ]
 
 
+URL = "https://dl.fbaipublicfiles.com/encodec/v0/"  # encodec's ROOT_URL
+
+
 def read_whole(audio) -> bytes:
     return audio.read(0, audio.size)
+
+
+def test_a_frame_that_cannot_be_decoded_says_why_in_the_xattr(torch_home, src, caplog):
+    data = synth.make_ecdc(samples=100_000, kbps=6, seed=4)
+    _, meta, offset = synth.parse_header(data)
+    frame = FrameLayout(MODELS["encodec_48khz"], 100_000, meta["nc"]).plain_frame_offset(1)
+    nan_scale = struct.pack("!f", float("nan"))
+    (src / "bad.ecdc").write_bytes(data[: offset + frame] + nan_scale + data[offset + frame + 4 :])
+    (src / "good.ecdc").write_bytes(data)
+    tree = SourceTree(src, engine_factory=lambda: Engine(Settings(device="cpu", cache_dir=None)))
+    try:
+        fh = tree.open("/bad.wav")
+        assert tree.error("/bad.wav") is None  # not known before a read needs frame 1
+        assert len(tree.read(fh, 1000, 0)) == 1000  # frame 0 is fine
+        for _ in range(2):
+            with pytest.raises(EcdcError, match="non-finite scale"):
+                tree.read(fh, 10**6, 0)
+        assert tree.error("/bad.wav") == "frame 1 has a non-finite scale nan"
+        good = tree.open("/good.wav")
+        tree.read(good, 10**6, 0)
+        assert tree.error("/good.wav") is None
+    finally:
+        tree.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [f"cannot decode {src}/bad.ecdc: frame 1 has a non-finite scale nan"]
 
 
 def test_full_cache_directory_only_costs_persistence(torch_home, tmp_path, monkeypatch, caplog):

@@ -280,6 +280,48 @@ def test_a_daemon_without_syslog_logs_to_the_state_dir(tmp_path, files):
             os.kill(pid, signal.SIGKILL)
 
 
+def test_reasons_in_an_xattr_and_a_checkpoint_copied_in_while_mounted(
+    tmp_path, files, torch_home, monkeypatch
+):
+    """getfattr shows why a file cannot be read; a missing checkpoint copied in while
+    mounted is used at the next read, and the reason goes away."""
+    src = source_folder(tmp_path, {"x.ecdc": files["short"], "bad.ecdc": b"not", "a.txt": b"a"})
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for proxy in ("http_proxy", "https_proxy"):  # offline: downloads fail at once
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")
+    m = Mount(src, tmp_path / "mnt", tmp_path / "log")
+    x, name = m.mnt / "x.wav", "user.ecdcfs.error"
+    try:
+        for path in (x, m.mnt / "a.txt", m.mnt):  # nothing known against them
+            assert os.listxattr(path) == []
+            with pytest.raises(OSError) as info:
+                os.getxattr(path, name)
+            assert info.value.errno == errno.ENODATA
+        assert os.listxattr(m.mnt / "bad.wav") == [name]
+        bad_reason = b"file too short for an ECDC header (3 bytes)"
+        assert os.getxattr(m.mnt / "bad.wav", name) == bad_reason
+        for _ in range(2):
+            with pytest.raises(OSError) as info:
+                x.read_bytes()
+            assert info.value.errno == errno.EIO
+        reason = os.getxattr(x, name).decode()
+        assert reason.startswith("encodec_48khz checkpoint encodec_48khz-7e698e3e.th is missing")
+        assert "https://dl.fbaipublicfiles.com/encodec/v0/encodec_48khz-7e698e3e.th" in reason
+        assert str(checkpoints) in reason and os.listxattr(x) == [name]
+        shutil.copy(synth.checkpoint_dir(torch_home) / "encodec_48khz-7e698e3e.th", checkpoints)
+        assert os.listxattr(x) == []
+        assert x.read_bytes() == files["short_wav"]  # no remount
+        assert os.listxattr(x) == []
+        log = m.log_text()
+        assert len(_error_lines(m)) == 1, _error_lines(m)  # bad.ecdc was never opened
+        assert "encodec_48khz loaded: its checkpoint encodec_48khz-7e698e3e.th was found" in log
+        assert "Traceback" not in log
+    finally:
+        m.stop()
+
+
 # ----- model load failures ------------------------------------------------------------
 
 
