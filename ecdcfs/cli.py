@@ -586,7 +586,7 @@ def _unescape_mount_path(text: str) -> str:
 def mount_points() -> dict[str, str]:
     """Every mount point of this mount namespace (a dead FUSE mount included) and the type
     of the file system mounted there (the last one mounted, if several are)."""
-    points = {}
+    points: dict[str, str] = {}
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
             for line in f:

@@ -624,6 +624,7 @@ class SourceTree:
             self._failed(handle.version, "decode", audio.name, exc)
             raise
         except Exception as exc:  # a bug: report it once per file, fail the read
+            error = EcdcError(f"unexpected error: {exc!r}")
             self.log_once(
                 logging.ERROR,
                 (audio.name, repr(exc)),
@@ -632,8 +633,8 @@ class SourceTree:
                 exc_info=True,
             )
             with self._lock:
-                self._errors[handle.version] = f"unexpected error: {exc!r}"
-            raise EcdcError(f"unexpected error: {exc!r}") from exc
+                self._errors[handle.version] = str(error)
+            raise error from exc
 
     def release(self, fh: int) -> None:
         with self._lock:
