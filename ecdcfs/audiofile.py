@@ -13,14 +13,15 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, TypeVar
 
 import numpy as np
 
-from .codec import CHECKPOINTS, Codec, DecodedFrame, ModelUnavailable
+from .codec import CHECKPOINTS, LM_CHECKPOINTS, Codec, DecodedFrame, ModelUnavailable
 from .container import MODELS, EncodedFrame, Header, ModelSpec, read_header
 from .index import DEFAULT_CACHE_DIR_MB, CodeIndex, IndexStore, Unit
 from .scheduler import Batch, DecodeScheduler
@@ -29,6 +30,7 @@ from .units import CodeSource, decode_units
 from .wav import WavLayout, float_to_pcm16
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Read-ahead never asks for more than this share of the cache, so it cannot evict itself.
 READ_AHEAD_CACHE_SHARE = 4
@@ -56,6 +58,25 @@ def _torch_hub_dir() -> Path:
     """``torch.hub.get_dir()`` without importing torch (it costs seconds)."""
     cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(os.environ.get("TORCH_HOME") or os.path.join(cache, "torch")) / "hub"
+
+
+def checkpoint_fingerprint(file_name: str) -> tuple:
+    """The checkpoint ``file_name`` as it is now: its path and its size, mtime and inode
+    (None for a missing file). No torch needed."""
+    path = _torch_hub_dir() / "checkpoints" / file_name
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (str(path), None)
+    return (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+
+
+@dataclass(frozen=True)
+class _Failure:
+    """A model that could not be loaded, and its checkpoint's fingerprint before trying."""
+
+    error: ModelUnavailable
+    fingerprint: tuple
 
 
 def wav_layout(header: Header) -> WavLayout:
@@ -86,31 +107,68 @@ class Engine:
         self.indexes = IndexStore(
             self.settings.cache_dir, max_bytes=None if cap is None else cap << 20
         )
-        self._codecs: dict[str, Codec | ModelUnavailable] = {}
+        self._codecs: dict[str, Codec] = {}
+        # Load failures by what failed ("encodec_48khz", "encodec_48khz LM"); see _load.
+        self._failures: dict[str, _Failure] = {}
         self._codec_lock = threading.Lock()
 
     def codec(self, spec: ModelSpec) -> Codec:
-        """The loaded model for ``spec``; a load failure is reported once and remembered."""
+        """The loaded model for ``spec``, loaded on first use (see :meth:`_load` for failures)."""
         with self._codec_lock:
-            entry = self._codecs.get(spec.name)
-            if entry is None:
-                try:
-                    from .codec import default_device
+            codec = self._codecs.get(spec.name)
+            if codec is None:
+                from .codec import default_device
 
-                    entry = Codec(spec, self.settings.device or default_device())
-                except ModelUnavailable as exc:
-                    log.error("%s", exc)
-                    entry = exc
-                self._codecs[spec.name] = entry
-        if isinstance(entry, ModelUnavailable):
-            raise entry
-        return entry
+                device = self.settings.device or default_device()
+                codec = self._load(spec.name, CHECKPOINTS[spec.name], lambda: Codec(spec, device))
+                self._codecs[spec.name] = codec
+            return codec
+
+    def lm(self, spec: ModelSpec) -> Any:
+        """The language model of ``spec``'s model, for LM-coded files (see :meth:`_load`)."""
+        codec = self.codec(spec)
+        with self._codec_lock:
+            return self._load(f"{spec.name} LM", LM_CHECKPOINTS[spec.name], lambda: codec.lm)
+
+    def _load(self, what: str, checkpoint: str, load: Callable[[], T]) -> T:
+        """``load()`` of ``what``, whose checkpoint file is ``checkpoint``; with the lock held.
+
+        A failure is logged once and remembered with the checkpoint's fingerprint: until
+        the file changes (copied in, a partial copy completed) it is raised again without
+        a new attempt, so an offline mount does not try a download at every read.
+        """
+        failure = self._failures.get(what)
+        fingerprint = checkpoint_fingerprint(checkpoint)
+        if failure is not None and failure.fingerprint == fingerprint:
+            raise failure.error
+        try:
+            value = load()
+        except ModelUnavailable as exc:
+            log.error("%s", exc)
+            self._failures[what] = _Failure(exc, fingerprint)
+            raise
+        if self._failures.pop(what, None) is not None:
+            log.info("%s loaded: its checkpoint %s was found", what, checkpoint)
+        return value
+
+    def failure(self, spec: ModelSpec, use_lm: bool) -> str | None:
+        """Why files of ``spec`` (LM-coded if ``use_lm``) cannot be decoded now; loads nothing.
+
+        None if no load failed, or if the checkpoint changed since (the next read tries it).
+        """
+        needed = [(spec.name, CHECKPOINTS[spec.name])]
+        if use_lm:
+            needed.append((f"{spec.name} LM", LM_CHECKPOINTS[spec.name]))
+        for what, checkpoint in needed:
+            failure = self._failures.get(what)  # no lock: it is held while a model loads
+            if failure is not None and failure.fingerprint == checkpoint_fingerprint(checkpoint):
+                return str(failure.error)
+        return None
 
     def loaded_codec(self, spec: ModelSpec) -> Codec | None:
         """The model for ``spec`` if it is already loaded (never loads it)."""
         with self._codec_lock:
-            entry = self._codecs.get(spec.name)
-        return entry if isinstance(entry, Codec) else None
+            return self._codecs.get(spec.name)
 
     def warm_up(self, names: Collection[str] = tuple(MODELS)) -> None:
         """Load the models ``names`` whose checkpoints are on disk, so first reads are fast.
@@ -241,16 +299,21 @@ class AudioFile:
         """The shared code index of this LM-coded file, building in the background."""
         with self._index_lock:
             if self._index is None:
-                self._index = self.engine.indexes.get(
+                index = self.engine.indexes.get(
                     self.identity, self.units.count, self.layout.num_codebooks, self.units.lm_steps
                 )
+                if not index.complete and index.error is None:
+                    # Building needs the model and its LM: a missing checkpoint fails this
+                    # read (and heals with the checkpoint), not the file's index for good.
+                    self.engine.lm(self.header.model)
                 self.engine.indexes.build(
                     self.identity,
-                    self._index,
+                    index,
                     self._scan,
                     os.path.basename(self.name),
                     self.units.noun,
                 )
+                self._index = index
             return self._index
 
     def code_index(self) -> CodeIndex | None:
@@ -259,7 +322,7 @@ class AudioFile:
 
     def _scan(self, first: int, offset: int) -> Iterator[Unit]:
         """Entropy-decode LM-coded units from ``first`` at payload ``offset`` (for the index)."""
-        lm = self.engine.codec(self.header.model).lm
+        lm = self.engine.lm(self.header.model)
         return self.units.scan_lm(lm, self._source, first, offset)
 
 

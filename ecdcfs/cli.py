@@ -7,12 +7,16 @@ import errno
 import logging
 import logging.handlers
 import os
+import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from . import version
 
 log = logging.getLogger("ecdcfs")
 
@@ -64,18 +68,47 @@ decoding:
   started: in the background right away for checkpoints already on disk, else at the
   first read. Checkpoints come from torch.hub's cache ($TORCH_HOME/hub/checkpoints,
   downloaded there if missing); if one is missing offline, the error is logged once and
-  reads of that model's files fail with EIO. A corrupt .ecdc lists
+  reads of that model's files fail with EIO until it is copied there (no remount
+  needed: the next read after the file appears uses it). A corrupt .ecdc lists
   with size 0 and fails to open with EIO; one log line names it and says why.
+  A .wav that cannot be read carries the reason in its extended attribute
+  user.ecdcfs.error (getfattr -d x.wav); files that read fine have none.
 
 logging:
   In the foreground messages go to stderr (or --log-file); a daemon logs to --log-file,
-  else to syslog (/dev/log).
+  else to syslog (/dev/log), else (containers, WSL: no syslog listening) to
+  $XDG_STATE_HOME/ecdcfs/ecdcfs.log (~/.local/state/ecdcfs/), as it says at mount.
+
+refused at mount (exit status 2, one line):
+  a MOUNTPOINT that is already mounted (unmount it first), a --device that is not
+  one, or a GPU that is not there (--device cuda without CUDA, cuda:N past the last).
 
 unmounting:
   ecdcfs -u MOUNTPOINT, or fusermount3 -u MOUNTPOINT. -u also clears a dead mount
   ("Transport endpoint is not connected") left by a killed daemon. SIGTERM or SIGINT
   to the daemon unmounts cleanly."""
 
+
+# What --device accepts: torch device names ecdcfs can decode on.
+_DEVICE = re.compile(r"cpu|mps|cuda(:[0-9]+)?")
+# Whether a GPU device exists, asked in a child process: torch takes seconds to import and
+# starts threads, and neither may happen before libfuse forks the daemon.
+_DEVICE_PROBE = """\
+import sys, torch
+device = sys.argv[1]
+kind, _, number = device.partition(":")
+if kind == "mps":
+    sys.exit(0 if torch.backends.mps.is_available() else "MPS is not available here")
+count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+if count == 0:
+    sys.exit("no CUDA device is available here (torch.cuda.is_available() is False)")
+if int(number or 0) >= count:
+    sys.exit(f"no such CUDA device: this machine has {count} (cuda:0 to cuda:{count - 1})")
+"""
+DEVICE_CHECK_SECONDS = 120
+
+# Where syslog listens (a module constant, so that tests can point it elsewhere).
+SYSLOG_SOCKET = "/dev/log"
 
 # Default cap of the cache directory (ecdcfs.index.DEFAULT_CACHE_DIR_MB; not imported here
 # so that ecdcfs -u and --help import nothing heavy).
@@ -149,8 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--device",
-        help="torch device for decoding, e.g. cpu, cuda, cuda:1 "
-        "(default: cuda when available, else cpu)",
+        type=_device,
+        help="torch device for decoding: cpu, cuda, cuda:N or mps; a GPU that is not "
+        "there is refused at mount (default: cuda when available, else cpu)",
     )
     p.add_argument(
         "--cache-mb",
@@ -197,6 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
         "default_permissions; non-root users need user_allow_other in "
         "/etc/fuse.conf)",
     )
+    p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     return p
 
 
@@ -208,6 +243,12 @@ def _positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
     return value
+
+
+def _device(text: str) -> str:
+    if not _DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:N or mps)")
+    return text
 
 
 def _log_level(text: str) -> str:
@@ -233,7 +274,7 @@ def split_options(text: str) -> list[str]:
 
 # -o keys that set ecdcfs options: key -> (attribute, converter; None for a flag)
 _OPTION_KEYS = {
-    "device": ("device", str),
+    "device": ("device", _device),
     "cache_mb": ("cache_mb", _positive_int),
     "bufsize": ("bufsize", _positive_int),
     "cache_dir": ("cache_dir", str),
@@ -342,6 +383,13 @@ def check_paths(cfg: Config) -> None:
     if not is_dir:
         raise UsageError(f"MOUNTPOINT {cfg.mountpoint!r} is not a directory")
     mountpoint = os.path.realpath(cfg.mountpoint)
+    # libfuse would only say "not empty" and suggest -o nonempty, which stacks a second mount.
+    mounted = mount_points().get(mountpoint)
+    if mounted:
+        raise UsageError(
+            f"MOUNTPOINT {cfg.mountpoint!r} is already mounted ({mounted}); "
+            "unmount it first (ecdcfs -u MOUNTPOINT)"
+        )
     if _inside(mountpoint, source):
         raise UsageError(f"MOUNTPOINT {cfg.mountpoint!r} is inside SOURCE {cfg.source!r}")
     if _inside(source, mountpoint):
@@ -364,6 +412,25 @@ def check_paths(cfg: Config) -> None:
         raise UsageError(f"the model checkpoints ({hub}, TORCH_HOME) are inside MOUNTPOINT")
 
 
+def check_device(device: str | None) -> None:
+    """UsageError unless ``device`` exists here (a GPU is looked for in a child process)."""
+    if device is None or device == "cpu":
+        return
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", _DEVICE_PROBE, device],
+            capture_output=True,
+            text=True,
+            timeout=DEVICE_CHECK_SECONDS,
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise UsageError(f"--device {device}: cannot check that it exists ({exc})") from None
+    if done.returncode:
+        lines = done.stderr.strip().splitlines()
+        reason = lines[-1] if lines else f"the check exited with {done.returncode}"
+        raise UsageError(f"--device {device}: {reason}; use --device cpu, or leave it out")
+
+
 class _Formatter(logging.Formatter):
     """Shows the bytes of a file name that is not UTF-8 as ``\\xff`` escapes.
 
@@ -380,8 +447,51 @@ class _Formatter(logging.Formatter):
         return raw.decode("utf-8", "backslashreplace")
 
 
+def default_log_file() -> Path:
+    """``$XDG_STATE_HOME/ecdcfs/ecdcfs.log`` (``~/.local/state/...``): a daemon's log
+    when it has no --log-file and no syslog."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
+    return Path(base) / "ecdcfs" / "ecdcfs.log"
+
+
+def _syslog_listening(path: str) -> bool:
+    """Whether a syslog daemon takes messages at ``path`` (its socket can outlive it)."""
+    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):  # as SysLogHandler tries them
+        with socket.socket(socket.AF_UNIX, kind) as sock:
+            try:
+                sock.connect(path)
+                return True
+            except OSError:
+                continue
+    return False
+
+
+def _state_log_handler(cfg: Config) -> logging.Handler:
+    """A daemon's log without --log-file and syslog: the state dir's file, said on stderr."""
+    path = default_log_file()
+    if _inside(os.path.realpath(path), cfg.mountpoint):
+        raise UsageError(
+            f"no syslog ({SYSLOG_SOCKET}), and the log file {str(path)!r} would be inside "
+            "MOUNTPOINT: use --log-file or set XDG_STATE_HOME"
+        )
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        handler: logging.Handler = logging.FileHandler(path)
+    except OSError as exc:
+        sys.stderr.write(
+            f"ecdcfs: warning: no syslog ({SYSLOG_SOCKET}) and cannot write {path} "
+            f"({exc.strerror}): the daemon's messages are lost (use --log-file or -f)\n"
+        )
+        return logging.NullHandler()
+    sys.stderr.write(f"ecdcfs: no syslog ({SYSLOG_SOCKET}): the daemon logs to {path}\n")
+    return handler
+
+
 def setup_logging(cfg: Config) -> logging.Handler:
-    """Log to stderr (foreground), else to --log-file, else to syslog."""
+    """Log to --log-file, else to stderr (foreground), else to syslog, else to the state
+    dir (:func:`default_log_file`)."""
     fmt = "%(asctime)s ecdcfs[%(process)d] %(levelname)s %(name)s: %(message)s"
     handler: logging.Handler
     if cfg.log_file:
@@ -391,17 +501,13 @@ def setup_logging(cfg: Config) -> logging.Handler:
             raise UsageError(f"cannot open the log file {cfg.log_file!r}: {exc.strerror}") from None
     elif cfg.foreground:
         handler = logging.StreamHandler(sys.stderr)
-    elif os.path.exists("/dev/log"):
+    elif _syslog_listening(SYSLOG_SOCKET):
         handler = logging.handlers.SysLogHandler(
-            "/dev/log", facility=logging.handlers.SysLogHandler.LOG_DAEMON
+            SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON
         )
         fmt = "ecdcfs[%(process)d]: %(levelname)s %(name)s: %(message)s"
     else:
-        sys.stderr.write(
-            "ecdcfs: warning: no syslog (/dev/log); the daemon's messages are "
-            "lost (use --log-file or -f)\n"
-        )
-        handler = logging.NullHandler()
+        handler = _state_log_handler(cfg)
     handler.setFormatter(_Formatter(fmt))
     root = logging.getLogger()
     root.addHandler(handler)
@@ -441,7 +547,7 @@ def mount(cfg: Config) -> int:
     log.debug("mounting %s on %s with %s", cfg.source, cfg.mountpoint, fuse_options(cfg))
     try:
         FUSE(
-            EcdcFS(tree),
+            EcdcFS(tree, cfg.mountpoint),
             cfg.mountpoint,
             foreground=cfg.foreground,
             encoding=sys.getfilesystemencoding(),
@@ -477,13 +583,21 @@ def _unescape_mount_path(text: str) -> str:
     return bytes(out).decode("utf-8", "surrogateescape")
 
 
-def mount_points() -> set[str]:
-    """Every mount point of this mount namespace (a dead FUSE mount included)."""
+def mount_points() -> dict[str, str]:
+    """Every mount point of this mount namespace (a dead FUSE mount included) and the type
+    of the file system mounted there (the last one mounted, if several are)."""
+    points: dict[str, str] = {}
     try:
         with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            return {_unescape_mount_path(line.split(" ")[4]) for line in f if line.strip()}
+            for line in f:
+                fields = line.split(" ")
+                if len(fields) > 4:
+                    # Optional fields end at "-", which the file system type follows.
+                    kind = fields[fields.index("-", 6) + 1] if "-" in fields[6:] else "?"
+                    points[_unescape_mount_path(fields[4])] = kind
     except OSError:
-        return set()
+        pass
+    return points
 
 
 def is_mounted(path: str) -> bool:
@@ -556,6 +670,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.unmount:
             return unmount(cfg.mountpoint)
         check_paths(cfg)
+        check_device(cfg.device)
         setup_logging(cfg)
     except UsageError as exc:
         sys.stderr.write(f"ecdcfs: error: {exc}\n")

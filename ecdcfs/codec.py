@@ -53,6 +53,13 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def checkpoint_url(file_name: str) -> str:
+    """Where encodec downloads the checkpoint ``file_name`` from."""
+    from encodec.model import ROOT_URL
+
+    return ROOT_URL + file_name
+
+
 def _load(what: str, file_name: str, loader: Any) -> Any:
     """Run an encodec loader, turning a failed download into one clear error."""
     try:
@@ -60,12 +67,15 @@ def _load(what: str, file_name: str, loader: Any) -> Any:
             warnings.filterwarnings("ignore", ".*weight_norm", FutureWarning)
             return loader()
     except Exception as exc:  # urllib, OSError, RuntimeError from torch.load...
-        path = checkpoint_dir() / file_name
+        path, url = checkpoint_dir() / file_name, checkpoint_url(file_name)
         if path.exists():
-            raise ModelUnavailable(f"cannot load {what} from {path}: {exc}") from exc
+            raise ModelUnavailable(
+                f"cannot load {what} from {path}: {exc} (a partial or damaged copy? "
+                f"it comes from {url})"
+            ) from exc
         raise ModelUnavailable(
-            f"{what} checkpoint {file_name} is missing and could not be downloaded ({exc}); "
-            f"put it in {path.parent}/ (or set TORCH_HOME)"
+            f"{what} checkpoint {file_name} is missing and could not be downloaded from "
+            f"{url} ({exc}); put it in {path.parent}/ (or set TORCH_HOME)"
         ) from exc
 
 

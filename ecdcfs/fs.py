@@ -1,7 +1,9 @@
 """FUSE operations: each delegates to :class:`~ecdcfs.tree.SourceTree` (read-only).
 
 Errors map to errno values: :class:`~ecdcfs.container.EcdcError` (a bad file, a failed
-decode, a missing model) -> EIO, ``OSError`` -> its errno, any write -> EROFS. Files are
+decode, a missing model) -> EIO, ``OSError`` -> its errno, any write -> EROFS. An audio
+file that cannot be read says why in its extended attribute ``user.ecdcfs.error``
+(:data:`ERROR_XATTR`; files that read fine have none). Files are
 opened without ``keep_cache``, so the kernel drops its cached pages of a file at every
 open and a source replaced since is read afresh (the frame cache is keyed by content); a
 handle opened while another version of the same path is open gets ``direct_io``, so the
@@ -28,6 +30,9 @@ from .container import EcdcError
 from .tree import SourceTree
 
 log = logging.getLogger(__name__)
+
+# The extended attribute in which an audio file that cannot be read says why.
+ERROR_XATTR = "user.ecdcfs.error"
 
 
 def _errno(func: Callable) -> Callable:
@@ -64,19 +69,20 @@ class EcdcFS(Operations):
 
     use_ns = True
 
-    def __init__(self, tree: SourceTree, warm_up: bool = True) -> None:
+    def __init__(self, tree: SourceTree, mountpoint: str = "", warm_up: bool = True) -> None:
         self.tree = tree
+        self.mountpoint = mountpoint  # for messages (libfuse passes "/" to init and destroy)
         self.warm_up = warm_up  # load models with checkpoints on disk as the mount starts
 
     def init(self, path: str) -> None:
         # Runs in the daemon, after the fork: only now may threads start and torch load.
-        log.info("serving %s", self.tree.source)
+        log.info("serving %s on %s", self.tree.source, self.mountpoint)
         if self.warm_up:
             threading.Thread(target=self.tree.warm_up, name="ecdcfs-warm-up", daemon=True).start()
 
     def destroy(self, path: str) -> None:
         self.tree.close()
-        log.info("unmounted %s", self.tree.source)
+        log.info("unmounted %s", self.mountpoint)
 
     @_errno
     def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
@@ -118,6 +124,17 @@ class EcdcFS(Operations):
     @_errno
     def statfs(self, path: str) -> dict[str, int]:
         return self.tree.statfs()
+
+    @_errno
+    def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        reason = self.tree.error(path) if name == ERROR_XATTR else None
+        if reason is None:
+            raise FuseOSError(errno.ENODATA)
+        return reason.encode("utf-8", "backslashreplace")
+
+    @_errno
+    def listxattr(self, path: str) -> list[str]:
+        return [ERROR_XATTR] if self.tree.error(path) is not None else []
 
     chmod = chown = create = link = mkdir = mknod = rename = rmdir = _read_only
     symlink = truncate = unlink = utimens = write = setxattr = removexattr = _read_only

@@ -64,6 +64,7 @@ from typing import Any, BinaryIO, TextIO
 
 import numpy as np
 
+from . import version
 from .container import EcdcError, Header, read_header
 from .encode import BitrateError, parse_bitrate, plan_bitrate
 from .source import ByteSource, MemorySource, as_stream
@@ -111,6 +112,7 @@ argument that is not an option's value.
     -t THUMB    thumbnail URL
   -g N          CUDA device N (-1: the CPU); default: CUDA when available, else CPU
   -h, --help    this help
+  --version     the version
 
 examples:
   {PROG} -d song.ecdc | ffplay -f s16le -ac 2 -ar 48k -i -
@@ -151,6 +153,7 @@ class Args:
     thumbnail: str | None = None
     gpu: int | None = None
     help: bool = False
+    version: bool = False
     ignored: tuple[str, ...] = ()  # options that do not apply to the mode
 
 
@@ -165,6 +168,8 @@ def parse_args(argv: list[str]) -> Args:
     for token in tokens:
         if token in ("-h", "--help"):
             args.help = True
+        elif token == "--version":
+            args.version = True
         elif token in MODES:
             if token not in modes:
                 modes.append(token)
@@ -182,7 +187,7 @@ def parse_args(argv: list[str]) -> Args:
             errors.append(f"unknown option {token}")
         else:
             positional.append(token)
-    if args.help:
+    if args.help or args.version:
         return args
     if errors:
         raise UsageError(errors[0])
@@ -634,6 +639,10 @@ def run(
         args = parse_args(argv)
         if args.help:
             stdout.write(USAGE.encode() + b"\n")
+            stdout.flush()
+            return 0
+        if args.version:
+            stdout.write(f"{PROG} {version()}\n".encode())
             stdout.flush()
             return 0
         for option in args.ignored:

@@ -25,6 +25,11 @@ and link count come from the source. A corrupt or unreadable ``.ecdc`` still lis
 stats (size 0); opening it fails (:class:`~ecdcfs.container.EcdcError` or ``OSError``)
 with one log line naming the file and the reason.
 
+Reasons (:meth:`SourceTree.error`): why an audio file cannot be read, as far as is known
+without decoding: its header's fault, the failure of an open or a read of that version of
+the file, or the failure to load the model it needs (as long as its checkpoint has not
+changed since: then the next read tries again).
+
 Opening ``x.wav`` snapshots the source (:class:`~ecdcfs.audiofile.AudioFile`, shared by
 every handle open on the same version of the file) and gives the handle its own
 :class:`~ecdcfs.audiofile.Reader`. The decoding :class:`~ecdcfs.audiofile.Engine` is
@@ -60,7 +65,7 @@ from cachetools import LRUCache
 
 from .audiofile import AudioFile, Engine, Reader, wav_layout
 from .codec import ModelUnavailable
-from .container import MODELS, EcdcError, Header, read_header
+from .container import MODELS, EcdcError, Header, ModelSpec, read_header
 
 log = logging.getLogger(__name__)
 
@@ -198,6 +203,24 @@ def list_names(kinds: dict[str, str]) -> dict[str, tuple[str, str]]:
     return shown
 
 
+@dataclass(frozen=True)
+class _Probe:
+    """What an .ecdc's header says, read without decoding: the WAV size (0 if the header is
+    unusable), the model it needs, or why the header is unusable."""
+
+    size: int
+    model: ModelSpec | None = None
+    use_lm: bool = False
+    error: str | None = None
+
+
+def _reason(exc: BaseException) -> str:
+    """An error as a user reads it (an OSError without its errno number and file name)."""
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc)
+
+
 class _LogOnce:
     """Logs each (file, reason) once, remembering a bounded number of them."""
 
@@ -259,6 +282,8 @@ class SourceTree:
         self._engine: Engine | None = None
         self._lock = threading.Lock()
         self._probes: LRUCache = LRUCache(maxsize=probe_cache_size)
+        # Why a version (_identity) of a file failed to open or read, for error().
+        self._errors: LRUCache = LRUCache(maxsize=probe_cache_size)
         self._audio: LRUCache = LRUCache(maxsize=audio_cache_size)
         self._handles: dict[int, AudioHandle | FileHandle] = {}
         self._next_fh = itertools.count(1)
@@ -402,25 +427,49 @@ class SourceTree:
         if isinstance(handle, FileHandle):
             return _attributes(FILE, os.fstat(handle.fd))
         with self._lookup(path) as (entry, folder):
-            size = self._wav_size(entry, folder) if entry.kind == AUDIO else None
+            size = self._probe(entry, folder).size if entry.kind == AUDIO else None
             return _attributes(entry.kind, entry.st, size)
 
-    def _wav_size(self, entry: Entry, folder: _Folder) -> int:
-        """Size of the WAV shown for an .ecdc, from its header (0 if it is unusable)."""
+    def _probe(self, entry: Entry, folder: _Folder) -> _Probe:
+        """What the header of the .ecdc ``entry`` says (cached per version of the file)."""
         key = _identity(entry.source, entry.st)
         with self._lock:
-            size = self._probes.get(key)
-        if size is None:
+            probe = self._probes.get(key)
+        if probe is None:
             try:
                 fd = _open_noatime(os.path.basename(entry.source), folder.fd)
                 with open(fd, "rb") as f:
-                    size = wav_layout(read_header(f, os.fstat(f.fileno()).st_size)).size
+                    header = read_header(f, os.fstat(f.fileno()).st_size)
+                probe = _Probe(wav_layout(header).size, header.model, header.use_lm)
             except (EcdcError, OSError) as exc:
                 log.debug("cannot probe %s: %s", entry.source, exc)
-                size = 0
+                probe = _Probe(0, error=_reason(exc))
             with self._lock:
-                self._probes[key] = size
-        return size
+                self._probes[key] = probe
+        return probe
+
+    def error(self, path: str) -> str | None:
+        """Why the audio file ``path`` cannot be read; None if no reason is known (it has
+        read fine, or not been read yet, or is no audio file). Never decodes or loads."""
+        with self._lookup(path) as (entry, folder):
+            if entry.kind != AUDIO:
+                return None
+            probe = self._probe(entry, folder)
+        if probe.error is not None:
+            return probe.error
+        with self._lock:
+            reason = self._errors.get(_identity(entry.source, entry.st))
+            engine = self._engine
+        if reason is None and engine is not None and probe.model is not None:
+            reason = engine.failure(probe.model, probe.use_lm)
+        return reason
+
+    def _failed(self, version: tuple, verb: str, name: str, exc: BaseException) -> None:
+        """Log (once) and remember why ``version`` of the file ``name`` failed to ``verb``."""
+        reason = _reason(exc)
+        with self._lock:
+            self._errors[version] = reason
+        self.log_once(logging.ERROR, (name, reason), "cannot %s %s: %s", verb, name, reason)
 
     def readdir(self, path: str) -> list[tuple[str, int]]:
         """``(name, file type bits)`` of every entry of the view's folder ``path``."""
@@ -530,15 +579,15 @@ class SourceTree:
                     continue
                 audio = self.engine.open(Path(source), data)
             except EcdcError as exc:
-                self.log_once(logging.ERROR, (source, str(exc)), "cannot open %s: %s", source, exc)
+                self._failed(key, "open", source, exc)
                 raise
             except OSError as exc:
-                self.log_once(logging.ERROR, (source, str(exc)), "cannot read %s: %s", source, exc)
+                self._failed(key, "read", source, exc)
                 raise
             with self._lock:
                 return self._audio.setdefault(key, audio), st
         exc = EcdcError(f"it kept changing while being read ({_SNAPSHOT_ATTEMPTS} attempts)")
-        self.log_once(logging.ERROR, (source, str(exc)), "cannot open %s: %s", source, exc)
+        self._failed(_identity(source, st), "open", source, exc)
         raise exc
 
     @staticmethod
@@ -570,13 +619,12 @@ class SourceTree:
         try:
             return handle.reader.read(offset, size)
         except ModelUnavailable:
-            raise  # the engine logs it once
+            raise  # the engine logs it once and remembers it (see error())
         except EcdcError as exc:
-            self.log_once(
-                logging.ERROR, (audio.name, str(exc)), "cannot decode %s: %s", audio.name, exc
-            )
+            self._failed(handle.version, "decode", audio.name, exc)
             raise
         except Exception as exc:  # a bug: report it once per file, fail the read
+            error = EcdcError(f"unexpected error: {exc!r}")
             self.log_once(
                 logging.ERROR,
                 (audio.name, repr(exc)),
@@ -584,7 +632,9 @@ class SourceTree:
                 audio.name,
                 exc_info=True,
             )
-            raise EcdcError(f"unexpected error: {exc!r}") from exc
+            with self._lock:
+                self._errors[handle.version] = str(error)
+            raise error from exc
 
     def release(self, fh: int) -> None:
         with self._lock:

@@ -207,8 +207,12 @@ def test_missing_checkpoint_names_file_and_directory(tmp_path, monkeypatch):
             message = str(info.value)
             assert "encodec_48khz-7e698e3e.th" in message
             assert str(tmp_path / "empty-home" / "hub" / "checkpoints") in message
+            assert f"from {CHECKPOINT_URL}encodec_48khz-7e698e3e.th " in message
     finally:
         engine.close()
+
+
+CHECKPOINT_URL = "https://dl.fbaipublicfiles.com/encodec/v0/"  # encodec's ROOT_URL
 
 
 def fail_download(*args, **kwargs):

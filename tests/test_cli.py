@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -143,11 +144,21 @@ def test_fuse_options_given_to_libfuse():
         (["a", "b", "-o", "allow_other=1"], "takes no value"),
         (["a", "b", "-o", "log_level=loud"], "is not one of"),
         (["a", "b", "-o", "=x"], "bad -o option"),
+        (["a", "b", "--device", "gpu"], "'gpu' is not a device"),
+        (["a", "b", "--device", "cuda:"], "is not a device"),
+        (["a", "b", "--device", "cuda:-1"], "is not a device"),
+        (["a", "b", "-o", "device=CPU"], "-o device: 'CPU' is not a device"),
     ],
 )
 def test_bad_arguments(argv, reason):
     with pytest.raises(UsageError, match=reason):
         parse_args(argv)
+
+
+@pytest.mark.parametrize("device", ["cpu", "cuda", "cuda:0", "cuda:12", "mps"])
+def test_devices_that_parse(device):
+    assert parse_args(["a", "b", "--device", device]).device == device
+    assert parse_args(["a", "b", "-o", f"device={device}"]).device == device
 
 
 def test_bad_arguments_exit_nonzero_with_one_line(capsys):
@@ -245,6 +256,39 @@ def test_command_line_errors_in_a_subprocess(dirs, tmp_path):
         assert "Traceback" not in done.stderr
 
 
+def test_mount_over_a_mount_point_is_refused(dirs, monkeypatch):
+    src, mnt = dirs
+    monkeypatch.setattr(cli, "mount_points", lambda: {"/": "ext4", os.path.realpath(mnt): "tmpfs"})
+    with pytest.raises(UsageError, match=r"MOUNTPOINT .* is already mounted \(tmpfs\)"):
+        check_paths(parse_args([src, mnt]))
+
+
+def cuda_device_count() -> int:
+    """CUDA devices torch sees here (0 without CUDA), asked in a child process."""
+    code = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    return int(done.stdout)
+
+
+def test_a_gpu_that_is_not_here_is_refused_before_mounting(dirs):
+    src, mnt = dirs
+    count = cuda_device_count()
+    missing = [f"cuda:{count}", "cuda:99"] + (["cuda"] if count == 0 else [])
+    try:
+        for device in missing:
+            done = run(src, mnt, "--device", device)  # a daemon, were the device there
+            assert done.returncode == 2, done.stderr
+            assert done.stderr.count("\n") == 1, done.stderr
+            assert done.stderr.startswith(f"ecdcfs: error: --device {device}: "), done.stderr
+            assert "CUDA" in done.stderr and "--device cpu" in done.stderr
+            assert not cli.is_mounted(mnt)
+    finally:
+        if cli.is_mounted(mnt):  # the test failed: leave no mount behind
+            cli.unmount(mnt)
+    for device in ["cpu", *(["cuda", f"cuda:{count - 1}"] if count else [])]:
+        cli.check_device(device)  # no error
+
+
 def test_unmount_of_something_not_mounted(dirs):
     done = run("-u", dirs[1])
     assert done.returncode == 1 and "not mounted" in done.stderr
@@ -277,6 +321,69 @@ def test_logging_setup_foreground_and_file(tmp_path, dirs):
         root.setLevel(logging.WARNING)
 
 
+@pytest.fixture
+def root_logger():
+    """The root logger, its handlers and level restored after the test."""
+    root = logging.getLogger()
+    before = list(root.handlers)
+    yield root
+    for handler in root.handlers:
+        if handler not in before:
+            handler.close()
+    root.handlers[:] = before
+    root.setLevel(logging.WARNING)
+
+
+def test_a_daemon_without_syslog_logs_to_the_state_dir(
+    tmp_path, dirs, monkeypatch, capsys, root_logger
+):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    log_file = tmp_path / "state" / "ecdcfs" / "ecdcfs.log"
+    dead = tmp_path / "dead-syslog"  # a socket that no daemon listens on any more
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(dead))
+    for syslog in (tmp_path / "no-syslog", dead):
+        monkeypatch.setattr(cli, "SYSLOG_SOCKET", str(syslog))
+        cfg = parse_args([*dirs])
+        check_paths(cfg)
+        handler = cli.setup_logging(cfg)
+        logging.getLogger("ecdcfs.test").error("reason %s", syslog.name)
+        handler.flush()
+        assert f"ERROR ecdcfs.test: reason {syslog.name}" in log_file.read_text()
+        assert capsys.readouterr().err == (
+            f"ecdcfs: no syslog ({syslog}): the daemon logs to {log_file}\n"
+        )
+        root_logger.removeHandler(handler)
+        handler.close()
+    assert log_file.parent.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_daemon_logs_to_a_listening_syslog(tmp_path, dirs, monkeypatch, capsys, root_logger):
+    monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
+        syslog.bind(str(tmp_path / "syslog"))
+        syslog.settimeout(10)
+        monkeypatch.setattr(cli, "SYSLOG_SOCKET", str(tmp_path / "syslog"))
+        cfg = parse_args([*dirs])
+        check_paths(cfg)
+        handler = cli.setup_logging(cfg)
+        logging.getLogger("ecdcfs.test").error("to syslog")
+        message = syslog.recv(4096)  # <27>: facility daemon (3 * 8), severity error (3)
+        assert message.startswith(b"<27>ecdcfs[") and b"ERROR ecdcfs.test: to syslog" in message
+        root_logger.removeHandler(handler)
+        handler.close()
+    assert capsys.readouterr().err == "" and not (tmp_path / "state").exists()
+
+
+def test_the_state_dir_log_may_not_be_inside_the_mount_point(dirs, monkeypatch, root_logger):
+    monkeypatch.setenv("XDG_STATE_HOME", os.path.join(dirs[1], "state"))
+    monkeypatch.setattr(cli, "SYSLOG_SOCKET", "/nonexistent/syslog")
+    cfg = parse_args([*dirs])
+    check_paths(cfg)
+    with pytest.raises(UsageError, match="inside MOUNTPOINT: use --log-file"):
+        cli.setup_logging(cfg)
+
+
 def test_import_of_the_command_does_not_import_torch():
     code = "import sys, ecdcfs.cli, ecdcfs.fs, ecdcfs.tree; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
@@ -284,3 +391,14 @@ def test_import_of_the_command_does_not_import_torch():
 
 def test_config_is_a_plain_dataclass():
     assert Config().fuse_options == {} and Config().fuse_options is not Config().fuse_options
+
+
+@pytest.mark.parametrize("module, prog", [("ecdcfs", "ecdcfs"), ("ecdcfs.stream", "ecdc-stream")])
+def test_version_of_both_commands(module, prog):
+    from importlib.metadata import version
+
+    done = subprocess.run(
+        [sys.executable, "-m", module, "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == f"{prog} {version('ecdcfs')}\n" and done.stderr == ""

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import random
+import shutil
 import struct
 import subprocess
 import sys
@@ -336,6 +337,105 @@ def test_unavailable_device_fails_reads_quickly_and_clearly(torch_home, tmp_path
     assert sum(r.levelno >= logging.ERROR for r in caplog.records) == 1
 
 
+def test_a_checkpoint_copied_in_is_used_at_the_next_read(
+    torch_home, tmp_path, src, engine, monkeypatch, caplog
+):
+    """A model that failed to load is tried again when its checkpoint file changes (it
+    appears, a partial copy is completed), not at every read: offline, no download is
+    attempted twice."""
+    for name, lm in (("x.ecdc", False), ("y.ecdc", True)):
+        (src / name).write_bytes(synth.make_ecdc(samples=30_000, kbps=6, lm=lm, seed=3))
+    expected = {n: read_whole(engine.open(src / f"{n}.ecdc")) for n in "xy"}
+    seeded = synth.checkpoint_dir(torch_home)
+    home = tmp_path / "home"
+    checkpoints = home / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    downloads = []
+
+    def fail_download(url, *args, **kwargs):
+        downloads.append(url.rsplit("/", 1)[-1])
+        raise OSError("network is unreachable")
+
+    def read(fh: int) -> bytes:
+        return tree.read(fh, 10**7, 0)
+
+    monkeypatch.setattr("torch.hub.download_url_to_file", fail_download)
+    caplog.set_level(logging.INFO, logger="ecdcfs")
+    tree = SourceTree(src, engine_factory=lambda: Engine(Settings(device="cpu", cache_dir=None)))
+    try:
+        x, y = tree.open("/x.wav"), tree.open("/y.wav")
+        for _ in range(3):
+            for fh in (x, y):
+                with pytest.raises(ModelUnavailable, match="encodec_48khz-7e698e3e.th is missing"):
+                    read(fh)
+        assert downloads == ["encodec_48khz-7e698e3e.th"]
+        for path in ("/x.wav", "/y.wav"):  # the reason, with the URL, in the xattr
+            assert f"from {URL}encodec_48khz-7e698e3e.th " in tree.error(path)
+        model = (seeded / "encodec_48khz-7e698e3e.th").read_bytes()
+        (checkpoints / "encodec_48khz-7e698e3e.th").write_bytes(model[: len(model) // 2])
+        assert tree.error("/x.wav") is None  # changed: the next read tries again
+        for _ in range(2):
+            with pytest.raises(ModelUnavailable, match="cannot load encodec_48khz from"):
+                read(x)
+        assert "partial or damaged copy" in tree.error("/x.wav")
+        (checkpoints / "part").write_bytes(model)  # the copy completed
+        os.replace(checkpoints / "part", checkpoints / "encodec_48khz-7e698e3e.th")
+        assert read(x) == expected["x"]
+        assert tree.error("/x.wav") is None
+        for _ in range(2):  # the LM-coded file needs the LM checkpoint too
+            with pytest.raises(ModelUnavailable, match="encodec_lm_48khz-7add9fc3.th is missing"):
+                read(y)
+        assert downloads == ["encodec_48khz-7e698e3e.th", "encodec_lm_48khz-7add9fc3.th"]
+        assert "encodec_lm_48khz-7add9fc3.th is missing" in tree.error("/y.wav")
+        assert tree.error("/x.wav") is None
+        shutil.copy(seeded / "encodec_lm_48khz-7add9fc3.th", checkpoints)
+        assert read(y) == expected["y"]
+        assert tree.error("/y.wav") is None
+    finally:
+        tree.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert len(errors) == 3, errors  # missing, then a partial copy; the missing LM
+    found = [r.getMessage() for r in caplog.records if "checkpoint" in r.getMessage()]
+    found = [m for m in found if m not in errors]
+    assert found == [
+        "encodec_48khz loaded: its checkpoint encodec_48khz-7e698e3e.th was found",
+        "encodec_48khz LM loaded: its checkpoint encodec_lm_48khz-7add9fc3.th was found",
+    ]
+
+
+URL = "https://dl.fbaipublicfiles.com/encodec/v0/"  # encodec's ROOT_URL
+
+
+def read_whole(audio) -> bytes:
+    return audio.read(0, audio.size)
+
+
+def test_a_frame_that_cannot_be_decoded_says_why_in_the_xattr(torch_home, src, caplog):
+    data = synth.make_ecdc(samples=100_000, kbps=6, seed=4)
+    _, meta, offset = synth.parse_header(data)
+    frame = FrameLayout(MODELS["encodec_48khz"], 100_000, meta["nc"]).plain_frame_offset(1)
+    nan_scale = struct.pack("!f", float("nan"))
+    (src / "bad.ecdc").write_bytes(data[: offset + frame] + nan_scale + data[offset + frame + 4 :])
+    (src / "good.ecdc").write_bytes(data)
+    tree = SourceTree(src, engine_factory=lambda: Engine(Settings(device="cpu", cache_dir=None)))
+    try:
+        fh = tree.open("/bad.wav")
+        assert tree.error("/bad.wav") is None  # not known before a read needs frame 1
+        assert len(tree.read(fh, 1000, 0)) == 1000  # frame 0 is fine
+        for _ in range(2):
+            with pytest.raises(EcdcError, match="non-finite scale"):
+                tree.read(fh, 10**6, 0)
+        assert tree.error("/bad.wav") == "frame 1 has a non-finite scale nan"
+        good = tree.open("/good.wav")
+        tree.read(good, 10**6, 0)
+        assert tree.error("/good.wav") is None
+    finally:
+        tree.close()
+    errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+    assert errors == [f"cannot decode {src}/bad.ecdc: frame 1 has a non-finite scale nan"]
+
+
 def test_full_cache_directory_only_costs_persistence(torch_home, tmp_path, monkeypatch, caplog):
     data = synth.make_ecdc(samples=54_240, kbps=6, lm=True)
 
@@ -528,32 +628,6 @@ def test_checkpoints_inside_the_mount_point_are_refused(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "mnt" / "torch"))
     with pytest.raises(cli.UsageError, match="checkpoints"):
         cli.check_paths(cli.parse_args([str(tmp_path / "src"), str(tmp_path / "mnt")]))
-
-
-def test_daemon_without_log_file_logs_to_syslog(tmp_path, monkeypatch):
-    import logging.handlers
-
-    opened = []
-
-    class FakeSyslog(logging.Handler):
-        LOG_DAEMON = logging.handlers.SysLogHandler.LOG_DAEMON
-
-        def __init__(self, address, facility):
-            super().__init__()
-            opened.append((address, facility))
-
-    real_exists = os.path.exists
-    monkeypatch.setattr(os.path, "exists", lambda p: p == "/dev/log" or real_exists(p))
-    monkeypatch.setattr(logging.handlers, "SysLogHandler", FakeSyslog)
-    root = logging.getLogger()
-    before = list(root.handlers)
-    try:
-        handler = cli.setup_logging(cli.parse_args(["a", "b"]))  # a daemon, no --log-file
-        assert isinstance(handler, FakeSyslog)
-        assert opened == [("/dev/log", FakeSyslog.LOG_DAEMON)]
-    finally:
-        root.handlers[:] = before
-        root.setLevel(logging.WARNING)
 
 
 def test_view_of_a_hostile_tree_has_no_surprises(src, tmp_path):

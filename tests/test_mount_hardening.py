@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 import synth
+from test_cli import cuda_device_count
 from test_mount import (
     SR,
     Mount,
@@ -33,7 +34,6 @@ from test_mount import (
     source_folder,
     unmount,
     wait_daemon_gone,
-    wait_mounted,
     wav_bytes,
 )
 
@@ -243,43 +243,130 @@ def test_sigterm_to_the_daemon_unmounts_and_logs(tmp_path, files):
         assert "unmounted" in log.read_text() or "serving" in log.read_text()
 
 
+# ----- where the reasons go -----------------------------------------------------------
+
+
+def test_a_daemon_without_syslog_logs_to_the_state_dir(tmp_path, files):
+    """No --log-file, no syslog listening (containers, WSL): $XDG_STATE_HOME/ecdcfs/."""
+    src = source_folder(tmp_path, {"x.ecdc": files["short"], "bad.ecdc": b"not ECDC"})
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    log = tmp_path / "state" / "ecdcfs" / "ecdcfs.log"
+    # The daemon's command with syslog pointed at a path where none listens.
+    code = "import sys; from ecdcfs import cli; cli.SYSLOG_SOCKET = sys.argv[1]; "
+    code += "sys.exit(cli.main(sys.argv[2:]))"
+    no_syslog = str(tmp_path / "no-syslog")
+    try:
+        started = subprocess.run(
+            [sys.executable, "-c", code, no_syslog, str(src), str(mnt), "--no-persist"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "XDG_STATE_HOME": str(tmp_path / "state")},
+        )
+        assert started.returncode == 0, started.stderr
+        assert started.stderr == f"ecdcfs: no syslog ({no_syslog}): the daemon logs to {log}\n"
+        assert (mnt / "x.wav").read_bytes() == files["short_wav"]
+        with pytest.raises(OSError):
+            (mnt / "bad.wav").read_bytes()
+        unmount(mnt)
+        wait_daemon_gone(mnt)
+        text = log.read_text()
+        assert f"serving {src} on {mnt}" in text and f"unmounted {mnt}" in text
+        assert f"cannot open {src}/bad.ecdc: " in text
+    finally:
+        unmount(mnt)
+        for pid in _daemon_pids(mnt):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_reasons_in_an_xattr_and_a_checkpoint_copied_in_while_mounted(
+    tmp_path, files, torch_home, monkeypatch
+):
+    """getfattr shows why a file cannot be read; a missing checkpoint copied in while
+    mounted is used at the next read, and the reason goes away."""
+    src = source_folder(tmp_path, {"x.ecdc": files["short"], "bad.ecdc": b"not", "a.txt": b"a"})
+    checkpoints = tmp_path / "torch" / "hub" / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    for proxy in ("http_proxy", "https_proxy"):  # offline: downloads fail at once
+        monkeypatch.setenv(proxy, "http://127.0.0.1:9")
+    m = Mount(src, tmp_path / "mnt", tmp_path / "log")
+    x, name = m.mnt / "x.wav", "user.ecdcfs.error"
+    try:
+        for path in (x, m.mnt / "a.txt", m.mnt):  # nothing known against them
+            assert os.listxattr(path) == []
+            with pytest.raises(OSError) as info:
+                os.getxattr(path, name)
+            assert info.value.errno == errno.ENODATA
+        assert os.listxattr(m.mnt / "bad.wav") == [name]
+        bad_reason = b"file too short for an ECDC header (3 bytes)"
+        assert os.getxattr(m.mnt / "bad.wav", name) == bad_reason
+        for _ in range(2):
+            with pytest.raises(OSError) as info:
+                x.read_bytes()
+            assert info.value.errno == errno.EIO
+        reason = os.getxattr(x, name).decode()
+        assert reason.startswith("encodec_48khz checkpoint encodec_48khz-7e698e3e.th is missing")
+        assert "https://dl.fbaipublicfiles.com/encodec/v0/encodec_48khz-7e698e3e.th" in reason
+        assert str(checkpoints) in reason and os.listxattr(x) == [name]
+        shutil.copy(synth.checkpoint_dir(torch_home) / "encodec_48khz-7e698e3e.th", checkpoints)
+        assert os.listxattr(x) == []
+        assert x.read_bytes() == files["short_wav"]  # no remount
+        assert os.listxattr(x) == []
+        log = m.log_text()
+        assert len(_error_lines(m)) == 1, _error_lines(m)  # bad.ecdc was never opened
+        assert "encodec_48khz loaded: its checkpoint encodec_48khz-7e698e3e.th was found" in log
+        assert "Traceback" not in log
+    finally:
+        m.stop()
+
+
 # ----- model load failures ------------------------------------------------------------
 
 
-def _cuda_available() -> bool:
-    code = "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"
-    return subprocess.run([sys.executable, "-c", code]).returncode == 0
-
-
-@pytest.mark.skipif(_cuda_available(), reason="CUDA is available here")
-def test_device_cuda_without_cuda_fails_reads_with_one_line(tmp_path, files):
-    src = source_folder(tmp_path, {"x.ecdc": files["short"], "a.txt": b"a"})
+def test_a_gpu_that_is_not_here_is_refused_at_mount(tmp_path, files):
+    """Not at the first read: the mount is never made and nothing keeps running."""
+    src = source_folder(tmp_path, {"x.ecdc": files["short"]})
     mnt = tmp_path / "mnt"
     mnt.mkdir()
     log = tmp_path / "log"
-    proc = subprocess.Popen(
-        ecdcfs_cmd(
-            str(src), str(mnt), "-f", "--no-persist", "--device", "cuda", "--log-file", str(log)
-        ),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
+    device = f"cuda:{cuda_device_count()}"  # one past the last (cuda:0 without CUDA)
     try:
-        wait_mounted(mnt, proc)
-        started = time.monotonic()
-        for _ in range(2):
-            with pytest.raises(OSError) as info:
-                (mnt / "x.wav").read_bytes()
-            assert info.value.errno == errno.EIO
-        assert time.monotonic() - started < 60
-        assert (mnt / "a.txt").read_text() == "a"
-        errors = [line for line in log.read_text().splitlines() if " ERROR " in line]
-        assert 1 <= len(errors) <= 2, errors  # once per model (loaded at mount, fails)
-        assert all("cannot use device 'cuda'" in line for line in errors), errors
-        assert "Traceback" not in log.read_text()
+        for mode in ("-f", "--no-persist"):  # foreground, and a daemon
+            done = subprocess.run(
+                ecdcfs_cmd(str(src), str(mnt), mode, "-o", f"device={device},log_file={log}"),
+                capture_output=True,
+                text=True,
+                timeout=120,
+            )
+            assert done.returncode == 2, done.stderr
+            assert done.stderr.count("\n") == 1 and f"--device {device}: " in done.stderr
+            assert not is_mounted(mnt) and not _daemon_pids(mnt)
     finally:
         unmount(mnt)
-        proc.wait(timeout=30)
+
+
+def test_mounting_over_a_live_mount_is_refused(tmp_path, files):
+    """libfuse's advice (-o nonempty) would stack a second daemon: ecdcfs refuses."""
+    src = source_folder(tmp_path, {"x.ecdc": files["short"]})
+    mnt = tmp_path / "mnt"
+    with daemon(src, mnt, tmp_path / "log", "--device", "cpu"):
+        pids = _daemon_pids(mnt)
+        for extra in ((), ("-o", "nonempty"), ("-f",)):
+            done = subprocess.run(
+                ecdcfs_cmd(str(src), str(mnt), "--no-persist", "--device", "cpu", *extra),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+            assert done.returncode == 2, done.stderr
+            assert done.stderr.count("\n") == 1, done.stderr
+            assert "is already mounted (fuse.ecdcfs)" in done.stderr
+        assert _daemon_pids(mnt) == pids
+        assert (mnt / "x.wav").read_bytes() == files["short_wav"]
+        mountinfo = Path("/proc/self/mountinfo").read_text().splitlines()
+        assert sum(line.split(" ")[4] == str(mnt) for line in mountinfo) == 1
 
 
 # ----- mount(8), fstab ----------------------------------------------------------------

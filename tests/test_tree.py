@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from mfusepy import FuseOSError
 
 from ecdcfs.container import MODELS, EcdcError, FrameLayout
-from ecdcfs.fs import EcdcFS
+from ecdcfs.fs import ERROR_XATTR, EcdcFS
 from ecdcfs.tree import AUDIO, DIR, FILE, LINK, SourceTree, list_names
 
 
@@ -523,6 +523,37 @@ class TestFuseOperations:
         assert ops.read("/a.txt", 100, 0, fh) == b"text"
         assert ops.release("/a.txt", fh) == 0
         assert ops.statfs("/")["f_bavail"] == 0
+
+    def test_start_and_end_name_source_and_mount_point(self, src, caplog):
+        caplog.set_level(logging.INFO, "ecdcfs")
+        fs = EcdcFS(SourceTree(src, engine_factory=NoEngine()), "/the/mnt", warm_up=False)
+        fs.init("/")
+        fs.destroy("/")
+        assert [r.getMessage() for r in caplog.records] == [
+            f"serving {src} on /the/mnt",
+            "unmounted /the/mnt",
+        ]
+
+    def test_a_file_that_cannot_be_read_says_why_in_an_xattr(self, ops, src):
+        """Only audio files that cannot be read have user.ecdcfs.error; it never decodes."""
+        (src / "d").mkdir()
+        reason = b"file too short for an ECDC header (3 bytes)"
+        assert ops.listxattr("/bad.wav") == [ERROR_XATTR]
+        assert ops.getxattr("/bad.wav", ERROR_XATTR) == reason
+        assert self.errno_of(ops.getxattr, "/bad.wav", "user.other") == errno.ENODATA
+        for path in ("/x.wav", "/a.txt", "/d", "/"):
+            assert ops.listxattr(path) == [], path
+            assert self.errno_of(ops.getxattr, path, ERROR_XATTR) == errno.ENODATA, path
+        assert self.errno_of(ops.listxattr, "/missing.wav") == errno.ENOENT
+        (src / "bad.ecdc").write_bytes(ecdc())  # repaired: the new version reads fine
+        assert ops.listxattr("/bad.wav") == []
+        assert NoEngine.calls == 0
+
+    def test_an_open_that_failed_says_why_in_an_xattr(self, ops, monkeypatch):
+        monkeypatch.setattr(SourceTree, "_snapshot", staticmethod(lambda fd, st: None))
+        assert self.errno_of(ops.open, "/x.wav", os.O_RDONLY) == errno.EIO
+        assert b"kept changing while being read" in ops.getxattr("/x.wav", ERROR_XATTR)
+        assert ops.listxattr("/x.wav") == [ERROR_XATTR]
 
     def test_unexpected_errors_become_eio(self, ops, monkeypatch, caplog):
         monkeypatch.setattr(ops.tree, "getattr", lambda path: 1 / 0)
