@@ -15,7 +15,7 @@ import os
 import threading
 from collections.abc import Callable, Collection, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -23,8 +23,9 @@ import numpy as np
 
 from .codec import CHECKPOINTS, LM_CHECKPOINTS, Codec, DecodedFrame, ModelUnavailable
 from .container import MODELS, EncodedFrame, Header, ModelSpec, read_header
-from .index import DEFAULT_CACHE_DIR_MB, CodeIndex, IndexStore, Unit
+from .index import CodeIndex, IndexStore, Unit
 from .scheduler import Batch, DecodeScheduler
+from .settings import Settings, checkpoint_dir
 from .source import ByteSource, MemorySource, as_stream
 from .units import CodeSource, decode_units
 from .wav import WavLayout, float_to_pcm16
@@ -37,33 +38,10 @@ READ_AHEAD_CACHE_SHARE = 4
 MAX_READ_AHEAD_UNITS = 64
 
 
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/ecdcfs`` (``~/.cache/ecdcfs``): where LM code indexes persist."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ecdcfs"
-
-
-@dataclass
-class Settings:
-    """Everything a user can tune about decoding."""
-
-    device: str | None = None  # None: cuda when available, else cpu
-    cache_mb: int = 512  # decoded-frame cache cap
-    bufsize: int = 1  # initial read-ahead window, in frames; grows by this much per step
-    cache_dir: Path | None = field(default_factory=default_cache_dir)  # None: no persistence
-    cache_dir_mb: int | None = DEFAULT_CACHE_DIR_MB  # cap of cache_dir (LRU); None: no cap
-
-
-def _torch_hub_dir() -> Path:
-    """``torch.hub.get_dir()`` without importing torch (it costs seconds)."""
-    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(os.environ.get("TORCH_HOME") or os.path.join(cache, "torch")) / "hub"
-
-
 def checkpoint_fingerprint(file_name: str) -> tuple:
     """The checkpoint ``file_name`` as it is now: its path and its size, mtime and inode
     (None for a missing file). No torch needed."""
-    path = _torch_hub_dir() / "checkpoints" / file_name
+    path = checkpoint_dir() / file_name
     try:
         st = os.stat(path)
     except OSError:
@@ -98,7 +76,7 @@ def probe(path: Path) -> WavLayout:
 
 
 class Engine:
-    """Decoding machinery shared by every open file: models, frame cache, code indexes."""
+    """Decoding machinery shared by every open file: models, unit cache, code indexes."""
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
@@ -183,7 +161,7 @@ class Engine:
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
         for name in names:
             spec = MODELS[name]
-            if (_torch_hub_dir() / "checkpoints" / CHECKPOINTS[name]).exists():
+            if (checkpoint_dir() / CHECKPOINTS[name]).exists():
                 with contextlib.suppress(ModelUnavailable):
                     self.codec(spec)
 

@@ -13,10 +13,21 @@ import socket
 import stat
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from . import version
+from .settings import (
+    DEFAULT_BUFSIZE,
+    DEFAULT_CACHE_DIR_MB,
+    DEFAULT_CACHE_MB,
+    Settings,
+    checkpoint_dir,
+    default_cache_dir,
+    default_log_file,
+)
 
 log = logging.getLogger("ecdcfs")
 
@@ -110,34 +121,130 @@ DEVICE_CHECK_SECONDS = 120
 # Where syslog listens (a module constant, so that tests can point it elsewhere).
 SYSLOG_SOCKET = "/dev/log"
 
-# Default cap of the cache directory (ecdcfs.index.DEFAULT_CACHE_DIR_MB; not imported here
-# so that ecdcfs -u and --help import nothing heavy).
-DEFAULT_CACHE_DIR_MB = 256
 
 
 class UsageError(Exception):
     """A bad command line: reported in one line, exit status 2."""
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    if not _DEVICE.fullmatch(text):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:N or mps)")
+    return text
+
+
+def _log_level(text: str) -> str:
+    if text.lower() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
+    return text.lower()
+
+
+@dataclass(frozen=True)
+class Option:
+    """An ecdcfs option: ``--name`` on the command line, ``-o name=value`` in mount options
+    (a flag: ``--name``, ``-o name``). The one table both parsers are built from."""
+
+    name: str  # as on the command line, without the dashes
+    help: str
+    convert: Callable[[str], Any] | None = None  # None: a flag
+    metavar: str | None = None
+    short: str | None = None
+
+    @property
+    def attr(self) -> str:
+        """The Config attribute, which is also the ``-o`` key."""
+        return self.name.replace("-", "_")
+
+
+OPTIONS = (
+    Option("foreground", "stay in the foreground (default: daemonize once mounted)", short="-f"),
+    Option(
+        "device",
+        "torch device for decoding: cpu, cuda, cuda:N or mps; a GPU that is not there is "
+        "refused at mount (default: cuda when available, else cpu)",
+        _device,
+        "DEVICE",
+    ),
+    Option(
+        "cache-mb",
+        f"memory for decoded audio, in MiB (default: {DEFAULT_CACHE_MB})",
+        _positive_int,
+        "N",
+    ),
+    Option(
+        "bufsize",
+        "initial read-ahead, in frames (24 kHz: chunks); grows by N per sequential step "
+        f"(default: {DEFAULT_BUFSIZE})",
+        _positive_int,
+        "N",
+    ),
+    Option(
+        "cache-dir",
+        "where code indexes of LM-coded files persist "
+        "(default: $XDG_CACHE_HOME/ecdcfs, i.e. ~/.cache/ecdcfs)",
+        str,
+        "DIR",
+    ),
+    Option(
+        "cache-dir-mb",
+        "cap of the cache dir in MiB; least recently used indexes go first "
+        f"(default: {DEFAULT_CACHE_DIR_MB})",
+        _positive_int,
+        "N",
+    ),
+    Option("no-persist", "keep code indexes in memory only"),
+    Option(
+        "log-level", f"one of {', '.join(LOG_LEVELS)} (default: info)", _log_level, "LEVEL"
+    ),
+    Option(
+        "log-file",
+        "append log messages to FILE (a daemon without one logs to syslog, else to "
+        "$XDG_STATE_HOME/ecdcfs/ecdcfs.log)",
+        str,
+        "FILE",
+    ),
+    Option(
+        "allow-other",
+        "let other users read the mount (FUSE allow_other, with default_permissions; "
+        "non-root users need user_allow_other in /etc/fuse.conf)",
+    ),
+)
+_OPTIONS_BY_KEY = {option.attr: option for option in OPTIONS}
+
+
 @dataclass
 class Config:
-    """Everything the command line says."""
+    """Everything the command line says (one attribute per :data:`OPTIONS` entry, too)."""
 
     source: str = ""
     mountpoint: str = ""
     unmount: bool = False
+    clear_cache: bool = False
     foreground: bool = False
     device: str | None = None
-    cache_mb: int = 512
-    bufsize: int = 1
+    cache_mb: int = DEFAULT_CACHE_MB
+    bufsize: int = DEFAULT_BUFSIZE
     cache_dir: str | None = None  # None: the default ($XDG_CACHE_HOME/ecdcfs)
     cache_dir_mb: int = DEFAULT_CACHE_DIR_MB
-    clear_cache: bool = False
-    persist: bool = True
+    no_persist: bool = False
     log_level: str = "info"
     log_file: str | None = None
     allow_other: bool = False
     fuse_options: dict[str, str | bool] = field(default_factory=dict)
+
+    @property
+    def persist(self) -> bool:
+        return not self.no_persist
 
 
 class _Parser(argparse.ArgumentParser):
@@ -167,12 +274,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="unmount MOUNTPOINT (also a dead mount) and exit",
     )
     p.add_argument(
-        "-f",
-        "--foreground",
-        action="store_true",
-        help="stay in the foreground (default: daemonize once mounted)",
-    )
-    p.add_argument(
         "-o",
         dest="options",
         action="append",
@@ -180,81 +281,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="OPT[,OPT...]",
         help="mount options: any long option as key=value, or FUSE options",
     )
-    p.add_argument(
-        "--device",
-        type=_device,
-        help="torch device for decoding: cpu, cuda, cuda:N or mps; a GPU that is not "
-        "there is refused at mount (default: cuda when available, else cpu)",
-    )
-    p.add_argument(
-        "--cache-mb",
-        type=_positive_int,
-        metavar="N",
-        help="memory for decoded frames, in MiB (default: 512)",
-    )
-    p.add_argument(
-        "--bufsize",
-        type=_positive_int,
-        metavar="N",
-        help="initial read-ahead, in frames; grows by N per sequential step (default: 1)",
-    )
-    p.add_argument(
-        "--cache-dir",
-        metavar="DIR",
-        help="where code indexes of LM-coded files persist "
-        "(default: $XDG_CACHE_HOME/ecdcfs, i.e. ~/.cache/ecdcfs)",
-    )
-    p.add_argument(
-        "--cache-dir-mb",
-        type=_positive_int,
-        metavar="N",
-        help=f"cap of the cache dir in MiB; least recently used indexes go first "
-        f"(default: {DEFAULT_CACHE_DIR_MB})",
-    )
+    for option in OPTIONS:
+        flags = [f"--{option.name}", *([option.short] if option.short else [])]
+        if option.convert is None:  # None when not given, so that -o can set it
+            p.add_argument(*flags, action="store_true", default=None, help=option.help)
+        else:
+            p.add_argument(*flags, type=option.convert, metavar=option.metavar, help=option.help)
     p.add_argument(
         "--clear-cache",
         action="store_true",
         help="delete the code indexes in the cache dir (--cache-dir, or the default) and exit",
     )
-    p.add_argument("--no-persist", action="store_true", help="keep code indexes in memory only")
-    p.add_argument(
-        "--log-level",
-        type=_log_level,
-        metavar="LEVEL",
-        help=f"one of {', '.join(LOG_LEVELS)} (default: info)",
-    )
-    p.add_argument("--log-file", metavar="FILE", help="append log messages to FILE")
-    p.add_argument(
-        "--allow-other",
-        action="store_true",
-        help="let other users read the mount (FUSE allow_other, with "
-        "default_permissions; non-root users need user_allow_other in "
-        "/etc/fuse.conf)",
-    )
     p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     return p
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
-
-
-def _device(text: str) -> str:
-    if not _DEVICE.fullmatch(text):
-        raise argparse.ArgumentTypeError(f"{text!r} is not a device (cpu, cuda, cuda:N or mps)")
-    return text
-
-
-def _log_level(text: str) -> str:
-    if text.lower() not in LOG_LEVELS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
-    return text.lower()
 
 
 def split_options(text: str) -> list[str]:
@@ -272,21 +311,6 @@ def split_options(text: str) -> list[str]:
     return [item for item in items if item]
 
 
-# -o keys that set ecdcfs options: key -> (attribute, converter; None for a flag)
-_OPTION_KEYS = {
-    "device": ("device", _device),
-    "cache_mb": ("cache_mb", _positive_int),
-    "bufsize": ("bufsize", _positive_int),
-    "cache_dir": ("cache_dir", str),
-    "cache_dir_mb": ("cache_dir_mb", _positive_int),
-    "no_persist": ("no_persist", None),
-    "log_level": ("log_level", _log_level),
-    "log_file": ("log_file", str),
-    "allow_other": ("allow_other", None),
-    "foreground": ("foreground", None),
-}
-
-
 def parse_mount_options(texts: list[str]) -> tuple[dict[str, object], dict[str, str | bool]]:
     """``-o`` texts -> (ecdcfs options by attribute name, FUSE options)."""
     ours: dict[str, object] = {}
@@ -295,19 +319,9 @@ def parse_mount_options(texts: list[str]) -> tuple[dict[str, object], dict[str, 
         for item in split_options(text):
             key, has_value, value = item.partition("=")
             name = key.strip().replace("-", "_")
-            if name in _OPTION_KEYS:
-                attr, convert = _OPTION_KEYS[name]
-                if convert is None:
-                    if has_value:
-                        raise UsageError(f"-o {name} takes no value")
-                    ours[attr] = True
-                else:
-                    if not has_value or not value:
-                        raise UsageError(f"-o {name} needs a value ({name}=...)")
-                    try:
-                        ours[attr] = convert(value)
-                    except argparse.ArgumentTypeError as exc:
-                        raise UsageError(f"-o {name}: {exc}") from None
+            option = _OPTIONS_BY_KEY.get(name)
+            if option is not None:
+                ours[name] = _option_value(option, has_value, value)
             elif name in _MOUNT_ONLY or name == "comment" or key.startswith("x-"):
                 continue
             elif not name:
@@ -317,33 +331,31 @@ def parse_mount_options(texts: list[str]) -> tuple[dict[str, object], dict[str, 
     return ours, fuse
 
 
+def _option_value(option: Option, has_value: bool, value: str) -> object:
+    """The value of ``-o key[=value]`` for one of our options."""
+    key = option.attr
+    if option.convert is None:
+        if has_value:
+            raise UsageError(f"-o {key} takes no value")
+        return True
+    if not has_value or not value:
+        raise UsageError(f"-o {key} needs a value ({key}=...)")
+    try:
+        return option.convert(value)
+    except argparse.ArgumentTypeError as exc:
+        raise UsageError(f"-o {key}: {exc}") from None
+
+
 def parse_args(argv: list[str] | None = None) -> Config:
     """The command line as a Config; UsageError if it makes no sense (no file checks)."""
     args = build_parser().parse_args(argv)
     ours, fuse = parse_mount_options(args.options)
-    cfg = Config(unmount=args.unmount, fuse_options=fuse)
-    # -o key=value first, then the long options (which win).
-    for attr, value in ours.items():
-        if attr == "no_persist":
-            cfg.persist = False
-        else:
-            setattr(cfg, attr, value)
-    for attr in (
-        "device",
-        "cache_mb",
-        "bufsize",
-        "cache_dir",
-        "cache_dir_mb",
-        "log_level",
-        "log_file",
-    ):
-        value = getattr(args, attr)
+    cfg = Config(unmount=args.unmount, clear_cache=args.clear_cache, fuse_options=fuse)
+    for option in OPTIONS:  # a long option wins over its -o form
+        value = getattr(args, option.attr)
+        value = ours.get(option.attr) if value is None else value
         if value is not None:
-            setattr(cfg, attr, value)
-    cfg.foreground = cfg.foreground or args.foreground
-    cfg.allow_other = cfg.allow_other or args.allow_other
-    cfg.persist = cfg.persist and not args.no_persist
-    cfg.clear_cache = args.clear_cache
+            setattr(cfg, option.attr, value)
     if args.clear_cache:
         if args.unmount or args.paths:
             raise UsageError("--clear-cache takes no SOURCE, MOUNTPOINT or -u")
@@ -396,8 +408,6 @@ def check_paths(cfg: Config) -> None:
         raise UsageError(f"SOURCE {cfg.source!r} is inside MOUNTPOINT {cfg.mountpoint!r}")
     cfg.source, cfg.mountpoint = source, mountpoint
     if cfg.persist:
-        from .audiofile import default_cache_dir
-
         cfg.cache_dir = os.path.realpath(cfg.cache_dir or default_cache_dir())
         if _inside(cfg.cache_dir, mountpoint):
             raise UsageError(f"the cache dir {cfg.cache_dir!r} is inside MOUNTPOINT")
@@ -405,9 +415,7 @@ def check_paths(cfg: Config) -> None:
         cfg.log_file = os.path.realpath(cfg.log_file)
         if _inside(cfg.log_file, mountpoint):
             raise UsageError(f"the log file {cfg.log_file!r} is inside MOUNTPOINT")
-    from .audiofile import _torch_hub_dir  # the path only: torch is not imported
-
-    hub = os.path.realpath(_torch_hub_dir())
+    hub = os.path.realpath(checkpoint_dir().parent)
     if _inside(hub, mountpoint):
         raise UsageError(f"the model checkpoints ({hub}, TORCH_HOME) are inside MOUNTPOINT")
 
@@ -445,15 +453,6 @@ class _Formatter(logging.Formatter):
         except UnicodeEncodeError:  # a surrogate that no byte stands for
             raw = text.encode("utf-8", "backslashreplace")
         return raw.decode("utf-8", "backslashreplace")
-
-
-def default_log_file() -> Path:
-    """``$XDG_STATE_HOME/ecdcfs/ecdcfs.log`` (``~/.local/state/...``): a daemon's log
-    when it has no --log-file and no syslog."""
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
-        os.path.expanduser("~"), ".local", "state"
-    )
-    return Path(base) / "ecdcfs" / "ecdcfs.log"
 
 
 def _syslog_listening(path: str) -> bool:
@@ -530,7 +529,7 @@ def mount(cfg: Config) -> int:
     """Mount and serve until unmounted (in a daemon unless ``cfg.foreground``)."""
     from mfusepy import FUSE
 
-    from .audiofile import Engine, Settings
+    from .audiofile import Engine
     from .fs import EcdcFS
     from .tree import SourceTree
 
@@ -649,7 +648,6 @@ def unmount(mountpoint: str) -> int:
 
 def clear_cache(cfg: Config) -> int:
     """Delete the code indexes in the cache directory (nothing else); 0 on success."""
-    from .audiofile import default_cache_dir
     from .index import clear_cache as clear
 
     directory = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()

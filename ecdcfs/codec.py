@@ -13,12 +13,12 @@ import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
 from .container import SCALE, ContainerError, EcdcError, EncodedFrame, ModelSpec
+from .settings import checkpoint_dir
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +38,6 @@ GPU_BATCH = 8
 
 class ModelUnavailable(EcdcError):
     """A model could not be loaded (missing checkpoint offline, bad device...)."""
-
-
-def checkpoint_dir() -> Path:
-    """Where torch.hub looks for (and downloads) checkpoints: ``$TORCH_HOME/hub/checkpoints``."""
-    import torch.hub
-
-    return Path(torch.hub.get_dir()) / "checkpoints"
 
 
 def default_device() -> str:

@@ -26,6 +26,9 @@ SUPPORTED_VERSIONS = (0, 192, 193)
 MAX_METADATA_BYTES = 1 << 20
 # An arithmetic-coded frame is at least its scale plus the 24 bits the coder always emits.
 MIN_LM_FRAME_BYTES = 4 + 3
+# Upper bounds of an LM-coded payload (see Header.payload_bound): bytes per code, per frame.
+MAX_LM_CODE_BYTES = 4
+MAX_LM_FRAME_BYTES = 16
 
 
 class EcdcError(Exception):
@@ -123,6 +126,21 @@ class Header:
     @property
     def layout(self) -> FrameLayout:
         return FrameLayout(self.model, self.audio_length, self.num_codebooks)
+
+    @property
+    def payload_bound(self) -> int:
+        """Bytes of a file with this header that can matter: anything after is never read.
+
+        Bit-packed frames have a known size. An arithmetic-coded code costs about 23 bits
+        at most (encodec's coder gives every symbol at least 2 of 2**24; 32 are allowed)
+        and a frame's flush a few bytes, so an LM-coded payload is bounded too: a huge
+        file costs no memory either way.
+        """
+        layout = self.layout
+        if not self.use_lm:
+            return self.payload_offset + layout.plain_payload_bytes()
+        code_bytes = layout.code_steps(0) * layout.num_codebooks * MAX_LM_CODE_BYTES
+        return self.payload_offset + layout.frame_count * (MAX_LM_FRAME_BYTES + code_bytes)
 
 
 def _optional_str(metadata: dict[str, Any], key: str) -> str | None:

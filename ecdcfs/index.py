@@ -32,13 +32,13 @@ import numpy as np
 from cachetools import LRUCache
 
 from .container import EcdcError, EncodedFrame
+from .settings import DEFAULT_CACHE_DIR_MB
 
 log = logging.getLogger(__name__)
 
 _FORMAT = 2  # 2: units (frames or blocks of steps) instead of frames
 INDEX_SUFFIX = ".codes.npz"
 _TEMP_SUFFIX = ".tmp"
-DEFAULT_CACHE_DIR_MB = 256
 
 
 Unit = tuple[int, float | None, np.ndarray, int]

@@ -412,8 +412,9 @@ def _pcm(samples: np.ndarray) -> bytes:
 
 
 def run_decode(args: Args, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO) -> int:
-    from .audiofile import Engine, Settings
+    from .audiofile import Engine
     from .causal import CHUNK_STEPS
+    from .settings import Settings
 
     if _isatty(stdout):
         raise UsageError(

@@ -1,22 +1,8 @@
 """The read-only view of a SOURCE folder that ecdcfs mounts (no FUSE here).
 
-Every regular file ``x.ecdc`` appears as ``x.wav``; everything else keeps its name:
-
-* subfolders are mirrored (a *folder* named ``x.ecdc`` stays ``x.ecdc``);
-* other regular files (cover art, playlists, text) pass through unchanged, read-only;
-* symlinks are shown as symlinks with their target text unchanged and are never followed
-  by ecdcfs itself: every path is resolved one component at a time with ``O_NOFOLLOW``,
-  so no content from outside SOURCE is ever served (a symlink named ``x.ecdc`` is a
-  symlink, not audio, so it is shown as ``x.ecdc``);
-* FIFOs, sockets and device nodes are not shown;
-* only the lowercase suffix ``.ecdc`` is converted, and a file named just ``.ecdc`` is not.
-
-Name collisions (a real entry always keeps its own name): if ``x.ecdc`` sits next to a
-real ``x.wav`` (file, folder or symlink), the decoded audio is shown as ``x.ecdc.wav``.
-If that name is taken too (by a real ``x.ecdc.wav``, or by the audio of ``x.ecdc.ecdc``,
-whose plain name it is), ``x.ecdc`` is shown unconverted under its own name. So every
-source entry stays reachable under exactly one name, and lookups need a few ``lstat``
-calls in one folder, never a listing.
+What the view shows under which name (``x.ecdc`` as ``x.wav``, collisions, hidden
+entries) is :mod:`ecdcfs.names`. Paths are resolved one component at a time with
+``O_NOFOLLOW``, so no content from outside SOURCE is ever served.
 
 Attributes never decode and never load a model: an audio file's size comes from its
 header alone (:func:`~ecdcfs.audiofile.wav_layout`), cached by the source's identity
@@ -65,12 +51,21 @@ from cachetools import LRUCache
 
 from .audiofile import AudioFile, Engine, Reader, wav_layout
 from .codec import ModelUnavailable
-from .container import MODELS, EcdcError, Header, ModelSpec, read_header
+from .container import MODELS, EcdcError, ModelSpec, read_header
+from .names import (
+    AUDIO,
+    DIR,
+    FILE,
+    LINK,
+    audio_candidates,
+    is_ecdc_name,
+    kind_of,
+    list_names,
+    placement,
+)
 
 log = logging.getLogger(__name__)
 
-ECDC_SUFFIX = ".ecdc"
-WAV_SUFFIX = ".wav"
 WRITE_BITS = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
 # Folders are walked with O_PATH descriptors: like a path lookup, that needs search (x)
 # permission only; listing a folder opens it for reading.
@@ -80,55 +75,10 @@ _FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 # Times a file that changes while it is being snapshotted is read again before giving up.
 _SNAPSHOT_ATTEMPTS = 3
-# Upper bounds of an LM-coded payload (see _payload_bound): bytes per code, per frame.
-_LM_CODE_BYTES = 4
-_LM_FRAME_BYTES = 16
 
-DIR, FILE, LINK, AUDIO = "dir", "file", "link", "audio"
 WARM_UP_QUIET_SECONDS = 1.0
 # Headers read (in this many folders at most) to learn which models to load at mount.
 WARM_UP_HEADERS, WARM_UP_FOLDERS = 64, 256
-
-
-def _kind(mode: int) -> str | None:
-    """How a source entry of this type is shown (None: hidden)."""
-    if stat.S_ISDIR(mode):
-        return DIR
-    if stat.S_ISREG(mode):
-        return FILE
-    if stat.S_ISLNK(mode):
-        return LINK
-    return None
-
-
-def is_ecdc_name(name: str) -> bool:
-    return name.endswith(ECDC_SUFFIX) and len(name) > len(ECDC_SUFFIX)
-
-
-def placement(
-    name: str, exists: Callable[[str], bool], is_ecdc: Callable[[str], bool]
-) -> str | None:
-    """Name under which the regular file ``name`` (an ``.ecdc``) shows its audio.
-
-    ``exists(n)``: a visible real entry ``n`` is in the folder; ``is_ecdc(n)``: ``n`` is a
-    regular ``.ecdc`` file there. None: the file is shown unconverted (see module doc).
-    """
-    primary = name[: -len(ECDC_SUFFIX)] + WAV_SUFFIX
-    if not exists(primary):
-        return primary
-    fallback = name + WAV_SUFFIX
-    if not exists(fallback) and not is_ecdc(name + ECDC_SUFFIX):
-        return fallback
-    return None
-
-
-def audio_candidates(name: str) -> Iterator[str]:
-    """Source names whose audio could be shown as ``name``."""
-    if name.endswith(WAV_SUFFIX) and len(name) > len(WAV_SUFFIX):
-        stem = name[: -len(WAV_SUFFIX)]
-        yield stem + ECDC_SUFFIX
-        if is_ecdc_name(stem):
-            yield stem
 
 
 @dataclass(frozen=True)
@@ -162,7 +112,7 @@ class _Folder:
 
     def exists(self, name: str) -> bool:
         st = self.lstat(name)
-        return st is not None and _kind(st.st_mode) is not None
+        return st is not None and kind_of(st.st_mode) is not None
 
     def is_ecdc(self, name: str) -> bool:
         if not is_ecdc_name(name):
@@ -173,7 +123,7 @@ class _Folder:
     def lookup(self, name: str) -> tuple[str, str, os.stat_result] | None:
         """``(kind, source name, lstat)`` of the view's entry ``name``, or None."""
         st = self.lstat(name)
-        kind = None if st is None else _kind(st.st_mode)
+        kind = None if st is None else kind_of(st.st_mode)
         if kind is not None:
             if self.is_ecdc(name) and placement(name, self.exists, self.is_ecdc):
                 return None  # shown as audio under another name
@@ -182,25 +132,6 @@ class _Folder:
             if self.is_ecdc(source) and placement(source, self.exists, self.is_ecdc) == name:
                 return AUDIO, source, self.lstat(source)
         return None
-
-
-def list_names(kinds: dict[str, str]) -> dict[str, tuple[str, str]]:
-    """The view of one folder: ``{shown name: (kind, source name)}``.
-
-    ``kinds`` maps each visible source entry to its kind (:data:`DIR`, :data:`FILE`, ...).
-    """
-
-    def is_ecdc(name: str) -> bool:
-        return is_ecdc_name(name) and kinds.get(name) == FILE
-
-    shown: dict[str, tuple[str, str]] = {}
-    for name, kind in kinds.items():
-        target = placement(name, kinds.__contains__, is_ecdc) if is_ecdc(name) else None
-        if target is None:
-            shown[name] = (kind, name)
-        else:
-            shown[target] = (AUDIO, name)
-    return shown
 
 
 @dataclass(frozen=True)
@@ -600,7 +531,7 @@ class SourceTree:
         """
         with open(fd, "rb", closefd=False) as f:
             header = read_header(f, st.st_size)
-        data = _read_all(fd, min(st.st_size, _payload_bound(header)))
+        data = _read_all(fd, min(st.st_size, header.payload_bound))
         after = os.fstat(fd)
         if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
             st.st_size,
@@ -653,21 +584,6 @@ class SourceTree:
     def open_handles(self) -> int:
         with self._lock:
             return len(self._handles)
-
-
-def _payload_bound(header: Header) -> int:
-    """Bytes of a file with this header that can matter: anything after is never read.
-
-    Bit-packed frames have a known size. An arithmetic-coded code costs about 23 bits at
-    most (encodec's coder gives every symbol at least 2 of 2**24; 32 are allowed) and a
-    frame's flush a few bytes, so an LM-coded payload is bounded too: a huge file costs no
-    memory either way.
-    """
-    layout = header.layout
-    if not header.use_lm:
-        return header.payload_offset + layout.plain_payload_bytes()
-    per_frame = _LM_FRAME_BYTES + layout.code_steps(0) * layout.num_codebooks * _LM_CODE_BYTES
-    return header.payload_offset + layout.frame_count * per_frame
 
 
 def _attributes(kind: str, st: os.stat_result, wav_size: int | None = None) -> dict:

@@ -12,7 +12,15 @@ from pathlib import Path
 import pytest
 
 from ecdcfs import cli
-from ecdcfs.cli import Config, UsageError, check_paths, parse_args, parse_mount_options
+from ecdcfs.cli import (
+    OPTIONS,
+    Config,
+    UsageError,
+    build_parser,
+    check_paths,
+    parse_args,
+    parse_mount_options,
+)
 
 
 @pytest.fixture
@@ -402,3 +410,37 @@ def test_version_of_both_commands(module, prog):
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout == f"{prog} {version('ecdcfs')}\n" and done.stderr == ""
+
+
+@pytest.mark.parametrize("option", OPTIONS, ids=lambda option: option.name)
+def test_every_option_has_a_long_and_an_o_form(option):
+    """One table: each option parses the same from --name and from -o key=value."""
+    value = {"device": "cpu", "cache-dir": "/c", "log-file": "/l", "log-level": "debug"}
+    text = value.get(option.name, "7")
+    long = [f"--{option.name}"] + ([] if option.convert is None else [text])
+    o_form = option.attr if option.convert is None else f"{option.attr}={text}"
+    from_long = getattr(parse_args(["a", "b", *long]), option.attr)
+    assert from_long == getattr(parse_args(["a", "b", "-o", o_form]), option.attr)
+    assert from_long != getattr(Config(), option.attr)  # the option did something
+    assert f"--{option.name}" in build_parser().format_help()
+
+
+@pytest.mark.parametrize(
+    "env",
+    [
+        {},
+        {"TORCH_HOME": "/th"},
+        {"XDG_CACHE_HOME": "/xdg"},
+        {"TORCH_HOME": "/th", "XDG_CACHE_HOME": "/x"},
+    ],
+)
+def test_checkpoint_dir_is_torch_hubs_without_importing_torch(monkeypatch, env):
+    import torch.hub
+
+    from ecdcfs.settings import checkpoint_dir
+
+    for name in ("TORCH_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    assert checkpoint_dir() == Path(torch.hub.get_dir()) / "checkpoints"

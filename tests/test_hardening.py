@@ -27,11 +27,13 @@ from hypothesis import strategies as st
 
 import synth
 from ecdcfs import cli, index
-from ecdcfs.audiofile import Engine, Settings, default_cache_dir
+from ecdcfs.audiofile import Engine, Settings
 from ecdcfs.codec import ModelUnavailable
 from ecdcfs.container import MODELS, EcdcError, FrameLayout
 from ecdcfs.index import CodeIndex, IndexStore, clear_cache, enforce_cap
-from ecdcfs.tree import AUDIO, SourceTree
+from ecdcfs.names import AUDIO
+from ecdcfs.settings import default_cache_dir
+from ecdcfs.tree import SourceTree
 
 HEADER = struct.Struct("!4sBI")
 

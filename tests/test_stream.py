@@ -26,10 +26,10 @@ from encodec.compress import compress, decompress
 
 import synth
 from ecdcfs import stream
-from ecdcfs.audiofile import Settings, default_cache_dir
 from ecdcfs.container import EcdcError
 from ecdcfs.encode import int16_to_float, parse_bitrate, plan_bitrate
 from ecdcfs.http import HttpSource, RemoteError
+from ecdcfs.settings import Settings, default_cache_dir
 
 SCRIPT = Path(sys.executable).parent / "ecdc-stream"
 CLI = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "ecdcfs.stream"]

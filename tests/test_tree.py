@@ -24,7 +24,8 @@ from mfusepy import FuseOSError
 
 from ecdcfs.container import MODELS, EcdcError, FrameLayout
 from ecdcfs.fs import ERROR_XATTR, EcdcFS
-from ecdcfs.tree import AUDIO, DIR, FILE, LINK, SourceTree, list_names
+from ecdcfs.names import AUDIO, DIR, FILE, LINK, list_names
+from ecdcfs.tree import SourceTree
 
 
 def ecdc(

@@ -1,0 +1,51 @@
+"""What a user can tune, with its defaults, and where ecdcfs keeps things on disk.
+
+Standard library only: the command line imports this before it forks, and ``--help``,
+``-u`` and listings must never pay for numpy or torch.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+DEFAULT_CACHE_MB = 512  # decoded-unit cache
+DEFAULT_BUFSIZE = 1  # initial read-ahead, in units
+DEFAULT_CACHE_DIR_MB = 256  # cap of the cache directory (persisted code indexes)
+
+
+def _xdg_dir(variable: str, *fallback: str) -> Path:
+    """``$variable``, or ``~/<fallback>`` when it is unset or empty (the XDG rule)."""
+    return Path(os.environ.get(variable) or os.path.join(os.path.expanduser("~"), *fallback))
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/ecdcfs`` (``~/.cache/ecdcfs``): where LM code indexes persist."""
+    return _xdg_dir("XDG_CACHE_HOME", ".cache") / "ecdcfs"
+
+
+def default_log_file() -> Path:
+    """``$XDG_STATE_HOME/ecdcfs/ecdcfs.log`` (``~/.local/state/...``): a daemon's log
+    when there is neither ``--log-file`` nor a syslog to send it to."""
+    return _xdg_dir("XDG_STATE_HOME", ".local", "state") / "ecdcfs" / "ecdcfs.log"
+
+
+def checkpoint_dir() -> Path:
+    """Where torch.hub keeps (and downloads) checkpoints: ``$TORCH_HOME/hub/checkpoints``.
+
+    The same directory as ``torch.hub.get_dir()``, without importing torch (seconds).
+    """
+    torch_home = os.environ.get("TORCH_HOME") or _xdg_dir("XDG_CACHE_HOME", ".cache") / "torch"
+    return Path(torch_home) / "hub" / "checkpoints"
+
+
+@dataclass
+class Settings:
+    """Everything a user can tune about decoding."""
+
+    device: str | None = None  # None: cuda when available, else cpu
+    cache_mb: int = DEFAULT_CACHE_MB  # decoded-unit cache cap
+    bufsize: int = DEFAULT_BUFSIZE  # read-ahead window, in units; grows by this much per step
+    cache_dir: Path | None = field(default_factory=default_cache_dir)  # None: no persistence
+    cache_dir_mb: int | None = DEFAULT_CACHE_DIR_MB  # cap of cache_dir (LRU); None: no cap
