@@ -487,7 +487,7 @@ class SourceTree:
 
     def direct_io(self, fh: int) -> bool:
         """Whether handle ``fh`` must bypass the kernel's page cache (see :meth:`open`)."""
-        return self._handle(fh).direct_io
+        return self.handle(fh).direct_io
 
     def _audio_file(
         self, source: str, fd: int, st: os.stat_result
@@ -543,7 +543,7 @@ class SourceTree:
 
     def read(self, fh: int, size: int, offset: int) -> bytes:
         self._last_activity = time.monotonic()
-        handle = self._handle(fh)
+        handle = self.handle(fh)
         if isinstance(handle, FileHandle):
             return os.pread(handle.fd, size, offset)
         audio = handle.audio
@@ -573,12 +573,19 @@ class SourceTree:
         if handle is not None:
             handle.close()
 
-    def _handle(self, fh: int) -> AudioHandle | FileHandle:
+    def handle(self, fh: int) -> AudioHandle | FileHandle:
+        """The open handle ``fh``; OSError(EBADF) if there is none."""
         with self._lock:
             handle = self._handles.get(fh)
         if handle is None:
             raise OSError(errno.EBADF, "bad file handle")
         return handle
+
+    @property
+    def engine_started(self) -> bool:
+        """Whether the decoding engine exists yet (it is created by the first audio open)."""
+        with self._lock:
+            return self._engine is not None
 
     @property
     def open_handles(self) -> int:

@@ -193,7 +193,7 @@ def test_a_file_changing_while_it_is_snapshotted_is_read_again(src, monkeypatch)
     fh = tree.open("/x.wav")
     # The first read saw the old bytes of a file that changed: it was read again, whole.
     assert engine.opened == [len(plain(9_600))]
-    assert tree._handle(fh).audio.size == 44 + 9_600 * 4
+    assert tree.handle(fh).audio.size == 44 + 9_600 * 4
     tree.release(fh)
 
     def always_rewrite(fd, size):

@@ -419,7 +419,7 @@ def test_getattr_and_readdir_import_no_torch(tmp_path):
         except Exception:
             pass
         assert "torch" not in sys.modules and "encodec" not in sys.modules
-        assert t._engine is None
+        assert not t.engine_started
     """)
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -430,7 +430,7 @@ class TestOpenAudio:
     def test_handles_share_audio_file_but_not_readers(self, src, tree):
         (src / "x.ecdc").write_bytes(ecdc(9_600))
         a, b = tree.open("/x.wav"), tree.open("/x.wav")
-        ha, hb = tree._handle(a), tree._handle(b)
+        ha, hb = tree.handle(a), tree.handle(b)
         assert ha.audio is hb.audio and ha.reader is not hb.reader
         assert ha.audio.size == wav_size(9_600)
         assert tree.read(a, 44, 0)[:4] == b"RIFF"  # the header needs no decoding
@@ -448,8 +448,8 @@ class TestOpenAudio:
         (src / "new").write_bytes(ecdc(4_800))
         os.replace(src / "new", src / "x.ecdc")
         b = tree.open("/x.wav")
-        assert tree._handle(a).audio.size == wav_size(9_600)
-        assert tree._handle(b).audio.size == wav_size(4_800)
+        assert tree.handle(a).audio.size == wav_size(9_600)
+        assert tree.handle(b).audio.size == wav_size(4_800)
         # fstat() of an open handle gives the size of the version it reads.
         assert tree.getattr("/x.wav", a)["st_size"] == wav_size(9_600)
         assert tree.getattr("/x.wav", b)["st_size"] == wav_size(4_800)
