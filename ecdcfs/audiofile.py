@@ -230,26 +230,36 @@ class AudioFile:
         """Decoded float32 audio ``[channels, stop - start]`` (no read-ahead)."""
         return Reader(self, bufsize=0).samples(start, stop)
 
-    def request(self, index: int, urgent: bool = True) -> Future | None:
-        """Future decoded unit ``index``, shared through the engine's cache.
+    def request(self, index: int) -> Future:
+        """Future decoded unit ``index``, shared through the engine's cache (urgent).
 
-        For an LM-coded file an urgent request first waits for the index to reach the
-        unit, so the decode worker never blocks on indexing; read-ahead of a unit not
-        indexed yet returns None.
+        For an LM-coded file this first waits for the index to reach the unit, so the
+        decode worker never blocks on indexing.
         """
-        key = (self.identity, self.units.tag, index)
-        scheduler = self.engine.scheduler
-        if self.header.use_lm and not scheduler.is_cached(key):
-            if urgent:
-                self._lm_index().get(index)
-            elif not self._lm_index().has(index):
-                return None
-        produce = functools.partial(self.decode, index)
-        return scheduler.request(key, produce, urgent, self._batch(index))
+        key = self._key(index)
+        if self.header.use_lm and not self.engine.scheduler.is_cached(key):
+            self._lm_index().get(index)
+        return self._schedule(index, urgent=True)
+
+    def prefetch(self, index: int) -> bool:
+        """Queue unit ``index`` as read-ahead; False if it cannot be yet (an LM-coded unit
+        that is not indexed: read-ahead never waits for the index)."""
+        unindexed = self.header.use_lm and not self._lm_index().has(index)
+        if unindexed and not self.engine.scheduler.is_cached(self._key(index)):
+            return False
+        self._schedule(index, urgent=False)
+        return True
+
+    def _key(self, index: int) -> tuple:
+        return (self.identity, self.units.tag, index)
+
+    def _schedule(self, index: int, urgent: bool) -> Future:
+        decode = functools.partial(self.decode, index)
+        return self.engine.scheduler.request(self._key(index), decode, urgent, self._batch(index))
 
     def cancel(self, index: int) -> None:
         """Drop a queued read-ahead request for unit ``index``."""
-        self.engine.scheduler.cancel((self.identity, self.units.tag, index))
+        self.engine.scheduler.cancel(self._key(index))
 
     def decode(self, index: int) -> DecodedFrame:
         """Decode unit ``index`` now, bypassing the cache (the decode worker calls this)."""
@@ -341,11 +351,11 @@ class Reader:
         """Decoded float32 audio ``[channels, stop - start]``, equal to encodec's decode."""
         audio = self.audio
         needed = audio.units.covering(start, stop)
-        futures = {i: audio.request(i) for i in needed}  # urgent: never None
+        futures = {i: audio.request(i) for i in needed}
         if self.bufsize and needed:
             with self._lock:
                 self._plan(needed)
-        decoded = {i: future.result() for i, future in futures.items()}  # type: ignore[union-attr]
+        decoded = {i: future.result() for i, future in futures.items()}
         return audio.units.assemble(decoded, start, stop)
 
     def _plan(self, needed: range) -> None:
@@ -361,7 +371,7 @@ class Reader:
         stop = min(needed.stop + self.window, self.audio.unit_count)
         for index in range(needed.stop, stop):
             if index not in self._ahead:
-                if self.audio.request(index, urgent=False) is None:
+                if not self.audio.prefetch(index):
                     break
                 self._ahead.append(index)
         self._ahead = [i for i in self._ahead if i >= needed.start]

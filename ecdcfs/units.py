@@ -218,10 +218,7 @@ class Chunks(DecodeUnits):
         super().__init__(header)
         steps, hop = self.layout.code_steps(0), header.model.hop
         self.grid = ChunkGrid(steps, hop, self.chunk_steps, self.context_steps)
-
-    @property
-    def index_block_steps(self) -> int:  # type: ignore[override]
-        return self.grid.chunk_steps
+        self.index_block_steps = self.grid.chunk_steps
 
     @property
     def count(self) -> int:
