@@ -74,6 +74,7 @@ OUT_RATE = 48_000  # -d writes s16le, 2 channels, 48 kHz
 OUT_CHANNELS = 2
 IN_CHUNK_BYTES = OUT_RATE * OUT_CHANNELS * 2  # -e reads a second of PCM at a time
 PRE_ROLL_S = 0.05  # resampler warm-up decoded before a seek point
+INDEXING_REFRESH_S = 0.2  # the indexing bar's update interval
 EXIT_USAGE, EXIT_ERROR, EXIT_PIPE, EXIT_INTERRUPTED = 2, 1, 141, 130
 
 USAGE = f"""\
@@ -587,21 +588,18 @@ def _show_indexing(audio: Any, unit: int, stderr: TextIO) -> None:
         return
     from tqdm import tqdm
 
-    with (
-        tqdm(
-            total=unit + 1,
-            initial=len(index),
-            desc="indexing",
-            unit=" units",
-            file=stderr,
-            leave=False,
-            dynamic_ncols=True,
-        ) as bar,
-        index.changed,
-    ):
-        while not index.has(unit) and index.error is None:
-            index.changed.wait(0.5)
+    with tqdm(
+        total=unit + 1,
+        initial=len(index),
+        desc="indexing",
+        unit=" units",
+        file=stderr,
+        leave=False,
+        dynamic_ncols=True,
+    ) as bar:
+        while not index.wait(unit, INDEXING_REFRESH_S) and index.error is None:
             bar.update(min(len(index), unit + 1) - bar.n)
+        bar.update(min(len(index), unit + 1) - bar.n)
 
 
 def _progress(stderr: TextIO, enabled: bool, total: int | None) -> Any:
