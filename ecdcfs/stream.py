@@ -66,7 +66,7 @@ import numpy as np
 
 from .container import EcdcError, Header, read_header
 from .encode import BitrateError, parse_bitrate, plan_bitrate
-from .source import ByteSource, MemorySource, as_stream
+from .source import as_stream, open_source, read_source_header
 from .wav import float_to_pcm16
 
 PROG = "ecdc-stream"
@@ -252,47 +252,8 @@ def _name(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# Sources and -i
+# -i
 # --------------------------------------------------------------------------------------
-
-
-def open_source(target: str, stdin: BinaryIO) -> ByteSource:
-    """The bytes of a URL (Range requests), a local file or ``-`` (stdin)."""
-    from .http import HttpSource, is_url
-
-    if is_url(target):
-        return HttpSource(target)
-    if target == "-":
-        return MemorySource(stdin.read())
-    _not_another_url(target)
-    try:
-        return MemorySource(Path(target).read_bytes())
-    except OSError as exc:
-        raise EcdcError(f"cannot open {target}: {exc.strerror or exc}") from None
-
-
-def read_info_header(target: str, stdin: BinaryIO) -> Header:
-    """The header alone: a local file's first bytes, one Range request for a URL."""
-    from .http import is_url
-
-    if is_url(target) or target == "-":
-        source = open_source(target, stdin)
-        try:
-            return read_header(as_stream(source, block=1), source.size)
-        finally:
-            if hasattr(source, "close"):
-                source.close()
-    _not_another_url(target)
-    try:
-        with open(target, "rb") as f:
-            return read_header(f, os.fstat(f.fileno()).st_size)
-    except OSError as exc:
-        raise EcdcError(f"cannot open {target}: {exc.strerror or exc}") from None
-
-
-def _not_another_url(target: str) -> None:
-    if "://" in target and not Path(target).exists():
-        raise EcdcError(f"{target}: only http and https URLs are supported")
 
 
 def header_info(header: Header) -> dict[str, Any]:
@@ -332,7 +293,7 @@ def get_info(path_or_url: str | os.PathLike[str]) -> dict[str, Any]:
     it from here. Raises :class:`~ecdcfs.container.EcdcError` (no such file, an HTTP
     error, not an ECDC file).
     """
-    return header_info(read_info_header(os.fspath(path_or_url), _stdin()))
+    return header_info(read_source_header(os.fspath(path_or_url), _stdin()))
 
 
 # --------------------------------------------------------------------------------------
@@ -447,8 +408,7 @@ def run_decode(args: Args, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO) ->
     finally:
         progress.close()
         engine.close()
-        if hasattr(source, "close"):
-            source.close()
+        source.close()
     return 0
 
 
@@ -637,7 +597,7 @@ def run(
         for option in args.ignored:
             _warn(stderr, f"{option} does not apply to -{args.mode[0]}; ignored")
         if args.mode == "info":
-            header = read_info_header(args.target, stdin)
+            header = read_source_header(args.target, stdin)
             stdout.write(("\n".join(info_lines(header)) + "\n").encode())
             stdout.flush()
             return 0
