@@ -296,6 +296,7 @@ def get_info(path_or_url: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def run_decode(args: Args, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO) -> int:
+    """``-d``: the range ``-ss``..``-to`` as PCM on stdout (:func:`~ecdcfs.pcm.pcm_chunks`)."""
     from .audiofile import Engine, Settings
 
     if _isatty(stdout):
@@ -335,6 +336,7 @@ def run_decode(args: Args, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO) ->
 
 
 def run_encode(args: Args, stdin: BinaryIO, stderr: TextIO) -> int:
+    """``-e``: PCM on stdin to the file (:func:`~ecdcfs.encode.encode_pcm`)."""
     from .encode import encode_pcm
 
     if _isatty(stdin):
