@@ -7,25 +7,30 @@ file as soon as they exist, so the output is byte for byte what
 from the header. The header's audio length is known only at the end of the input, so the
 header and the payload are put together then.
 
-Bitrates follow Encodec-Stream (see :func:`plan_bitrate`).
+Bitrates follow Encodec-Stream (see :func:`plan_bitrate`); :func:`encode_pcm` is the whole
+of ``ecdc-stream -e``: raw PCM (:mod:`ecdcfs.pcm`) in, an .ecdc file out.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
-from .container import HEADER, MAGIC, MODELS, SCALE, ModelSpec
+from .container import HEADER, MAGIC, MODELS, SCALE, EcdcError, ModelSpec
+from .pcm import PCM_BLOCK_ALIGN, PCM_CHANNELS, PCM_RATE
 
-PCM_RATE = 48_000  # what -e reads: s16le, 2 channels, 48 kHz
-PCM_CHANNELS = 2
+log = logging.getLogger(__name__)
+
+IN_CHUNK_BYTES = PCM_RATE * PCM_BLOCK_ALIGN  # the input is read a second at a time
 # int16 -> float as Encodec-Stream does it (x * (1 / 32767), the inverse of the decoder's
 # round(x * 32767)); see int16_to_float.
 INT16_SCALE = 1 / 32767
@@ -255,3 +260,83 @@ class AtomicOutput:
             self.payload.close()
         with contextlib.suppress(OSError):
             os.unlink(self.payload_path)
+
+
+def encode_pcm(
+    pcm: BinaryIO,
+    path: Path,
+    plan: Plan,
+    device: str | None = None,
+    *,
+    name: str | None = None,
+    source: str | None = None,
+    thumbnail: str | None = None,
+    progress: Callable[[int], None] = lambda samples: None,
+    warn: Callable[[str], None] = log.warning,
+) -> dict[str, Any]:
+    """Encode PCM (s16le, 2 channels, 48 kHz) read from ``pcm`` until EOF into ``path``
+    as ``plan`` says; the header metadata written.
+
+    The input is read a second at a time and ``progress`` gets the samples of each read;
+    ``path`` is replaced atomically at the end (a failure leaves it as it was). ``warn``
+    gets the message about trailing bytes that are not a whole stereo sample. ``device``:
+    a torch device, None for CUDA when available, else the CPU. Raises
+    :class:`EcdcError` (no audio in the input, an output that cannot be written).
+    """
+    from .codec import Codec, default_device
+
+    spec = plan.model
+    codec = Codec(spec, device or default_device())
+    codec.model.set_target_bandwidth(plan.bandwidth)
+    resampler = None
+    if plan.sample_rate != PCM_RATE:
+        import soxr
+
+        resampler = soxr.ResampleStream(PCM_RATE, plan.sample_rate, spec.channels, "float32")
+    try:
+        output = AtomicOutput(path)
+    except OSError as exc:
+        raise EcdcError(f"cannot write next to {path}: {exc.strerror or exc}") from None
+    try:
+        writer = FrameWriter(codec.model, spec, output.payload)
+        trailing = _push_pcm(pcm, writer, resampler, progress)
+        if trailing:
+            warn(f"ignoring {trailing} trailing bytes (not a whole stereo sample)")
+        writer.finish()
+        if writer.frames == 0 or writer.num_codebooks is None:
+            raise EcdcError("no audio on stdin: nothing to encode")
+        metadata = metadata_for(
+            plan, writer.length, writer.num_codebooks, name, source, thumbnail
+        )
+        output.commit(header_bytes(metadata, plan.version))
+    except BaseException:
+        output.close()
+        raise
+    return metadata
+
+
+def _push_pcm(
+    pcm: BinaryIO, writer: FrameWriter, resampler: Any, progress: Callable[[int], None]
+) -> int:
+    """Push PCM from ``pcm`` until EOF into ``writer`` (through ``resampler``, a soxr
+    stream, unless None); the number of trailing bytes left over."""
+    import torch
+
+    pending = b""
+    while True:
+        chunk = pcm.read(IN_CHUNK_BYTES)
+        data = pending + chunk
+        usable = len(data) - len(data) % PCM_BLOCK_ALIGN
+        pending = data[usable:]
+        samples = np.frombuffer(data[:usable], "<i2").reshape(-1, PCM_CHANNELS).T
+        wav = int16_to_float(samples)
+        if writer.spec.channels == 1:
+            wav = wav.mean(dim=0, keepdim=True)
+        if resampler is not None:
+            wav = torch.from_numpy(
+                resampler.resample_chunk(wav.T.contiguous().numpy(), last=not chunk).T.copy()
+            )
+        writer.push(wav)
+        progress(samples.shape[1])
+        if not chunk:
+            return len(pending)

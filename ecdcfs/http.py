@@ -181,8 +181,12 @@ class HttpSource:
             raise RemoteError(f"{self.url}: {reason}") from None
 
     def close(self) -> None:
+        """Stop a plain-stream download and drop the cached blocks (each Range request
+        has its own connection, closed once read)."""
         if self._download is not None:
             self._download.close()
+        with self._lock:
+            self._blocks.clear()
 
 
 def _status(response) -> int:

@@ -55,7 +55,7 @@ class CodeIndex:
 
     def __init__(self, unit_count: int) -> None:
         self.unit_count = unit_count
-        self.changed = threading.Condition()
+        self._changed = threading.Condition()
         self.scales: list[float | None] = []
         self.codes: list[np.ndarray] = []
         self.next_offset = 0  # payload offset of unit len(self)
@@ -70,32 +70,37 @@ class CodeIndex:
         return len(self) >= self.unit_count
 
     def append(self, scale: float | None, codes: np.ndarray, next_offset: int) -> None:
-        with self.changed:
+        with self._changed:
             self.scales.append(scale)
             self.codes.append(codes.astype(np.uint16))
             self.next_offset = next_offset
-            self.changed.notify_all()
+            self._changed.notify_all()
 
     def fail(self, error: EcdcError) -> None:
-        with self.changed:
+        with self._changed:
             self.error = error
-            self.changed.notify_all()
+            self._changed.notify_all()
 
     def has(self, unit: int) -> bool:
         return unit < len(self)
 
+    def wait(self, unit: int, timeout: float | None = None) -> bool:
+        """Wait until ``unit`` is indexed, indexing has failed (see :attr:`error`) or
+        ``timeout`` seconds have passed (None: no limit); whether ``unit`` is indexed."""
+        with self._changed:
+            self._changed.wait_for(lambda: self.has(unit) or self.error is not None, timeout)
+            return self.has(unit)
+
     def get(self, unit: int) -> EncodedFrame:
         """Codes and scale of ``unit``, waiting for the builder to reach it."""
-        with self.changed:
-            while unit >= len(self) and self.error is None:
-                self.changed.wait()
-            if unit >= len(self):
+        with self._changed:  # a re-entrant lock: wait() takes it again
+            if not self.wait(unit):
                 raise self.error  # type: ignore[misc]
             return EncodedFrame(self.codes[unit], self.scales[unit])
 
     def save(self, path: Path) -> None:
         """Write atomically (temp file + rename): readers never see half an index."""
-        with self.changed:
+        with self._changed:
             codes, scales, next_offset = list(self.codes), list(self.scales), self.next_offset
         arrays = {
             "format": _FORMAT,

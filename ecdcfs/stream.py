@@ -49,6 +49,7 @@ from __future__ import annotations
 import base64
 import binascii
 import contextlib
+import functools
 import io
 import json
 import logging
@@ -57,24 +58,18 @@ import os
 import stat
 import sys
 import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO, TextIO
 
-import numpy as np
-
 from . import version
 from .container import EcdcError, Header, read_header
 from .encode import BitrateError, parse_bitrate, plan_bitrate
-from .source import ByteSource, MemorySource, as_stream
-from .wav import float_to_pcm16
+from .pcm import PCM_BLOCK_ALIGN, PCM_RATE, all_at_once, output_length, pcm_chunks, source_units
+from .source import as_stream, open_source, read_source_header
 
 PROG = "ecdc-stream"
-OUT_RATE = 48_000  # -d writes s16le, 2 channels, 48 kHz
-OUT_CHANNELS = 2
-IN_CHUNK_BYTES = OUT_RATE * OUT_CHANNELS * 2  # -e reads a second of PCM at a time
-PRE_ROLL_S = 0.05  # resampler warm-up decoded before a seek point
+INDEXING_REFRESH_S = 0.2  # the indexing bar's update interval
 EXIT_USAGE, EXIT_ERROR, EXIT_PIPE, EXIT_INTERRUPTED = 2, 1, 141, 130
 
 USAGE = f"""\
@@ -256,47 +251,8 @@ def _name(text: str) -> str:
 
 
 # --------------------------------------------------------------------------------------
-# Sources and -i
+# -i
 # --------------------------------------------------------------------------------------
-
-
-def open_source(target: str, stdin: BinaryIO) -> ByteSource:
-    """The bytes of a URL (Range requests), a local file or ``-`` (stdin)."""
-    from .http import HttpSource, is_url
-
-    if is_url(target):
-        return HttpSource(target)
-    if target == "-":
-        return MemorySource(stdin.read())
-    _not_another_url(target)
-    try:
-        return MemorySource(Path(target).read_bytes())
-    except OSError as exc:
-        raise EcdcError(f"cannot open {target}: {exc.strerror or exc}") from None
-
-
-def read_info_header(target: str, stdin: BinaryIO) -> Header:
-    """The header alone: a local file's first bytes, one Range request for a URL."""
-    from .http import is_url
-
-    if is_url(target) or target == "-":
-        source = open_source(target, stdin)
-        try:
-            return read_header(as_stream(source, block=1), source.size)
-        finally:
-            if hasattr(source, "close"):
-                source.close()
-    _not_another_url(target)
-    try:
-        with open(target, "rb") as f:
-            return read_header(f, os.fstat(f.fileno()).st_size)
-    except OSError as exc:
-        raise EcdcError(f"cannot open {target}: {exc.strerror or exc}") from None
-
-
-def _not_another_url(target: str) -> None:
-    if "://" in target and not Path(target).exists():
-        raise EcdcError(f"{target}: only http and https URLs are supported")
 
 
 def header_info(header: Header) -> dict[str, Any]:
@@ -336,84 +292,17 @@ def get_info(path_or_url: str | os.PathLike[str]) -> dict[str, Any]:
     it from here. Raises :class:`~ecdcfs.container.EcdcError` (no such file, an HTTP
     error, not an ECDC file).
     """
-    return header_info(read_info_header(os.fspath(path_or_url), _stdin()))
+    return header_info(read_source_header(os.fspath(path_or_url), _stdin()))
 
 
 # --------------------------------------------------------------------------------------
-# -d
+# -d and -e
 # --------------------------------------------------------------------------------------
-
-
-def output_length(header: Header) -> int:
-    """Samples per channel of the 48 kHz output (soxr's length for a resampled file)."""
-    rate, length = header.sample_rate, header.audio_length
-    if rate == OUT_RATE:
-        return length
-    return (2 * length * OUT_RATE + rate) // (2 * rate)  # round half up, as soxr does
-
-
-def source_units(header: Header, start: int, stop: int) -> range:
-    """The decode units (48 kHz: frames; 24 kHz: the core's fixed chunks) that output
-    samples ``[start, stop)`` come from."""
-    from .units import decode_units
-
-    rate = header.sample_rate
-    margin = 0 if rate == OUT_RATE else int(PRE_ROLL_S * rate) + 1
-    first = max(0, start * rate // OUT_RATE - margin)
-    last = min(header.audio_length, -(-stop * rate // OUT_RATE) + margin)
-    return decode_units(header).covering(first, last)
-
-
-def pcm_chunks(reader: Any, start: int, stop: int) -> Iterator[bytes]:
-    """PCM (s16le, 2 channels, 48 kHz) of output samples ``[start, stop)``, in pieces of
-    about one frame.
-
-    At 48 kHz the samples are the decoder's own. Otherwise the file's samples go through
-    a streaming soxr resampler started on a source sample whose time is also on the
-    48 kHz grid, a little before the seek point, so every output sample is the one a
-    resample of the whole file gives there (to float precision) wherever the seek lands.
-    """
-    header = reader.audio.header
-    rate, length = header.sample_rate, header.audio_length
-    chunk = header.model.stride or header.model.sample_rate
-    if rate == OUT_RATE:
-        position = start
-        while position < stop:
-            end = min(stop, (position // chunk + 1) * chunk)
-            yield _pcm(reader.samples(position, end))
-            position = end
-        return
-    import soxr
-
-    period_in = rate // math.gcd(rate, OUT_RATE)  # source samples per grid-aligned step
-    period_out = OUT_RATE // math.gcd(rate, OUT_RATE)
-    first_source = start * rate // OUT_RATE - int(PRE_ROLL_S * rate)
-    steps = max(0, first_source // period_in)
-    position, skip = steps * period_in, start - steps * period_out
-    remaining = stop - start
-    resampler = soxr.ResampleStream(rate, OUT_RATE, header.model.channels, dtype="float32")
-    while remaining > 0 and position < length:
-        end = min(length, (position // chunk + 1) * chunk)
-        samples = reader.samples(position, end)
-        out = resampler.resample_chunk(np.ascontiguousarray(samples.T), last=end == length)
-        position = end
-        dropped = min(skip, len(out))
-        out, skip = out[dropped:][:remaining], skip - dropped
-        remaining -= len(out)
-        if len(out):
-            yield _pcm(out.T)
-
-
-def _pcm(samples: np.ndarray) -> bytes:
-    """float32 ``[channels, n]`` as interleaved stereo s16le (mono to both channels)."""
-    if samples.shape[0] == 1:
-        samples = np.repeat(samples, OUT_CHANNELS, axis=0)
-    return float_to_pcm16(samples)
 
 
 def run_decode(args: Args, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO) -> int:
+    """``-d``: the range ``-ss``..``-to`` as PCM on stdout (:func:`~ecdcfs.pcm.pcm_chunks`)."""
     from .audiofile import Engine
-    from .causal import CHUNK_STEPS
     from .settings import Settings
 
     if _isatty(stdout):
@@ -422,24 +311,24 @@ def run_decode(args: Args, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO) ->
             "(| ffplay -f s16le -ac 2 -ar 48k -i -) or redirect it to a file"
         )
     device = resolve_device(args.gpu, stderr)
-    source = open_source(args.target, stdin)
-    header = read_header(as_stream(source, block=1), source.size)
-    duration = header.audio_length / header.sample_rate
-    if args.start > duration:
-        raise UsageError(f"-ss {args.start:g} is past the end ({duration:g} s)")
-    total = output_length(header)
-    start = min(total, round(args.start * OUT_RATE))
-    stop = total if args.end is None else min(total, round(args.end * OUT_RATE))
-    settings = Settings(device=device, bufsize=args.bufsize)
-    units = source_units(header, start, stop)
-    if args.bufsize == 0:  # every unit of the range at once, all kept until written
-        unit_samples = header.model.segment or CHUNK_STEPS * header.model.hop  # frame, chunk
-        unit_bytes = header.model.channels * unit_samples * 4
-        settings.bufsize = max(1, len(units))
-        settings.cache_mb = max(settings.cache_mb, len(units) * unit_bytes // 2**20 + 16)
-    engine = Engine(settings)
-    progress = _progress(stderr, _isatty(stderr) and _is_regular_file(stdout), total=stop - start)
-    try:
+    with contextlib.ExitStack() as stack:
+        source = open_source(args.target, stdin)
+        stack.callback(source.close)
+        header = read_header(as_stream(source, block=1), source.size)
+        duration = header.audio_length / header.sample_rate
+        if args.start > duration:
+            raise UsageError(f"-ss {args.start:g} is past the end ({duration:g} s)")
+        total = output_length(header)
+        start = min(total, round(args.start * PCM_RATE))
+        stop = total if args.end is None else min(total, round(args.end * PCM_RATE))
+        settings = Settings(device=device, bufsize=args.bufsize)
+        units = source_units(header, start, stop)
+        if args.bufsize == 0:  # the whole range as fast as possible
+            settings = all_at_once(settings, header, units)
+        engine = Engine(settings)
+        stack.callback(engine.close)
+        progress = _progress(stderr, _isatty(stderr) and _is_regular_file(stdout), stop - start)
+        stack.callback(progress.close)
         audio = engine.open_source(args.target, source)
         if _isatty(stderr):
             _show_indexing(audio, units.start, stderr)
@@ -447,27 +336,14 @@ def run_decode(args: Args, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO) ->
         for data in pcm_chunks(reader, start, stop):
             stdout.write(data)
             stdout.flush()
-            progress.update(len(data) // (2 * OUT_CHANNELS))
+            progress.update(len(data) // PCM_BLOCK_ALIGN)
         reader.close()
-    finally:
-        progress.close()
-        engine.close()
-        if hasattr(source, "close"):
-            source.close()
     return 0
 
 
-# --------------------------------------------------------------------------------------
-# -e
-# --------------------------------------------------------------------------------------
-
-
 def run_encode(args: Args, stdin: BinaryIO, stderr: TextIO) -> int:
-    import torch
-
-    from .codec import Codec, default_device
-    from .encode import PCM_RATE, AtomicOutput, FrameWriter, header_bytes, int16_to_float
-    from .encode import metadata_for as make_metadata
+    """``-e``: PCM on stdin to the file (:func:`~ecdcfs.encode.encode_pcm`)."""
+    from .encode import encode_pcm
 
     if _isatty(stdin):
         raise UsageError("stdin is a terminal: pipe PCM into it (s16le, 2 channels, 48 kHz)")
@@ -476,53 +352,20 @@ def run_encode(args: Args, stdin: BinaryIO, stderr: TextIO) -> int:
         raise UsageError(f"{out} is a directory")
     if not out.parent.is_dir():
         raise UsageError(f"{out.parent} is not a directory")
-    plan = plan_bitrate(args.bitrate)
-    spec = plan.model
-    device = resolve_device(args.gpu, stderr) or default_device()
-    codec = Codec(spec, device)
-    codec.model.set_target_bandwidth(plan.bandwidth)
-    resampler = None
-    if plan.sample_rate != PCM_RATE:
-        import soxr
-
-        resampler = soxr.ResampleStream(PCM_RATE, plan.sample_rate, spec.channels, "float32")
+    device = resolve_device(args.gpu, stderr)
     progress = _progress(stderr, _isatty(stderr), total=None)
     try:
-        output = AtomicOutput(out)
-    except OSError as exc:
-        raise EcdcError(f"cannot write next to {out}: {exc.strerror or exc}") from None
-    try:
-        writer = FrameWriter(codec.model, spec, output.payload)
-        pending = b""
-        while True:
-            chunk = stdin.read(IN_CHUNK_BYTES)
-            data = pending + chunk
-            usable = len(data) - len(data) % (2 * OUT_CHANNELS)
-            pending = data[usable:]
-            pcm = np.frombuffer(data[:usable], "<i2").reshape(-1, OUT_CHANNELS).T
-            wav = int16_to_float(pcm)
-            if spec.channels == 1:
-                wav = wav.mean(dim=0, keepdim=True)
-            if resampler is not None:
-                wav = torch.from_numpy(
-                    resampler.resample_chunk(wav.T.contiguous().numpy(), last=not chunk).T.copy()
-                )
-            writer.push(wav)
-            progress.update(pcm.shape[1])
-            if not chunk:
-                break
-        if pending:
-            _warn(stderr, f"ignoring {len(pending)} trailing bytes (not a whole stereo sample)")
-        writer.finish()
-        if writer.frames == 0 or writer.num_codebooks is None:
-            raise EcdcError("no audio on stdin: nothing to encode")
-        metadata = make_metadata(
-            plan, writer.length, writer.num_codebooks, args.name, args.source, args.thumbnail
+        encode_pcm(
+            stdin,
+            out,
+            plan_bitrate(args.bitrate),
+            device,
+            name=args.name,
+            source=args.source,
+            thumbnail=args.thumbnail,
+            progress=progress.update,
+            warn=functools.partial(_warn, stderr),
         )
-        output.commit(header_bytes(metadata, plan.version))
-    except BaseException:
-        output.close()
-        raise
     finally:
         progress.close()
     return 0
@@ -593,21 +436,18 @@ def _show_indexing(audio: Any, unit: int, stderr: TextIO) -> None:
         return
     from tqdm import tqdm
 
-    with (
-        tqdm(
-            total=unit + 1,
-            initial=len(index),
-            desc="indexing",
-            unit=" units",
-            file=stderr,
-            leave=False,
-            dynamic_ncols=True,
-        ) as bar,
-        index.changed,
-    ):
-        while not index.has(unit) and index.error is None:
-            index.changed.wait(0.5)
+    with tqdm(
+        total=unit + 1,
+        initial=len(index),
+        desc="indexing",
+        unit=" units",
+        file=stderr,
+        leave=False,
+        dynamic_ncols=True,
+    ) as bar:
+        while not index.wait(unit, INDEXING_REFRESH_S) and index.error is None:
             bar.update(min(len(index), unit + 1) - bar.n)
+        bar.update(min(len(index), unit + 1) - bar.n)
 
 
 def _progress(stderr: TextIO, enabled: bool, total: int | None) -> Any:
@@ -620,7 +460,7 @@ def _progress(stderr: TextIO, enabled: bool, total: int | None) -> Any:
         total=total,
         file=stderr,
         unit="s",
-        unit_scale=1 / OUT_RATE,
+        unit_scale=1 / PCM_RATE,
         dynamic_ncols=True,
         bar_format="{l_bar}{bar}| {n:.1f}/{total:.1f} s [{elapsed}<{remaining}]"
         if total
@@ -649,7 +489,7 @@ def run(
         for option in args.ignored:
             _warn(stderr, f"{option} does not apply to -{args.mode[0]}; ignored")
         if args.mode == "info":
-            header = read_info_header(args.target, stdin)
+            header = read_source_header(args.target, stdin)
             stdout.write(("\n".join(info_lines(header)) + "\n").encode())
             stdout.flush()
             return 0
