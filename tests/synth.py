@@ -29,6 +29,13 @@ and thread count (a different thread count gives slightly different codebooks, w
 is harmless: everything in a session uses the same files). Everything here runs on
 the CPU and leaves torch's thread settings alone.
 
+The container code here (``parse_header``, ``to_v193``, ``to_v0``, ``container_24khz``,
+``random_packed_24khz``), the PCM conversion (``float_to_pcm16``) and the reference
+decodes (upstream ``encodec.compress`` or ``decompress_fixed``) deliberately import
+nothing from ecdcfs: they are an independent oracle, written from the format, that the
+filesystem's own ``ecdcfs.container`` and decoders are checked against. Do not replace
+them with calls into ecdcfs.
+
 Use (tests need the ``torch_home`` fixture from conftest.py)::
 
     import synth

@@ -23,12 +23,13 @@ from pathlib import Path
 import pytest
 
 import synth
-from test_mount import (
+from mounting import (
     SR,
     Mount,
-    _daemon_pids,
     daemon,
+    daemon_pids,
     ecdcfs_cmd,
+    fuse_available,
     is_mounted,
     source_folder,
     unmount,
@@ -38,6 +39,9 @@ from test_mount import (
 )
 
 pytestmark = pytest.mark.mount
+
+if not fuse_available():
+    pytest.skip("needs /dev/fuse and fusermount", allow_module_level=True)
 
 VENV_BIN = Path(sys.executable).parent
 IS_ROOT = os.geteuid() == 0
@@ -227,10 +231,10 @@ def test_sigterm_to_the_daemon_unmounts_and_logs(tmp_path, files):
     with daemon(src, mnt, log, "--device", "cpu"):
         fd = os.open(mnt / "x.wav", os.O_RDONLY)  # an open handle does not block it
         os.pread(fd, 4096, 0)
-        (pid,) = _daemon_pids(mnt)
+        (pid,) = daemon_pids(mnt)
         os.kill(pid, signal.SIGTERM)
         wait_daemon_gone(mnt)
-        assert not _daemon_pids(mnt)
+        assert not daemon_pids(mnt)
         with pytest.raises(OSError):  # not cached by the kernel: fails, does not hang
             os.pread(fd, 4096, 150_000)
         with contextlib.suppress(OSError):  # ENOTCONN from the flush; the fd is closed
