@@ -476,32 +476,8 @@ def test_every_write_fails_with_erofs(tmp_path, files):
 
 # ----- load ---------------------------------------------------------------------------
 
-LOAD_WORKER = r"""
-import os, random, sys, time
-path, size, seconds, seed = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
-sequential = sys.argv[5].startswith("seq")
-flags = os.O_RDONLY | (os.O_DIRECT if sys.argv[5].endswith("direct") else 0)
-expected = open(sys.argv[6], "rb").read()
-rng = random.Random(seed)
-checked = 0
-deadline = time.monotonic() + seconds
-fd = os.open(path, flags)
-offset = 0
-while time.monotonic() < deadline:
-    if sequential:
-        length = 131072
-        if offset >= size:
-            os.close(fd); fd = os.open(path, flags); offset = 0
-    else:
-        offset, length = rng.randrange(size), rng.choice([1, 4096, 65536, 200000])
-    got = os.pread(fd, length, offset)
-    if got != expected[offset:offset + length]:
-        print(f"MISMATCH {path} {offset}+{length}"); sys.exit(1)
-    checked += len(got)
-    offset += len(got)
-os.close(fd)
-print(checked)
-"""
+# A reader process, shared with scripts/bench --load.
+LOAD_READER = Path(__file__).with_name("load_reader.py")
 
 
 def test_many_readers_for_a_while(tmp_path, files):
@@ -590,8 +566,7 @@ def test_many_readers_for_a_while(tmp_path, files):
             subprocess.Popen(
                 [
                     sys.executable,
-                    "-c",
-                    LOAD_WORKER,
+                    str(LOAD_READER),
                     str(m.mnt / name),
                     str(len(expected[name])),
                     str(seconds),
@@ -614,7 +589,9 @@ def test_many_readers_for_a_while(tmp_path, files):
         for proc in procs:
             out, _ = proc.communicate(timeout=seconds + 120)
             assert proc.returncode == 0, out
-            checked[0] += int(out.split()[-1])
+            proc_checked, _, _, proc_errors = out.split()
+            assert proc_errors == "0", out  # each error is on the reader's stderr
+            checked[0] += int(proc_checked)
         os.close(shared)
         assert not errors, errors[:5]
         assert checked[0] > 0
