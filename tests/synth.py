@@ -623,7 +623,7 @@ def decode_every_frame(model, frames: list) -> torch.Tensor:
     return _linear_overlap_add(decoded, stride)
 
 
-def _decodes_upstream(audio_length: int, model) -> bool:
+def decodes_upstream(audio_length: int, model) -> bool:
     """Whether encodec 0.1.1's ``decompress`` decodes this length (see the two helpers)."""
     if not _frame_length_ok_upstream(audio_length, model):
         return False
@@ -646,7 +646,7 @@ def reference_decode(data: bytes) -> tuple[torch.Tensor, int]:
     v0 = to_v0(data)
     _, meta, _ = parse_header(v0)
     model = load_model(meta["m"])
-    if _decodes_upstream(meta["al"], model):
+    if decodes_upstream(meta["al"], model):
         return decompress(v0)
     return decompress_fixed(v0)
 
