@@ -97,7 +97,7 @@ def references(args: argparse.Namespace, src: Path, names: list[str], refs: Path
             expected[name] = reference
         else:
             reader = audio.reader()
-            expected[name] = audio.read(0, audio.size, reader)
+            expected[name] = reader.read(0, audio.size)
             reader.close()
         (refs / name).write_bytes(expected[name])
     engine.close()
@@ -105,12 +105,14 @@ def references(args: argparse.Namespace, src: Path, names: list[str], refs: Path
 
 
 def warm(mount: Mount, names: list[str]) -> None:
-    """Load the daemon's models and the LM, as any first read would, and wait till idle."""
+    """Load the daemon's model and the LM, as any first read would, and wait till idle."""
     for name in names:
         with open(mount.mnt / name, "rb") as f:
             f.read(PREAD)
+    # The files use one model, which the daemon loads alone (in the background, or for the
+    # first read, whichever comes first).
     deadline = time.monotonic() + 120
-    while "loaded encodec_24khz" not in mount.log_text() and time.monotonic() < deadline:
+    while f"loaded {MODEL}" not in mount.log_text() and time.monotonic() < deadline:
         time.sleep(0.2)
     wait_idle(mount.pid)
 
