@@ -211,6 +211,8 @@ def copy_files(f: Files, mount: Mount) -> tuple[list[Row], list[str], Copies]:
         ident = f.audios[name].identity
         units = mount.decoded()[before:]
         decoded_now = [(u.index, u.seconds) for u in units if u.identity == ident]
+        if not decoded_now:
+            raise RuntimeError(f"no 'decoded unit' line in {mount.log_file} after a cp")
         cps.append(t)
         counts.append([i for i, _ in decoded_now])
         in_daemon.append(sum(s for _, s in decoded_now))
