@@ -32,7 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from benchlib import khz24
@@ -91,11 +91,19 @@ class Listing:
 
 @dataclass
 class Copies:
-    """What the cps left for rows 3 and 5: frames decoded for each, floor, peak RSS."""
+    """The cps: seconds of each, the floors around them (seconds of each frame's decode),
+    the frames the daemon decoded for each and its seconds doing so, its VmHWM after."""
 
-    counts: list[list[int]]
-    floor_mean: float
-    peak: int
+    floors: list[list[float]]
+    cps: list[float] = field(default_factory=list)
+    counts: list[list[int]] = field(default_factory=list)
+    in_daemon: list[float] = field(default_factory=list)
+    peak: int = 0
+
+    @property
+    def floor_mean(self) -> float:
+        """The mean floor (a whole file's decode), over all of them."""
+        return statistics.mean(sum(floor) for floor in self.floors)
 
 
 def write_files(args: argparse.Namespace, work: Path) -> Files:
@@ -189,17 +197,17 @@ def list_trees(f: Files, mount: Mount) -> tuple[Listing, list[str]]:
     return Listing(busy, cold, warm, source), notes
 
 
-def copy_files(f: Files, mount: Mount) -> tuple[list[Row], list[str], Copies]:
-    """1. each cp through the mount, bracketed by floors (warm in-process decodes)."""
+def copy_files(f: Files, mount: Mount) -> tuple[Copies, list[str]]:
+    """1, measured: each cp through the mount, bracketed by floors (warm in-process
+    decodes), with the frames the daemon decoded during it."""
     log("warming the daemon's model (4 KiB of warm.wav) ...")
     with open(mount.mnt / "warm.wav", "rb") as fh:
         fh.read(PREAD)
     wait_idle(mount.pid)
     floor_decode(f.codec, f.audios["warm"])  # the first decodes of a process are slower
-    floors = [floor_decode(f.codec, f.audios[f.cp_names[0]])]
-    log(f"floor: {sum(floors[0]):.2f} s for {f.frame_count} frames")
+    c = Copies(floors=[floor_decode(f.codec, f.audios[f.cp_names[0]])])
+    log(f"floor: {sum(c.floors[0]):.2f} s for {f.frame_count} frames")
     notes: list[str] = []
-    cps, counts, in_daemon = [], [], []
     for k, name in enumerate(f.cp_names):
         if not drop_caches() and k == 0:
             notes.append("could not drop the page cache (not root?); files were never read")
@@ -209,30 +217,33 @@ def copy_files(f: Files, mount: Mount) -> tuple[list[Row], list[str], Copies]:
         t, _ = timed(run_quiet, ["cp", str(mount.mnt / f"{name}.wav"), str(f.out / f"{name}.wav")])
         wait_idle(mount.pid)
         ident = f.audios[name].identity
-        units = mount.decoded()[before:]
-        decoded_now = [(u.index, u.seconds) for u in units if u.identity == ident]
-        if not decoded_now:
+        units = [u for u in mount.decoded()[before:] if u.identity == ident]
+        if not units:
             raise RuntimeError(f"no 'decoded unit' line in {mount.log_file} after a cp")
-        cps.append(t)
-        counts.append([i for i, _ in decoded_now])
-        in_daemon.append(sum(s for _, s in decoded_now))
-        floors.append(floor_decode(f.codec, f.audios[name]))
+        c.cps.append(t)
+        c.counts.append([u.index for u in units])
+        c.in_daemon.append(sum(u.seconds for u in units))
+        c.floors.append(floor_decode(f.codec, f.audios[name]))
         log(
-            f"cp {name}.wav: {t:.2f} s (load {load:.2f}), {len(decoded_now)} frames decoded "
-            f"in {in_daemon[-1]:.2f} s by the daemon; floor after: {sum(floors[-1]):.2f} s"
+            f"cp {name}.wav: {t:.2f} s (load {load:.2f}), {len(units)} frames decoded "
+            f"in {c.in_daemon[-1]:.2f} s by the daemon; floor after: {sum(c.floors[-1]):.2f} s"
         )
-    peak = proc_status(mount.pid, "VmHWM")
-    repeat = len(f.cp_names)
-    ratios = [cps[k] / statistics.mean([sum(floors[k]), sum(floors[k + 1])]) for k in range(repeat)]
-    ratios_daemon = [cps[k] / in_daemon[k] for k in range(repeat)]
-    floor_mean = statistics.mean(sum(fl) for fl in floors)
-    cp = f"{statistics.median(cps):.2f} s"
+    c.peak = proc_status(mount.pid, "VmHWM")
+    return c, notes
+
+
+def copy_rows(f: Files, mount: Mount, c: Copies) -> tuple[list[Row], list[str]]:
+    """1. cp / the mean of the floors around it, and / the daemon's own decode time."""
+    runs = range(len(c.cps))
+    ratios = [c.cps[k] / statistics.mean([sum(c.floors[k]), sum(c.floors[k + 1])]) for k in runs]
+    ratios_daemon = [c.cps[k] / c.in_daemon[k] for k in runs]
+    cp = f"{statistics.median(c.cps):.2f} s"
     ratio, ratio_daemon = statistics.median(ratios), statistics.median(ratios_daemon)
     rows = [
         Row(
             f"1. cp {f.seconds:g} s .wav / warm in-process decode of its {f.frame_count} frames",
             cp,
-            f"{floor_mean:.2f} s",
+            f"{c.floor_mean:.2f} s",
             ratio,
             "<= 1.15",
             ratio <= 1.15,
@@ -240,26 +251,24 @@ def copy_files(f: Files, mount: Mount) -> tuple[list[Row], list[str], Copies]:
         Row(
             "   cp / the daemon's own decode time of those frames (same window)",
             cp,
-            f"{statistics.median(in_daemon):.2f} s",
+            f"{statistics.median(c.in_daemon):.2f} s",
             ratio_daemon,
             "<= 1.15",
             ratio_daemon <= 1.15,
         ),
     ]
-    notes.append(
+    big_ids = {f.audios[name].identity for name in f.cp_names}
+    daemon_frames = [u.seconds for u in mount.decoded() if u.identity in big_ids]
+    frame_times = [s for fl in c.floors for s in fl]
+    notes = [
         "cp ratios of each run, to the mean of the floors around it: "
         + ", ".join(f"{r:.3f}" for r in ratios)
         + "; to the daemon's decode time during it: "
-        + ", ".join(f"{r:.3f}" for r in ratios_daemon)
-    )
-    big_ids = {f.audios[name].identity for name in f.cp_names}
-    daemon_frames = [u.seconds for u in mount.decoded() if u.identity in big_ids]
-    frame_times = [s for fl in floors for s in fl]
-    notes.append(
+        + ", ".join(f"{r:.3f}" for r in ratios_daemon),
         f"median decode of one frame: in-process {statistics.median(frame_times) * 1e3:.0f} ms, "
-        f"in the daemon {statistics.median(daemon_frames) * 1e3:.0f} ms"
-    )
-    return rows, notes, Copies(counts, floor_mean, peak)
+        f"in the daemon {statistics.median(daemon_frames) * 1e3:.0f} ms",
+    ]
+    return rows, notes
 
 
 def cold_preads(f: Files, mount: Mount, count: int) -> tuple[list[Row], list[str]]:
@@ -323,29 +332,33 @@ def cold_preads(f: Files, mount: Mount, count: int) -> tuple[list[Row], list[str
     return rows, notes
 
 
-def decode_counts(f: Files, copies: Copies, cache_mb: int) -> list[Row]:
-    """3. frames decoded / needed, by the daemon during the cps and by an in-process
-    Engine reading 128 KiB at a time; and every cp's bytes against the in-process ones."""
+def read_in_process(path: Path, cache_mb: int) -> tuple[int, float, bytes]:
+    """(frames decoded, seconds, bytes) of reading ``path`` whole in 128 KiB reads through
+    a fresh in-process Engine."""
     from ecdcfs.audiofile import Engine, Settings
 
-    needed = f.frame_count * len(f.cp_names)
-    decoded = sum(len(c) for c in copies.counts)
-    unique = sum(len(set(c)) for c in copies.counts)
     engine = Engine(Settings(device="cpu", cache_mb=cache_mb, cache_dir=None))
-    audio = engine.open(f.src / f"{f.cp_names[0]}.ecdc")
-    reader = audio.reader()
+    reader = engine.open(path).reader()
     chunks, offset = [], 0
     t = time.perf_counter()
     while chunk := reader.read(offset, CHUNK):
         chunks.append(chunk)
         offset += len(chunk)
-    t_engine = time.perf_counter() - t
-    reference = b"".join(chunks)
+    seconds = time.perf_counter() - t
     reader.close()
     engine.close()
-    in_process = engine.scheduler.decoded_count
+    return engine.scheduler.decoded_count, seconds, b"".join(chunks)
+
+
+def decode_counts(f: Files, copies: Copies, cache_mb: int) -> list[Row]:
+    """3. frames decoded / needed, by the daemon during the cps and by an in-process
+    Engine reading 128 KiB at a time; and every cp's bytes against the in-process ones."""
+    needed = f.frame_count * len(f.cp_names)
+    decoded = sum(len(c) for c in copies.counts)
+    unique = sum(len(set(c)) for c in copies.counts)
+    in_process, t_engine, reference = read_in_process(f.src / f"{f.cp_names[0]}.ecdc", cache_mb)
     # Correctness: every cp equals the in-process AudioFile (header) and Engine (PCM).
-    data_bytes = audio.wav.data_bytes
+    data_bytes = f.audios[f.cp_names[0]].wav.data_bytes
     cp_ok = True
     for name in f.cp_names:
         got = (f.out / f"{name}.wav").read_bytes()
@@ -486,22 +499,25 @@ def main(args: argparse.Namespace) -> int:
     mount = Mount(f.src, work / "mnt", work, env, *extra)
     log(f"mounted {mount.mnt} (daemon pid {mount.pid})")
     try:
-        listing, notes = list_trees(f, mount)
-        rows, cp_notes, copies = copy_files(f, mount)
-        pread_rows, pread_notes = cold_preads(f, mount, args.preads)
-        rows += pread_rows + decode_counts(f, copies, args.cache_mb)
-        rows += listing_rows(listing, f.n_files)
-        rss_row, rss_notes = rss_rows(copies.peak, rss, args.cache_mb)
-        lm_rows, lm_notes = lm_file(f, mount) if f.lm is not None else ([], [])
-        rows += rss_row + lm_rows
-        notes += cp_notes + pread_notes + rss_notes + lm_notes
+        listing, ls_notes = list_trees(f, mount)  # first: right after mounting
+        copies, cp_notes = copy_files(f, mount)
+        sections = [  # (rows, notes) of each, in the table's order
+            ([], ls_notes + cp_notes),
+            copy_rows(f, mount, copies),
+            cold_preads(f, mount, args.preads),
+            (decode_counts(f, copies, args.cache_mb), []),
+            (listing_rows(listing, f.n_files), []),
+            rss_rows(copies.peak, rss, args.cache_mb),
+        ]
+        if f.lm is not None:
+            sections.append(lm_file(f, mount))
         peak_end = proc_status(mount.pid, "VmHWM")
     finally:
         mount.stop()
     if not args.no_24khz:
-        rows_24, notes_24 = khz24.bench_24khz(args, work, env)
-        rows += rows_24
-        notes += notes_24
+        sections.append(khz24.bench_24khz(args, work, env))
+    rows = [row for section_rows, _ in sections for row in section_rows]
+    notes = [note for _, section_notes in sections for note in section_notes]
     print()
     print(
         f"ecdcfs bench: {f.seconds:g} s 48 kHz 6 kbps file ({f.frame_count} frames), "
