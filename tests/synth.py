@@ -29,6 +29,13 @@ and thread count (a different thread count gives slightly different codebooks, w
 is harmless: everything in a session uses the same files). Everything here runs on
 the CPU and leaves torch's thread settings alone.
 
+The container code here (``parse_header``, ``to_v193``, ``to_v0``, ``container_24khz``,
+``random_packed_24khz``), the PCM conversion (``float_to_pcm16``) and the reference
+decodes (upstream ``encodec.compress`` or ``decompress_fixed``) deliberately import
+nothing from ecdcfs: they are an independent oracle, written from the format, that the
+filesystem's own ``ecdcfs.container`` and decoders are checked against. Do not replace
+them with calls into ecdcfs.
+
 Use (tests need the ``torch_home`` fixture from conftest.py)::
 
     import synth
@@ -616,7 +623,7 @@ def decode_every_frame(model, frames: list) -> torch.Tensor:
     return _linear_overlap_add(decoded, stride)
 
 
-def _decodes_upstream(audio_length: int, model) -> bool:
+def decodes_upstream(audio_length: int, model) -> bool:
     """Whether encodec 0.1.1's ``decompress`` decodes this length (see the two helpers)."""
     if not _frame_length_ok_upstream(audio_length, model):
         return False
@@ -639,7 +646,7 @@ def reference_decode(data: bytes) -> tuple[torch.Tensor, int]:
     v0 = to_v0(data)
     _, meta, _ = parse_header(v0)
     model = load_model(meta["m"])
-    if _decodes_upstream(meta["al"], model):
+    if decodes_upstream(meta["al"], model):
         return decompress(v0)
     return decompress_fixed(v0)
 

@@ -13,153 +13,39 @@ import os
 import random
 import shutil
 import signal
-import struct
 import subprocess
-import sys
 import time
 import wave
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import pytest
-from mutagen.id3 import ID3, TIT2, Encoding
 from mutagen.wave import WAVE
 
 import synth
+from mounting import (
+    SR,
+    Mount,
+    daemon,
+    daemon_pids,
+    ecdcfs_cmd,
+    fuse_available,
+    is_mounted,
+    source_folder,
+    wait_daemon_gone,
+    wav_bytes,
+)
 
 pytestmark = pytest.mark.mount
 
-SR = 48_000
 SONG_SAMPLES = 2 * SR  # 2 s, 3 frames
 SHORT_SAMPLES = SR  # 1 s, 2 frames
 TITLE = "Título [live] ☃"
 HAVE_FFMPEG = shutil.which("ffmpeg") is not None and shutil.which("ffprobe") is not None
 
-
-def _fuse_available() -> bool:
-    return os.path.exists("/dev/fuse") and any(
-        shutil.which(c) for c in ("fusermount3", "fusermount")
-    )
-
-
-if not _fuse_available():
+if not fuse_available():
     pytest.skip("needs /dev/fuse and fusermount", allow_module_level=True)
-
-
-# ----- helpers ------------------------------------------------------------------------
-
-
-def wav_bytes(pcm: np.ndarray, rate: int, title: str | None = None) -> bytes:
-    """A 16-bit PCM WAV of ``pcm`` [samples, channels], built independently of ecdcfs."""
-    channels = pcm.shape[1]
-    data = pcm.astype("<i2").tobytes()
-    fmt = struct.pack(
-        "<4sIHHIIHH", b"fmt ", 16, 1, channels, rate, rate * channels * 2, channels * 2, 16
-    )
-    info = b""
-    if title:
-        text = title.encode() + b"\0"
-        text += b"\0" * (len(text) % 2)
-        inam = b"INAM" + struct.pack("<I", len(title.encode()) + 1) + text
-        info = b"LIST" + struct.pack("<I", 4 + len(inam)) + b"INFO" + inam + _id3_chunk(title)
-    body = b"WAVE" + fmt + info + b"data" + struct.pack("<I", len(data)) + data
-    return b"RIFF" + struct.pack("<I", len(body)) + body
-
-
-def _id3_chunk(title: str) -> bytes:
-    """An ``id3 `` chunk holding an ID3v2.4 tag with a UTF-8 title, written by mutagen."""
-    tag = ID3()
-    tag.add(TIT2(encoding=Encoding.UTF8, text=title))
-    out = io.BytesIO()
-    tag.save(out, v2_version=4, padding=lambda info: 0)
-    body = out.getvalue()
-    return b"id3 " + struct.pack("<I", len(body)) + body + b"\0" * (len(body) % 2)
-
-
-def unmount(mnt: Path) -> None:
-    """Unmount whatever is at ``mnt`` (a dead mount included), lazily as a last resort."""
-    for cmd in (
-        ["fusermount3", "-u"],
-        ["fusermount", "-u"],
-        ["fusermount3", "-uz"],
-        ["fusermount", "-uz"],
-        ["umount", "-l"],
-    ):
-        if not is_mounted(mnt):
-            return
-        if shutil.which(cmd[0]):
-            subprocess.run([*cmd, str(mnt)], capture_output=True, timeout=30)
-
-
-def is_mounted(mnt: Path) -> bool:
-    from ecdcfs.cli import is_mounted as cli_is_mounted
-
-    return cli_is_mounted(str(mnt))
-
-
-def ecdcfs_cmd(*args: str) -> list[str]:
-    return [sys.executable, "-m", "ecdcfs", *args]
-
-
-def source_folder(tmp_path: Path, files: dict[str, bytes]) -> Path:
-    """``tmp_path/src`` holding ``files`` (name -> content): a SOURCE to mount."""
-    src = tmp_path / "src"
-    src.mkdir()
-    for name, data in files.items():
-        (src / name).write_bytes(data)
-    return src
-
-
-def wait_mounted(mnt: Path, proc: subprocess.Popen | None = None, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
-    while not os.path.ismount(mnt):
-        if proc is not None and proc.poll() is not None:
-            raise AssertionError(f"ecdcfs exited with {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{mnt} not mounted after {timeout} s")
-        time.sleep(0.05)
-
-
-class Mount:
-    """A foreground ``ecdcfs SRC MNT -f`` subprocess."""
-
-    def __init__(self, src: Path, mnt: Path, log: Path, *extra: str) -> None:
-        self.src, self.mnt, self.log = src, mnt, log
-        mnt.mkdir(exist_ok=True)
-        self.proc = subprocess.Popen(
-            ecdcfs_cmd(
-                str(src),
-                str(mnt),
-                "-f",
-                "--no-persist",
-                "--device",
-                "cpu",
-                "--log-file",
-                str(log),
-                *extra,
-            ),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            wait_mounted(mnt, self.proc)
-        except AssertionError:
-            self.stop()
-            raise
-
-    def stop(self) -> None:
-        unmount(self.mnt)
-        try:
-            self.proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
-        unmount(self.mnt)
-
-    def log_text(self) -> str:
-        return self.log.read_text() if self.log.exists() else ""
 
 
 # ----- fixtures -----------------------------------------------------------------------
@@ -453,47 +339,6 @@ def small_library(tmp_path, media) -> Path:
     return source_folder(tmp_path, {"x.ecdc": media["short"], "a.txt": b"a"})
 
 
-@contextmanager
-def daemon(src: Path, mnt: Path, log: Path, *options: str) -> Iterator[None]:
-    """``ecdcfs SRC MNT`` in daemon mode (no -f), mounted once the command returns; on
-    exit, unmounted and its daemon gone (killed if need be)."""
-    mnt.mkdir(exist_ok=True)
-    try:
-        started = subprocess.run(
-            ecdcfs_cmd(str(src), str(mnt), "--no-persist", "--log-file", str(log), *options),
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-        assert started.returncode == 0, started.stderr
-        yield
-    finally:
-        unmount(mnt)
-        for pid in _daemon_pids(mnt):
-            os.kill(pid, signal.SIGKILL)
-
-
-def wait_daemon_gone(mnt: Path, timeout: float = 30) -> None:
-    """Wait until no process serves ``mnt`` any more (at most ``timeout`` seconds)."""
-    deadline = time.monotonic() + timeout
-    while _daemon_pids(mnt) and time.monotonic() < deadline:
-        time.sleep(0.1)
-
-
-def _daemon_pids(mnt: Path) -> list[int]:
-    """Processes whose command line names ``mnt`` (the ecdcfs daemon)."""
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
-            except OSError:
-                continue
-            if str(mnt).encode() in cmdline and b"ecdcfs" in b" ".join(cmdline):
-                pids.append(int(entry))
-    return pids
-
-
 def test_replaced_source_is_read_afresh(small_library, tmp_path, media):
     m = Mount(small_library, tmp_path / "mnt", tmp_path / "log")
     try:
@@ -555,7 +400,7 @@ def test_daemon_mode_and_unmount(small_library, tmp_path, media):
     log = tmp_path / "daemon.log"
     with daemon(small_library, mnt, log, "-o", "device=cpu,cache_mb=64,bufsize=2"):
         assert os.path.ismount(mnt)  # mounted by the time the command returns
-        pids = _daemon_pids(mnt)
+        pids = daemon_pids(mnt)
         assert len(pids) == 1
         assert (mnt / "x.wav").read_bytes() == wav_bytes(media["short_pcm"], SR)
         os.symlink(tmp_path, tmp_path / "link")  # unmount through a symlinked parent
@@ -568,7 +413,7 @@ def test_daemon_mode_and_unmount(small_library, tmp_path, media):
         assert done.returncode == 0, done.stderr
         assert not is_mounted(mnt)
         wait_daemon_gone(mnt)
-        assert not _daemon_pids(mnt), "the daemon did not exit after unmount"
+        assert not daemon_pids(mnt), "the daemon did not exit after unmount"
         text = log.read_text()
         assert "serving" in text and "unmounted" in text and "loaded encodec_48khz" in text
 
