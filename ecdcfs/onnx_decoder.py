@@ -55,8 +55,9 @@ from .container import EncodedFrame
 
 log = logging.getLogger(__name__)
 
-# ONNX Runtime threads per decode. 1 and 2 threads give the same bytes (tested); 1 was as
-# fast as 2 on a busy 2-core machine and never competes with the LM or other readers.
+# ONNX Runtime threads per decode, fixed because a frame's samples depend on it (measured:
+# with 2 to 4 threads some frames' samples change, e.g. a 3-step 48 kHz frame with 2). One
+# thread also beat two on a busy 2-core machine, and never competes with the LM or readers.
 THREADS = 1
 OPSET = 17
 PROBE_STEPS = 8  # code steps of the probe every graph must decode like encodec
@@ -206,10 +207,10 @@ def graph_path(cache_dir: Path, name: str, checkpoint: Path) -> Path:
     return cache_dir / "graphs" / f"{name}-{digest}-ort{ort.__version__}.onnx"
 
 
-def new_session(graph: bytes, threads: int = THREADS) -> ort.InferenceSession:
+def new_session(graph: bytes) -> ort.InferenceSession:
     """An ONNX Runtime CPU session for ``graph``, with fixed threads and optimizations."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = threads
+    options.intra_op_num_threads = THREADS
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -236,16 +237,8 @@ class OnnxDecoder:
 
     batch_size = 1  # one frame per run: a frame's samples never depend on its neighbours
 
-    def __init__(
-        self,
-        model: Any,
-        name: str,
-        checkpoint: Path,
-        cache_dir: Path | None,
-        threads: int = THREADS,
-    ) -> None:
+    def __init__(self, model: Any, name: str, checkpoint: Path, cache_dir: Path | None) -> None:
         self.model, self.name = model, name
-        self.threads = threads
         layers = model.quantizer.vq.layers
         if not all(isinstance(layer.project_out, nn.Identity) for layer in layers):
             raise GraphUnusable("codebooks with a projection")
@@ -260,7 +253,7 @@ class OnnxDecoder:
         if self.path is None or not self.path.exists():
             return None
         try:
-            session = new_session(self.path.read_bytes(), self.threads)
+            session = new_session(self.path.read_bytes())
             self._check(session)
         except (OSError, GraphUnusable) as exc:
             log.warning("cached decoder graph %s is unusable (%s): rebuilding it", self.path, exc)
@@ -275,7 +268,7 @@ class OnnxDecoder:
             self.name,
         )
         graph = export_graph(self.model.decoder)
-        session = new_session(graph, self.threads)
+        session = new_session(graph)
         self._check(session)
         if self.path is None:
             log.info("no cache dir: the ONNX decoder graph of %s stays in memory", self.name)
