@@ -89,6 +89,10 @@ class Engine:
         # Load failures by what failed ("encodec_48khz", "encodec_48khz LM"); see _load.
         self._failures: dict[str, _Failure] = {}
         self._codec_lock = threading.Lock()
+        if self.settings.backend == "onnx" and self.settings.device not in (None, "cpu"):
+            log.warning(
+                "the onnx backend decodes on the CPU: device %s is not used", self.settings.device
+            )
 
     def codec(self, spec: ModelSpec) -> Codec:
         """The loaded model for ``spec``, loaded on first use (see :meth:`_load` for failures)."""
@@ -97,8 +101,13 @@ class Engine:
             if codec is None:
                 from .codec import default_device
 
-                device = self.settings.device or default_device()
-                codec = self._load(spec.name, CHECKPOINTS[spec.name], lambda: Codec(spec, device))
+                backend, cache_dir = self.settings.backend, self.settings.cache_dir
+                device = "cpu" if backend == "onnx" else self.settings.device or default_device()
+                codec = self._load(
+                    spec.name,
+                    CHECKPOINTS[spec.name],
+                    lambda: Codec(spec, device, backend, cache_dir),
+                )
                 self._codecs[spec.name] = codec
             return codec
 

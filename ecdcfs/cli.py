@@ -20,6 +20,7 @@ from typing import Any
 
 from . import version
 from .settings import (
+    BACKENDS,
     DEFAULT_BUFSIZE,
     DEFAULT_CACHE_DIR_MB,
     DEFAULT_CACHE_MB,
@@ -143,6 +144,12 @@ def _device(text: str) -> str:
     return text
 
 
+def _backend(text: str) -> str:
+    if text not in BACKENDS:
+        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(BACKENDS)}")
+    return text
+
+
 def _log_level(text: str) -> str:
     if text.lower() not in LOG_LEVELS:
         raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
@@ -174,6 +181,14 @@ OPTIONS = (
         "refused at mount (default: cuda when available, else cpu)",
         _device,
         "DEVICE",
+    ),
+    Option(
+        "backend",
+        "frame decoder: torch (encodec's own decode, exact) or onnx (ONNX Runtime on the CPU, "
+        "within 2 LSB; its graph is built once per checkpoint into the cache dir) "
+        "(default: torch)",
+        _backend,
+        "NAME",
     ),
     Option(
         "cache-mb",
@@ -232,6 +247,7 @@ class Config:
     clear_cache: bool = False
     foreground: bool = False
     device: str | None = None
+    backend: str = BACKENDS[0]
     cache_mb: int = DEFAULT_CACHE_MB
     bufsize: int = DEFAULT_BUFSIZE
     cache_dir: str | None = None  # None: the default ($XDG_CACHE_HOME/ecdcfs)
@@ -535,6 +551,7 @@ def mount(cfg: Config) -> int:
 
     settings = Settings(
         device=cfg.device,
+        backend=cfg.backend,
         cache_mb=cfg.cache_mb,
         bufsize=cfg.bufsize,
         cache_dir=Path(cfg.cache_dir) if cfg.persist and cfg.cache_dir else None,

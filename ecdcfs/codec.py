@@ -13,12 +13,16 @@ import threading
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 import numpy as np
 
 from .container import SCALE, ContainerError, EcdcError, EncodedFrame, ModelSpec
 from .settings import checkpoint_dir
+
+if TYPE_CHECKING:
+    from .onnx_decoder import OnnxDecoder
 
 log = logging.getLogger(__name__)
 
@@ -101,9 +105,19 @@ class DecodedFrame:
 
 
 class Codec:
-    """One Encodec model on one device. Frame decodes are serialised by the caller."""
+    """One Encodec model on one device. Frame decodes are serialised by the caller.
 
-    def __init__(self, spec: ModelSpec, device: str) -> None:
+    ``backend`` "torch" decodes with encodec's own model; "onnx" runs its decoder on ONNX
+    Runtime (:mod:`ecdcfs.onnx_decoder`), with the graph cached under ``cache_dir``.
+    """
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        device: str,
+        backend: str = "torch",
+        cache_dir: Path | None = None,
+    ) -> None:
         from encodec import EncodecModel
 
         constructor = {
@@ -122,7 +136,21 @@ class Codec:
         self._check_spec()
         self._lm: Any = None
         self._lm_lock = threading.Lock()
-        log.info("loaded %s on %s", spec.name, device)
+        self.onnx = self._onnx_decoder(cache_dir) if backend == "onnx" else None
+        log.info("loaded %s on %s (%s)", spec.name, device, "onnx" if self.onnx else "torch")
+
+    def _onnx_decoder(self, cache_dir: Path | None) -> OnnxDecoder | None:
+        """The ONNX Runtime decoder; None (one warning: torch decodes) if it cannot be made."""
+        try:
+            from .onnx_decoder import OnnxDecoder
+
+            checkpoint = checkpoint_dir() / CHECKPOINTS[self.spec.name]
+            return OnnxDecoder(self.model, self.spec.name, checkpoint, cache_dir)
+        except Exception as exc:  # import, export, runtime: none may make files unreadable
+            log.warning(
+                "cannot decode %s with ONNX Runtime (%s): decoding with torch", self.spec.name, exc
+            )
+            return None
 
     def _check_spec(self) -> None:
         spec, model = self.spec, self.model
@@ -150,7 +178,8 @@ class Codec:
     @property
     def batch_size(self) -> int:
         """Frames decoded per call: a fixed batch on a GPU, one at a time on the CPU."""
-        return GPU_BATCH if self.device.startswith("cuda") and self.spec.segment else 1
+        on_gpu = self.device.startswith("cuda") and self.onnx is None
+        return GPU_BATCH if on_gpu and self.spec.segment else 1
 
     def decode_frame(self, frame: EncodedFrame) -> DecodedFrame:
         """Decode one frame's codes ``[codebooks, steps]`` exactly as encodec does."""
@@ -162,6 +191,8 @@ class Codec:
         On a GPU every call is padded to the same batch size, so a frame's samples never
         depend on which frames shared its call; on the CPU frames decode one at a time.
         """
+        if self.onnx is not None:
+            return self.onnx.decode_frames(frames)
         import torch
 
         if self.batch_size == 1 and len(frames) > 1:

@@ -13,6 +13,8 @@ from pathlib import Path
 DEFAULT_CACHE_MB = 512  # decoded-unit cache
 DEFAULT_BUFSIZE = 1  # initial read-ahead, in units
 DEFAULT_CACHE_DIR_MB = 256  # cap of the cache directory (persisted code indexes)
+# Frame decoders: encodec's own model (exact), or its decoder on ONNX Runtime (CPU).
+BACKENDS = ("torch", "onnx")
 
 
 def _xdg_dir(variable: str, *fallback: str) -> Path:
@@ -49,3 +51,4 @@ class Settings:
     bufsize: int = DEFAULT_BUFSIZE  # read-ahead window, in units; grows by this much per step
     cache_dir: Path | None = field(default_factory=default_cache_dir)  # None: no persistence
     cache_dir_mb: int | None = DEFAULT_CACHE_DIR_MB  # cap of cache_dir (LRU); None: no cap
+    backend: str = BACKENDS[0]  # one of BACKENDS; "onnx" decodes on the CPU whatever device

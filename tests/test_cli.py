@@ -416,6 +416,7 @@ def test_version_of_both_commands(module, prog):
 def test_every_option_has_a_long_and_an_o_form(option):
     """One table: each option parses the same from --name and from -o key=value."""
     value = {"device": "cpu", "cache-dir": "/c", "log-file": "/l", "log-level": "debug"}
+    value["backend"] = "onnx"
     text = value.get(option.name, "7")
     long = [f"--{option.name}"] + ([] if option.convert is None else [text])
     o_form = option.attr if option.convert is None else f"{option.attr}={text}"
