@@ -23,7 +23,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import tempfile
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -32,13 +31,12 @@ import numpy as np
 from cachetools import LRUCache
 
 from .container import EcdcError, EncodedFrame
-from .settings import DEFAULT_CACHE_DIR_MB
+from .settings import DEFAULT_CACHE_DIR_MB, TEMP_SUFFIX, write_atomically
 
 log = logging.getLogger(__name__)
 
 _FORMAT = 2  # 2: units (frames or blocks of steps) instead of frames
 INDEX_SUFFIX = ".codes.npz"
-_TEMP_SUFFIX = ".tmp"
 
 
 Unit = tuple[int, float | None, np.ndarray, int]
@@ -110,16 +108,7 @@ class CodeIndex:
             "scales": np.array([np.nan if s is None else s for s in scales], dtype=np.float64),
             "codes": np.concatenate([c.reshape(-1) for c in codes] or [np.zeros(0, np.uint16)]),
         }
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(
-            dir=path.parent, prefix=path.name + ".", suffix=_TEMP_SUFFIX, delete=False
-        ) as tmp:
-            try:
-                np.savez(tmp, **arrays)
-            except BaseException:
-                os.unlink(tmp.name)
-                raise
-        os.replace(tmp.name, path)
+        write_atomically(path, lambda f: np.savez(f, **arrays))
         self.saved_units = len(codes)
 
     @classmethod
@@ -162,7 +151,7 @@ def _cache_files(directory: Path) -> Iterator[os.DirEntry]:
     for entry in entries:
         name = entry.name
         ours = name.endswith(INDEX_SUFFIX) or (
-            INDEX_SUFFIX + "." in name and name.endswith(_TEMP_SUFFIX)
+            INDEX_SUFFIX + "." in name and name.endswith(TEMP_SUFFIX)
         )
         if ours and entry.is_file(follow_symlinks=False):
             yield entry

@@ -30,8 +30,6 @@ import hashlib
 import io
 import logging
 import math
-import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -52,6 +50,7 @@ from torch.nn import functional as F
 
 from .codec import DecodedFrame
 from .container import EncodedFrame
+from .settings import write_atomically
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +61,6 @@ THREADS = 1
 OPSET = 17
 PROBE_STEPS = 8  # code steps of the probe every graph must decode like encodec
 MIN_SNR_DB = 95.0  # the probe's least signal-to-error ratio against encodec's decode
-_TEMP_SUFFIX = ".tmp"
 
 
 class GraphUnusable(Exception):
@@ -330,16 +328,7 @@ class OnnxDecoder:
 def save_atomically(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` through a temp file and a rename; drop ``path``'s stale
     siblings (the same model from another checkpoint or onnxruntime)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(
-        dir=path.parent, prefix=path.name + ".", suffix=_TEMP_SUFFIX, delete=False
-    ) as tmp:
-        try:
-            tmp.write(data)
-        except BaseException:
-            os.unlink(tmp.name)
-            raise
-    os.replace(tmp.name, path)
+    write_atomically(path, lambda f: f.write(data))
     model = path.name.split("-", 1)[0]
     for stale in path.parent.glob(f"{model}-*.onnx"):
         if stale != path:

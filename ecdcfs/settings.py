@@ -7,8 +7,13 @@ Standard library only: the command line imports this before it forks, and ``--he
 from __future__ import annotations
 
 import os
+import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
+
+TEMP_SUFFIX = ".tmp"  # of a file being written into a cache dir (see write_atomically)
 
 DEFAULT_CACHE_MB = 512  # decoded-unit cache
 DEFAULT_BUFSIZE = 1  # initial read-ahead, in units
@@ -40,6 +45,21 @@ def checkpoint_dir() -> Path:
     """
     torch_home = os.environ.get("TORCH_HOME") or _xdg_dir("XDG_CACHE_HOME", ".cache") / "torch"
     return Path(torch_home) / "hub" / "checkpoints"
+
+
+def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Create ``path`` with ``write(file)`` through a temp file beside it (``<name>.*.tmp``)
+    and a rename: readers never see half a file, a failed write leaves none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(
+        dir=path.parent, prefix=path.name + ".", suffix=TEMP_SUFFIX, delete=False
+    ) as tmp:
+        try:
+            write(tmp)
+        except BaseException:
+            os.unlink(tmp.name)
+            raise
+    os.replace(tmp.name, path)
 
 
 @dataclass
