@@ -226,3 +226,24 @@ def test_24khz_short_file_equals_encodec_decode(engine, tmp_path):
     assert read_all(audio.reader()) == expected
     assert audio.read(50_000, 999) == expected[50_000:50_999]
     assert np.frombuffer(expected[44:], "<i2").std() > 100  # not silence
+
+
+@pytest.mark.parametrize(
+    ("cache_mb", "bufsize", "frames_48k", "chunks_24k"),
+    [(512, 1, 64, 64), (16, 1, 10, 8), (1, 1, 1, 1), (1, 3, 3, 3), (16, 20, 20, 20)],
+)
+def test_read_ahead_cap_is_a_quarter_of_the_cache_in_units(
+    torch_home, tmp_path, cache_mb, bufsize, frames_48k, chunks_24k
+):
+    """The window never asks for more than a quarter of the cache, counted in the file's own
+    units (a 48 kHz stereo frame is 384,000 bytes decoded, a 24 kHz chunk 480,000), never
+    past 64 units, and never under bufsize."""
+    engine = Engine(Settings(device="cpu", cache_mb=cache_mb, bufsize=bufsize, cache_dir=None))
+    try:
+        plain = engine.open(tmp_path / "a.ecdc", synth.make_ecdc(samples=4_800))
+        chunked = engine.open(tmp_path / "b.ecdc", synth.container_24khz(320, 2, bytes(8)))
+        assert plain.units.decoded_bytes == 2 * 48_000 * 4
+        assert chunked.units.decoded_bytes == 375 * 320 * 4
+        assert (plain.max_read_ahead, chunked.max_read_ahead) == (frames_48k, chunks_24k)
+    finally:
+        engine.close()
