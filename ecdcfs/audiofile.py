@@ -21,11 +21,20 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from .codec import CHECKPOINTS, LM_CHECKPOINTS, Codec, DecodedFrame, ModelUnavailable
+from .codec import (
+    CHECKPOINTS,
+    LM_CHECKPOINTS,
+    DecodedFrame,
+    FrameDecoder,
+    ModelUnavailable,
+    TorchCodec,
+    default_device,
+)
 from .container import MODELS, EncodedFrame, Header, ModelSpec, read_header
 from .index import CodeIndex, IndexStore, Unit
+from .interrupts import Interrupts
 from .scheduler import Batch, DecodeScheduler
-from .settings import Settings, checkpoint_dir
+from .settings import Settings, checkpoint_dir, default_threads
 from .source import ByteSource, MemorySource, as_stream
 from .units import CodeSource, decode_units
 from .wav import WavLayout, float_to_pcm16
@@ -76,46 +85,78 @@ def probe(path: Path) -> WavLayout:
 
 
 class Engine:
-    """Decoding machinery shared by every open file: models, unit cache, code indexes."""
+    """Decoding machinery shared by every open file: frame decoders, unit cache, code indexes.
+
+    Frames decode on ONNX Runtime (:mod:`ecdcfs.onnx_decoder`), several at once, unless
+    the settings ask for encodec's own torch decode (``exact``, or a GPU), one at a time.
+    """
 
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
-        self.scheduler = DecodeScheduler(self.settings.cache_mb << 20)
+        self.device = self.settings.device or default_device()
+        self.exact = self.settings.exact or self.device != "cpu"
+        self.interrupts = Interrupts()
+        self.scheduler = DecodeScheduler(
+            self.settings.cache_mb << 20,
+            workers=1 if self.exact else self.settings.threads or default_threads(),
+            interrupts=self.interrupts,
+        )
         cap = self.settings.cache_dir_mb
         self.indexes = IndexStore(
             self.settings.cache_dir, max_bytes=None if cap is None else cap << 20
         )
-        self._codecs: dict[str, Codec] = {}
+        self._codecs: dict[str, FrameDecoder] = {}
+        self._lms: dict[str, Any] = {}
         # Load failures by what failed ("encodec_48khz", "encodec_48khz LM"); see _load.
         self._failures: dict[str, _Failure] = {}
         self._codec_lock = threading.Lock()
-        if self.settings.backend == "onnx" and self.settings.device not in (None, "cpu"):
-            log.warning(
-                "the onnx backend decodes on the CPU: device %s is not used", self.settings.device
-            )
 
-    def codec(self, spec: ModelSpec) -> Codec:
-        """The loaded model for ``spec``, loaded on first use (see :meth:`_load` for failures)."""
+    def codec(self, spec: ModelSpec) -> FrameDecoder:
+        """The frame decoder for ``spec``, loaded on first use (see :meth:`_load` for failures)."""
         with self._codec_lock:
             codec = self._codecs.get(spec.name)
             if codec is None:
-                from .codec import default_device
-
-                backend, cache_dir = self.settings.backend, self.settings.cache_dir
-                device = "cpu" if backend == "onnx" else self.settings.device or default_device()
-                codec = self._load(
-                    spec.name,
-                    CHECKPOINTS[spec.name],
-                    lambda: Codec(spec, device, backend, cache_dir),
-                )
+                load = self._torch_codec if self.exact else self._onnx_decoder
+                codec = self._load(spec.name, CHECKPOINTS[spec.name], lambda: load(spec))
                 self._codecs[spec.name] = codec
             return codec
+
+    def _torch_codec(self, spec: ModelSpec) -> TorchCodec:
+        return TorchCodec(spec, self.device)
+
+    def _onnx_decoder(self, spec: ModelSpec) -> FrameDecoder:
+        """The ONNX Runtime decoder; encodec's own on the CPU (one warning) if there can be none."""
+        try:
+            from .onnx_decoder import load_onnx_decoder
+
+            return load_onnx_decoder(spec, self.settings.cache_dir, self.interrupts)
+        except ModelUnavailable:
+            raise
+        except Exception as exc:  # import, export, runtime: none may make files unreadable
+            log.warning(
+                "cannot decode %s with ONNX Runtime (%s): decoding with encodec's torch model",
+                spec.name,
+                exc,
+            )
+            return TorchCodec(spec, "cpu")
 
     def lm(self, spec: ModelSpec) -> Any:
         """The language model of ``spec``'s model, for LM-coded files (see :meth:`_load`)."""
         codec = self.codec(spec)
         with self._codec_lock:
-            return self._load(f"{spec.name} LM", LM_CHECKPOINTS[spec.name], lambda: codec.lm)
+            lm = self._lms.get(spec.name)
+            if lm is None:
+                checkpoint = LM_CHECKPOINTS[spec.name]
+                lm = self._load(f"{spec.name} LM", checkpoint, lambda: self._load_lm(spec, codec))
+                self._lms[spec.name] = lm
+            return lm
+
+    @staticmethod
+    def _load_lm(spec: ModelSpec, codec: FrameDecoder) -> Any:
+        """The LM (torch eager, as the encoder ran it), built from encodec's model: the
+        exact decoder's, or one loaded just for this (and dropped after)."""
+        exact = codec if isinstance(codec, TorchCodec) else TorchCodec(spec, "cpu")
+        return exact.lm
 
     def _load(self, what: str, checkpoint: str, load: Callable[[], T]) -> T:
         """``load()`` of ``what``, whose checkpoint file is ``checkpoint``; with the lock held.
@@ -152,7 +193,7 @@ class Engine:
                 return str(failure.error)
         return None
 
-    def loaded_codec(self, spec: ModelSpec) -> Codec | None:
+    def loaded_codec(self, spec: ModelSpec) -> FrameDecoder | None:
         """The model for ``spec`` if it is already loaded (never loads it)."""
         with self._codec_lock:
             return self._codecs.get(spec.name)
@@ -163,8 +204,8 @@ class Engine:
         Meant for a background thread right after the daemon forks; it lowers that
         thread's priority so listings right after mounting stay fast. A model that fails
         here fails again (once, clearly) at the first read that needs it. (Each model
-        costs memory: ~660 MiB of RSS for the 48 kHz one with torch, so load only those
-        the files use.)
+        costs memory, ~660 MiB of RSS for the 48 kHz one with torch and tens of MiB on ONNX
+        Runtime, so load only those the files use.)
         """
         with contextlib.suppress(OSError):  # Linux: a thread's nice value is its own
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
@@ -274,6 +315,10 @@ class AudioFile:
         """Decode unit ``index`` now, bypassing the cache (the decode worker calls this)."""
         return self.units.decode(self.engine.codec(self.header.model), index, self._code_source())
 
+    def assemble(self, decoded: dict[int, DecodedFrame], start: int, stop: int) -> np.ndarray:
+        """Samples ``[start, stop)`` from the decoded units covering them."""
+        return self.units.assemble(self.engine.codec(self.header.model), decoded, start, stop)
+
     def inputs(self, index: int) -> EncodedFrame:
         """The codes (and scale) unit ``index`` decodes from."""
         return self.units.inputs(index, self._code_source())
@@ -365,7 +410,7 @@ class Reader:
             with self._lock:
                 self._plan(needed)
         decoded = {i: future.result() for i, future in futures.items()}
-        return audio.units.assemble(decoded, start, stop)
+        return audio.assemble(decoded, start, stop)
 
     def _plan(self, needed: range) -> None:
         """Queue the units after ``needed`` that this reader will probably want next."""

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .codec import Codec, DecodedFrame
+from .codec import DecodedFrame, FrameDecoder
 from .container import EncodedFrame, unpack_codes
 
 CHUNK_STEPS = 375  # 5 s at 75 code steps per second
@@ -95,7 +95,7 @@ def packed_steps(
     return unpack_codes(raw, num_codebooks, stop - start, bits, first_bit % 8)
 
 
-def decode_chunk(codec: Codec, codes: np.ndarray, warm_up: int) -> DecodedFrame:
+def decode_chunk(codec: FrameDecoder, codes: np.ndarray, warm_up: int) -> DecodedFrame:
     """Decode ``codes`` (a chunk and its warm-up) and keep the output after ``warm_up`` steps."""
     audio = codec.decode_frame(EncodedFrame(codes, None)).audio
     kept = audio[:, warm_up * codec.spec.hop :].copy()  # the cache must not hold the warm-up

@@ -20,14 +20,15 @@ from typing import Any
 
 from . import version
 from .settings import (
-    BACKENDS,
     DEFAULT_BUFSIZE,
     DEFAULT_CACHE_DIR_MB,
     DEFAULT_CACHE_MB,
+    GRAPH_SUFFIX,
     Settings,
     checkpoint_dir,
     default_cache_dir,
     default_log_file,
+    graph_dir,
 )
 
 log = logging.getLogger("ecdcfs")
@@ -70,10 +71,12 @@ EPILOG = """\
     /path/to/.venv/bin/ecdcfs#/music/ecdc  /music/wav  fuse  allow_other  0 0
 
 cache directory:
-  Code indexes of LM-coded files persist in --cache-dir (default $XDG_CACHE_HOME/ecdcfs),
-  at most --cache-dir-mb MiB (least recently used deleted first). A cache directory that
-  cannot be written (read-only, full) only costs persistence. ecdcfs --clear-cache
-  [--cache-dir DIR] deletes the indexes (nothing else) and exits.
+  --cache-dir (default $XDG_CACHE_HOME/ecdcfs) holds each model's decoder graph (graphs/,
+  ~30 MB a model, built once per checkpoint and onnxruntime; never evicted, since
+  rebuilding one costs a torch import and an export) and the code indexes of LM-coded
+  files, at most --cache-dir-mb MiB of them (least recently used deleted first). A cache
+  directory that cannot be written (read-only, full) only costs persistence. ecdcfs
+  --clear-cache [--cache-dir DIR] deletes the indexes and graphs (nothing else) and exits.
 
 decoding:
   Listing never decodes. torch and the Encodec models load in the daemon once it has
@@ -144,12 +147,6 @@ def _device(text: str) -> str:
     return text
 
 
-def _backend(text: str) -> str:
-    if text not in BACKENDS:
-        raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(BACKENDS)}")
-    return text
-
-
 def _log_level(text: str) -> str:
     if text.lower() not in LOG_LEVELS:
         raise argparse.ArgumentTypeError(f"{text!r} is not one of {', '.join(LOG_LEVELS)}")
@@ -176,19 +173,24 @@ class Option:
 OPTIONS = (
     Option("foreground", "stay in the foreground (default: daemonize once mounted)", short="-f"),
     Option(
+        "exact",
+        "decode with encodec's own PyTorch model, bit for bit (default: its decoder on ONNX "
+        "Runtime, within 2 LSB, faster and smaller; the graph is built once per checkpoint "
+        "into the cache dir)",
+    ),
+    Option(
         "device",
-        "torch device for decoding: cpu, cuda, cuda:N or mps; a GPU that is not there is "
-        "refused at mount (default: cuda when available, else cpu)",
+        "cpu, or a GPU for torch to decode on: cuda, cuda:N or mps; a GPU that is not there "
+        "is refused at mount (default: cuda when an NVIDIA GPU is usable, else cpu)",
         _device,
         "DEVICE",
     ),
     Option(
-        "backend",
-        "frame decoder: torch (encodec's own decode, exact) or onnx (ONNX Runtime on the CPU, "
-        "within 2 LSB; its graph is built once per checkpoint into the cache dir) "
-        "(default: torch)",
-        _backend,
-        "NAME",
+        "threads",
+        "decodes run in parallel on the CPU, one ONNX Runtime thread each (default: one "
+        "per core, at most 4; --exact and GPUs: one at a time)",
+        _positive_int,
+        "N",
     ),
     Option(
         "cache-mb",
@@ -205,19 +207,23 @@ OPTIONS = (
     ),
     Option(
         "cache-dir",
-        "where code indexes of LM-coded files persist "
+        "where decoder graphs and code indexes of LM-coded files persist "
         "(default: $XDG_CACHE_HOME/ecdcfs, i.e. ~/.cache/ecdcfs)",
         str,
         "DIR",
     ),
     Option(
         "cache-dir-mb",
-        "cap of the cache dir in MiB; least recently used indexes go first "
-        f"(default: {DEFAULT_CACHE_DIR_MB})",
+        "cap of the cache dir's code indexes in MiB; least recently used go first "
+        f"(decoder graphs are not counted) (default: {DEFAULT_CACHE_DIR_MB})",
         _positive_int,
         "N",
     ),
-    Option("no-persist", "keep code indexes in memory only"),
+    Option(
+        "no-persist",
+        "write nothing to the cache dir: code indexes in memory only, decoder graphs "
+        "rebuilt at every start",
+    ),
     Option(
         "log-level", f"one of {', '.join(LOG_LEVELS)} (default: info)", _log_level, "LEVEL"
     ),
@@ -246,8 +252,9 @@ class Config:
     unmount: bool = False
     clear_cache: bool = False
     foreground: bool = False
+    exact: bool = False
     device: str | None = None
-    backend: str = BACKENDS[0]
+    threads: int | None = None  # None: one per core, at most 4
     cache_mb: int = DEFAULT_CACHE_MB
     bufsize: int = DEFAULT_BUFSIZE
     cache_dir: str | None = None  # None: the default ($XDG_CACHE_HOME/ecdcfs)
@@ -551,7 +558,8 @@ def mount(cfg: Config) -> int:
 
     settings = Settings(
         device=cfg.device,
-        backend=cfg.backend,
+        exact=cfg.exact,
+        threads=cfg.threads,
         cache_mb=cfg.cache_mb,
         bufsize=cfg.bufsize,
         cache_dir=Path(cfg.cache_dir) if cfg.persist and cfg.cache_dir else None,
@@ -664,16 +672,20 @@ def unmount(mountpoint: str) -> int:
 
 
 def clear_cache(cfg: Config) -> int:
-    """Delete the code indexes in the cache directory (nothing else); 0 on success."""
+    """Delete the code indexes and decoder graphs in the cache directory (nothing else)."""
     from .index import clear_cache as clear
 
     directory = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     try:
         count, size = clear(directory)
+        graphs, graph_size = clear(graph_dir(directory), suffix=GRAPH_SUFFIX)
     except OSError as exc:
         sys.stderr.write(f"ecdcfs: error: cannot clear {str(directory)!r}: {exc}\n")
         return 1
-    print(f"ecdcfs: deleted {count} code indexes ({size / 2**20:.1f} MiB) from {directory}")
+    print(
+        f"ecdcfs: deleted {count} code indexes ({size / 2**20:.1f} MiB) and {graphs} decoder "
+        f"graphs ({graph_size / 2**20:.1f} MiB) from {directory}"
+    )
     return 0
 
 

@@ -1,7 +1,9 @@
-"""Encodec models: loading (standard torch.hub path), frame decoding and LM code decoding.
+"""Encodec's own models on torch: the exact frame decoder (``--exact``, and the GPU), the
+language model of LM-coded files, loading through the standard torch.hub path.
 
-torch and encodec are imported lazily, so that listing a folder never pays for them and a
-daemon imports them only after it has forked.
+torch and encodec are imported lazily, so that listing a folder never pays for them, a
+daemon imports them only after it has forked, and one serving plain files with cached
+graphs (:mod:`ecdcfs.onnx_decoder`, the default decoder) never imports them.
 """
 
 from __future__ import annotations
@@ -14,15 +16,12 @@ import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
 from .container import SCALE, ContainerError, EcdcError, EncodedFrame, ModelSpec
 from .settings import checkpoint_dir
-
-if TYPE_CHECKING:
-    from .onnx_decoder import OnnxDecoder
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +43,14 @@ class ModelUnavailable(EcdcError):
     """A model could not be loaded (missing checkpoint offline, bad device...)."""
 
 
+NVIDIA_DRIVER = Path("/proc/driver/nvidia/version")
+
+
 def default_device() -> str:
+    """``cuda`` when torch can use an NVIDIA GPU, else ``cpu``; torch is only imported (to
+    ask) where an NVIDIA driver is loaded."""
+    if not NVIDIA_DRIVER.exists():
+        return "cpu"
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
@@ -104,20 +110,34 @@ class DecodedFrame:
         return self.audio.nbytes
 
 
-class Codec:
-    """One Encodec model on one device. Frame decodes are serialised by the caller.
+class FrameDecoder(Protocol):
+    """Decodes a model's frames: encodec's own (:class:`TorchCodec`) or ONNX Runtime's."""
 
-    ``backend`` "torch" decodes with encodec's own model; "onnx" runs its decoder on ONNX
-    Runtime (:mod:`ecdcfs.onnx_decoder`), with the graph cached under ``cache_dir``.
-    """
+    spec: ModelSpec
 
-    def __init__(
-        self,
-        spec: ModelSpec,
-        device: str,
-        backend: str = "torch",
-        cache_dir: Path | None = None,
-    ) -> None:
+    @property
+    def batch_size(self) -> int:
+        """Frames per decode call (:meth:`decode_frames` pads to it on a GPU)."""
+        ...
+
+    def decode_frame(self, frame: EncodedFrame) -> DecodedFrame:
+        """Decoder output of one frame's codes ``[codebooks, steps]`` (and scale)."""
+        ...
+
+    def decode_frames(self, frames: list[EncodedFrame]) -> list[DecodedFrame]:
+        """Decoder outputs of frames of equal length, each as :meth:`decode_frame` gives it."""
+        ...
+
+    def overlap_add_weights(self, frame_length: int) -> np.ndarray:
+        """encodec's overlap-add weights for frames of ``frame_length`` samples."""
+        ...
+
+
+class TorchCodec:
+    """One Encodec model on one device, decoding exactly as encodec does. Frame decodes are
+    serialised by the caller (torch's own threads make one decode parallel)."""
+
+    def __init__(self, spec: ModelSpec, device: str) -> None:
         from encodec import EncodecModel
 
         constructor = {
@@ -126,9 +146,10 @@ class Codec:
         }[spec.name]
         self.spec = spec
         self.device = device
+        self.checkpoint = CHECKPOINTS[spec.name]
         if device.startswith("cuda"):
             _deterministic_cuda()
-        model = _load(spec.name, CHECKPOINTS[spec.name], constructor)
+        model = _load(spec.name, self.checkpoint, constructor)
         try:
             self.model = model.to(device)
         except (RuntimeError, AssertionError) as exc:
@@ -136,21 +157,8 @@ class Codec:
         self._check_spec()
         self._lm: Any = None
         self._lm_lock = threading.Lock()
-        self.onnx = self._onnx_decoder(cache_dir) if backend == "onnx" else None
-        log.info("loaded %s on %s (%s)", spec.name, device, "onnx" if self.onnx else "torch")
-
-    def _onnx_decoder(self, cache_dir: Path | None) -> OnnxDecoder | None:
-        """The ONNX Runtime decoder; None (one warning: torch decodes) if it cannot be made."""
-        try:
-            from .onnx_decoder import OnnxDecoder
-
-            checkpoint = checkpoint_dir() / CHECKPOINTS[self.spec.name]
-            return OnnxDecoder(self.model, self.spec.name, checkpoint, cache_dir)
-        except Exception as exc:  # import, export, runtime: none may make files unreadable
-            log.warning(
-                "cannot decode %s with ONNX Runtime (%s): decoding with torch", self.spec.name, exc
-            )
-            return None
+        self._decode_lock = threading.Lock()  # one decode at a time, on torch's own threads
+        log.info("loaded %s on %s (torch)", spec.name, device)
 
     def _check_spec(self) -> None:
         spec, model = self.spec, self.model
@@ -178,8 +186,7 @@ class Codec:
     @property
     def batch_size(self) -> int:
         """Frames decoded per call: a fixed batch on a GPU, one at a time on the CPU."""
-        on_gpu = self.device.startswith("cuda") and self.onnx is None
-        return GPU_BATCH if on_gpu and self.spec.segment else 1
+        return GPU_BATCH if self.device.startswith("cuda") and self.spec.segment else 1
 
     def decode_frame(self, frame: EncodedFrame) -> DecodedFrame:
         """Decode one frame's codes ``[codebooks, steps]`` exactly as encodec does."""
@@ -191,8 +198,6 @@ class Codec:
         On a GPU every call is padded to the same batch size, so a frame's samples never
         depend on which frames shared its call; on the CPU frames decode one at a time.
         """
-        if self.onnx is not None:
-            return self.onnx.decode_frames(frames)
         import torch
 
         if self.batch_size == 1 and len(frames) > 1:
@@ -203,7 +208,7 @@ class Codec:
         if padding > 0:
             codes = np.concatenate([codes, np.zeros((padding, *codes.shape[1:]), codes.dtype)])
             scales += [scales[0]] * padding
-        with torch.no_grad():
+        with torch.no_grad(), self._decode_lock:
             code_tensor = torch.from_numpy(codes).to(self.device)
             scale_tensor = (
                 None if scales[0] is None else torch.tensor(scales, device=self.device).view(-1)
@@ -226,6 +231,11 @@ class Codec:
                     )
                 self._lm = lm.cpu()
             return self._lm
+
+    @staticmethod
+    def overlap_add_weights(frame_length: int) -> np.ndarray:
+        """encodec's own weights (torch's linspace), so that blending is bit-exact."""
+        return overlap_add_weights(frame_length)
 
 
 @functools.lru_cache(maxsize=8)

@@ -283,10 +283,10 @@ def encode_pcm(
     a torch device, None for CUDA when available, else the CPU. Raises
     :class:`EcdcError` (no audio in the input, an output that cannot be written).
     """
-    from .codec import Codec, default_device
+    from .codec import TorchCodec, default_device
 
     spec = plan.model
-    codec = Codec(spec, device or default_device())
+    codec = TorchCodec(spec, device or default_device())
     codec.model.set_target_bandwidth(plan.bandwidth)
     resampler = None
     if plan.sample_rate != PCM_RATE:

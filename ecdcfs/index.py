@@ -142,17 +142,16 @@ class CodeIndex:
         return index
 
 
-def _cache_files(directory: Path) -> Iterator[os.DirEntry]:
-    """The files of ``directory`` that ecdcfs wrote (indexes and their temp files)."""
+def _cache_files(directory: Path, suffix: str = INDEX_SUFFIX) -> Iterator[os.DirEntry]:
+    """The files of ``directory`` that ecdcfs wrote: ``*<suffix>`` (indexes by default)
+    and their temp files."""
     try:
         entries = list(os.scandir(directory))
     except (FileNotFoundError, NotADirectoryError):
         return
     for entry in entries:
         name = entry.name
-        ours = name.endswith(INDEX_SUFFIX) or (
-            INDEX_SUFFIX + "." in name and name.endswith(TEMP_SUFFIX)
-        )
+        ours = name.endswith(suffix) or (suffix + "." in name and name.endswith(TEMP_SUFFIX))
         if ours and entry.is_file(follow_symlinks=False):
             yield entry
 
@@ -186,13 +185,12 @@ def enforce_cap(directory: Path, max_bytes: int, keep: Path | None = None) -> in
     return deleted
 
 
-def clear_cache(directory: Path) -> tuple[int, int]:
-    """Delete every index (and temp file) ecdcfs wrote in ``directory``: (files, bytes).
-
-    Other files in the directory are left alone.
+def clear_cache(directory: Path, suffix: str = INDEX_SUFFIX) -> tuple[int, int]:
+    """Delete every index (or ``*<suffix>`` file) and temp file ecdcfs wrote in
+    ``directory``: (files, bytes). Other files in the directory are left alone.
     """
     count = total = 0
-    for entry in _cache_files(directory):
+    for entry in _cache_files(directory, suffix):
         with contextlib.suppress(FileNotFoundError):
             size = entry.stat(follow_symlinks=False).st_size
             os.unlink(entry.path)

@@ -1,208 +1,68 @@
-"""Encodec's decoder on ONNX Runtime (``--backend onnx``): one graph per checkpoint, any length.
+"""The default frame decoder: encodec's decoder on ONNX Runtime, without torch.
 
-The graph is exported from the user's own checkpoint, once, with torch's TorchScript-based
-exporter, and kept in ``<cache dir>/graphs/`` under the checkpoint's content hash and the
-onnxruntime version. It is the SEANet decoder from embedding to audio, built from
-encodec's own layers and weights (:func:`exportable`); the quantizer's lookup (a sum of
-codebook rows, in numpy), the first convolution's padding and the frame's scale stay
-outside, so one graph serves every code count and every length.
+Each model's decoder is exported from the user's own checkpoint once (by a child process
+that imports torch: :mod:`ecdcfs.graph`) into an :class:`Artifact` kept in
+``<cache dir>/graphs/`` under the checkpoint's content hash and the onnxruntime version:
+new weights or another onnxruntime mean a new graph. The artifact holds the graph, the
+codebooks (the quantizer's decode is a sum of codebook rows, done here in numpy, in
+encodec's order, so one graph serves every code count) and a probe: a few code steps with
+encodec's own decode of them. Every artifact decodes its probe before it is used; one that
+is truncated, corrupt or from something else is rebuilt with one warning, and a cache dir
+that cannot be written keeps the graph in memory.
 
-What the export must avoid (each measured): encodec's ``SConv1d`` computes its extra
-padding with ``math.ceil`` of the traced length, so a graph traced at 150 steps pads every
-other length to 150 steps' worth and fails; the decoder's convolutions all have stride 1,
-so that padding is 0 and is left out here, and ``SConvTranspose1d``'s trimming becomes a
-slice relative to the end. The first convolution's reflect padding branches on the input
-length (zeros first when the input is shorter than the padding: 1 to 3 steps at 48 kHz, 1
-to 6 at 24 kHz), so it runs outside the graph with encodec's own ``pad1d``. ONNX's
-GroupNorm (InstanceNormalization) sums its statistics in float32, which cost 48 kHz frames
-~20 dB (101 dB SNR against encodec at 150 steps); the graph takes them in float64 (120 dB).
-``torch.export`` (``dynamo=True``) exports this module too, but bakes the LSTM's length in:
-any other step count fails in a Reshape.
-
-Every graph is checked before use against encodec's own decode of a fixed probe: a cached
-file that is truncated, corrupt or from something else is rebuilt (one warning), and a
-cache dir that cannot be written leaves the graph in memory (one warning).
+Each decode runs on one ONNX Runtime thread, whatever the machine: a frame's samples depend
+on the thread count (measured: with 2 to 4 threads some frames' samples change), so this is
+what makes the same offset give the same bytes on every mount. Parallelism comes from the
+scheduler running several decodes at once on the one session instead.
 """
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import functools
 import hashlib
 import io
 import logging
 import math
-import warnings
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime as ort
-import torch
-from encodec.modules.conv import (
-    NormConv1d,
-    NormConvTranspose1d,
-    SConv1d,
-    SConvTranspose1d,
-    pad1d,
-)
-from encodec.modules.seanet import SEANetResnetBlock
-from torch import nn
-from torch.nn import functional as F
 
-from .codec import DecodedFrame
-from .container import EncodedFrame
-from .settings import write_atomically
+from .codec import CHECKPOINTS, DecodedFrame, ModelUnavailable
+from .container import EncodedFrame, ModelSpec
+from .interrupts import Interrupts
+from .settings import GRAPH_SUFFIX, checkpoint_dir, graph_dir
 
 log = logging.getLogger(__name__)
 
-# ONNX Runtime threads per decode, fixed because a frame's samples depend on it (measured:
-# with 2 to 4 threads some frames' samples change, e.g. a 3-step 48 kHz frame with 2). One
-# thread also beat two on a busy 2-core machine, and never competes with the LM or readers.
-THREADS = 1
+THREADS = 1  # ONNX Runtime threads per decode: fixed, because the samples depend on it
 OPSET = 17
 PROBE_STEPS = 8  # code steps of the probe every graph must decode like encodec
 MIN_SNR_DB = 95.0  # the probe's least signal-to-error ratio against encodec's decode
+EXPORT_TIMEOUT_S = 900  # a child that exports for longer than this is stuck
+MODEL_UNAVAILABLE_EXIT = 3  # how the exporting child says the model cannot be loaded
 
 
 class GraphUnusable(Exception):
     """A graph that does not load, or does not decode like encodec."""
 
 
-class _Conv(nn.Module):
-    """encodec's ``SConv1d`` with its padding as constants (stride 1: no extra padding)."""
-
-    def __init__(self, layer: SConv1d, padded_outside: bool = False) -> None:
-        super().__init__()
-        self.conv = exportable(layer.conv)
-        self.padding = (0, 0) if padded_outside else conv_padding(layer)
-        self.mode = layer.pad_mode
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Pad, then convolve (and normalise) with encodec's layer."""
-        if any(self.padding):
-            x = F.pad(x, self.padding, self.mode)
-        return self.conv(x)
-
-
-class _ConvTranspose(nn.Module):
-    """encodec's ``SConvTranspose1d``, trimming with a slice relative to the end."""
-
-    def __init__(self, layer: SConvTranspose1d) -> None:
-        super().__init__()
-        self.convtr = exportable(layer.convtr)
-        conv = layer.convtr.convtr
-        total = conv.kernel_size[0] - conv.stride[0]
-        right = math.ceil(total * layer.trim_right_ratio) if layer.causal else total // 2
-        self.left, self.right = total - right, right
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Transposed convolution, then drop its fixed padding (as encodec's ``unpad1d``)."""
-        y = self.convtr(x)
-        return y[..., self.left : y.shape[-1] - self.right]
-
-
-class _Residual(nn.Module):
-    """encodec's ``SEANetResnetBlock`` over exportable layers."""
-
-    def __init__(self, layer: SEANetResnetBlock) -> None:
-        super().__init__()
-        self.block, self.shortcut = exportable(layer.block), exportable(layer.shortcut)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Shortcut plus block, in encodec's order."""
-        return self.shortcut(x) + self.block(x)
-
-
-class _GroupNorm(nn.Module):
-    """``GroupNorm(1, C)`` (encodec's time_group_norm) with its statistics in float64."""
-
-    def __init__(self, norm: nn.GroupNorm) -> None:
-        super().__init__()
-        self.norm = norm
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """torch's formula: ``x * scale + bias``, per channel."""
-        wide = x.double()
-        mean = wide.mean(dim=(1, 2), keepdim=True)
-        variance = ((wide - mean) ** 2).mean(dim=(1, 2), keepdim=True)
-        rstd = (variance + self.norm.eps).rsqrt().float()
-        scale = rstd * self.norm.weight[:, None]
-        return x * scale + (self.norm.bias[:, None] - scale * mean.float())
-
-
-def conv_padding(layer: SConv1d) -> tuple[int, int]:
-    """``(left, right)`` padding of a stride-1 ``SConv1d``, as its ``forward`` computes it."""
-    conv = layer.conv.conv
-    if conv.stride[0] != 1:
-        raise GraphUnusable("a strided convolution's padding depends on the length")
-    total = (conv.kernel_size[0] - 1) * conv.dilation[0]
-    return (total, 0) if layer.causal else (total - total // 2, total // 2)
-
-
-def exportable(module: nn.Module) -> nn.Module:
-    """``module`` with encodec's length-dependent layers replaced by traceable ones.
-
-    The replacements hold encodec's own submodules (and so its weights); other modules are
-    returned as they are.
-    """
-    if isinstance(module, SConv1d):
-        return _Conv(module)
-    if isinstance(module, SConvTranspose1d):
-        return _ConvTranspose(module)
-    if isinstance(module, SEANetResnetBlock):
-        return _Residual(module)
-    if isinstance(module, nn.GroupNorm) and module.num_groups == 1:
-        return _GroupNorm(module)
-    if isinstance(module, nn.Sequential):
-        return nn.Sequential(*map(exportable, module))
-    if isinstance(module, NormConv1d):
-        return nn.Sequential(module.conv, exportable(module.norm))
-    if isinstance(module, NormConvTranspose1d):
-        return nn.Sequential(module.convtr, exportable(module.norm))
-    return module
-
-
-def export_graph(decoder: nn.Module) -> bytes:
-    """The ONNX graph of encodec's SEANet ``decoder``: padded embedding -> audio.
-
-    Input ``emb``: float32 ``[1, dimension, steps + first conv's padding]``; output
-    ``audio``: float32 ``[1, channels, steps * hop]``.
-    """
-    first, *rest = decoder.model
-    graph = nn.Sequential(_Conv(first, padded_outside=True), *map(exportable, rest)).eval()
-    left, right = conv_padding(first)
-    example = torch.zeros(1, decoder.dimension, PROBE_STEPS + left + right)
-    buffer = io.BytesIO()
-    with torch.no_grad(), warnings.catch_warnings():
-        # Its warnings are not actionable: the TorchScript exporter is deprecated (but
-        # torch.export cannot vary the LSTM's length: see the module docstring), tracer and
-        # constant-folding notes; the probe checks what came out.
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            graph,
-            (example,),
-            buffer,
-            dynamo=False,
-            opset_version=OPSET,
-            input_names=["emb"],
-            output_names=["audio"],
-            dynamic_axes={"emb": {2: "steps"}, "audio": {2: "samples"}},  # batch: 1
-        )
-    return buffer.getvalue()
-
-
 def file_digest(path: Path) -> str:
-    """The sha256 of a file, in hex."""
+    """The sha256 of a file, in hex (~0.1 s for a 72 MB checkpoint)."""
     digest = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def graph_path(cache_dir: Path, name: str, checkpoint: Path) -> Path:
-    """Where the graph of model ``name`` from ``checkpoint`` is cached."""
-    digest = file_digest(checkpoint)[:16]
-    return cache_dir / "graphs" / f"{name}-{digest}-ort{ort.__version__}.onnx"
 
 
 def new_session(graph: bytes) -> ort.InferenceSession:
@@ -226,111 +86,258 @@ def snr_db(reference: np.ndarray, other: np.ndarray) -> float:
     return math.inf if error == 0 else 10 * math.log10(signal / error)
 
 
-class OnnxDecoder:
-    """Decodes Encodec frames like ``Codec.decode_frames``, with the decoder on ONNX Runtime.
+def pad_steps(emb: np.ndarray, padding: tuple[int, int], mode: str) -> np.ndarray:
+    """encodec's ``pad1d`` of ``emb`` ``[dim, steps]`` along steps (``reflect`` or zeros).
 
-    ``model`` is the loaded ``EncodecModel`` ``name`` (on the CPU); ``checkpoint`` its file,
-    whose hash keys the cached graph in ``cache_dir`` (None: export, keep in memory).
+    A reflect pad longer than the input first extends it with zeros, as encodec does.
     """
+    left, right = padding
+    if mode != "reflect":
+        return np.pad(emb, ((0, 0), (left, right)))
+    extra = max(0, max(left, right) - emb.shape[-1] + 1)
+    padded = np.pad(np.pad(emb, ((0, 0), (0, extra))), ((0, 0), (left, right)), mode="reflect")
+    return padded[:, : padded.shape[-1] - extra]
 
-    def __init__(self, model: Any, name: str, checkpoint: Path, cache_dir: Path | None) -> None:
-        self.model, self.name = model, name
-        layers = model.quantizer.vq.layers
-        if not all(isinstance(layer.project_out, nn.Identity) for layer in layers):
-            raise GraphUnusable("codebooks with a projection")
-        self.codebooks = [layer.codebook.detach().cpu().numpy() for layer in layers]
-        first = model.decoder.model[0]
-        self._first_padding, self._pad_mode = conv_padding(first), first.pad_mode
-        self.path = None if cache_dir is None else graph_path(cache_dir, name, checkpoint)
-        self.session = self._cached_session() or self._built_session()
 
-    def _cached_session(self) -> ort.InferenceSession | None:
-        """The session of the cached graph; None if there is none or it is unusable."""
-        if self.path is None or not self.path.exists():
-            return None
-        try:
-            session = new_session(self.path.read_bytes())
-            self._check(session)
-        except (OSError, GraphUnusable) as exc:
-            log.warning("cached decoder graph %s is unusable (%s): rebuilding it", self.path, exc)
-            return None
-        log.info("loaded the ONNX decoder graph %s", self.path)
-        return session
+@functools.lru_cache(maxsize=8)
+def overlap_add_weights(frame_length: int) -> np.ndarray:
+    """encodec's triangular overlap-add weights for ``frame_length`` samples, in numpy
+    (torch's linspace rounds a few of them differently, by one float32 ulp)."""
+    t = np.linspace(0, 1, frame_length + 2, dtype=np.float32)[1:-1]
+    return np.float32(0.5) - np.abs(t - np.float32(0.5))
 
-    def _built_session(self) -> ort.InferenceSession:
-        """Export the graph, check it, and save it in the cache dir if it can be written."""
-        log.info(
-            "building the ONNX decoder graph of %s (once per checkpoint, a few seconds)",
-            self.name,
+
+@dataclass
+class Artifact:
+    """What decoding a model needs without torch: its decoder graph, its codebooks
+    ``[n_q, bins, dim]``, the first convolution's padding, and a probe to check it by."""
+
+    graph: bytes
+    codebooks: np.ndarray
+    padding: tuple[int, int]
+    pad_mode: str
+    probe_codes: np.ndarray  # [n_q, PROBE_STEPS]
+    probe_audio: np.ndarray  # encodec's decode of probe_codes, [channels, samples]
+    checkpoint_sha: str
+
+    def save(self, f: io.BufferedIOBase) -> None:
+        """Write the artifact as an ``.npz`` file."""
+        np.savez(
+            f,
+            graph=np.frombuffer(self.graph, np.uint8),
+            codebooks=self.codebooks,
+            padding=np.array(self.padding),
+            pad_mode=np.array(self.pad_mode),
+            probe_codes=self.probe_codes,
+            probe_audio=self.probe_audio,
+            checkpoint_sha=np.array(self.checkpoint_sha),
         )
-        graph = export_graph(self.model.decoder)
-        session = new_session(graph)
-        self._check(session)
-        if self.path is None:
-            log.info("no cache dir: the ONNX decoder graph of %s stays in memory", self.name)
-        else:
-            try:
-                save_atomically(self.path, graph)
-            except OSError as exc:
-                log.warning(
-                    "cannot save the ONNX decoder graph in %s (%s): keeping it in memory",
-                    self.path.parent,
-                    exc,
-                )
-            else:
-                log.info("saved the ONNX decoder graph %s", self.path)
-        return session
 
-    def _check(self, session: ort.InferenceSession) -> None:
-        """Raise GraphUnusable unless ``session`` decodes the probe like encodec does."""
-        n_q, bins = len(self.codebooks), self.codebooks[0].shape[0]
-        codes = np.random.default_rng(0).integers(0, bins, (1, n_q, PROBE_STEPS))
-        with torch.no_grad():
-            expected = self.model._decode_frame((torch.from_numpy(codes), None)).numpy()[0]
+    @classmethod
+    def load(cls, path: Path) -> Artifact:
+        """Read an artifact :meth:`save` wrote; GraphUnusable for anything else."""
         try:
-            actual = self._decode(session, codes[0])
+            with np.load(path, allow_pickle=False) as data:
+                left, right = (int(p) for p in data["padding"])
+                return cls(
+                    graph=data["graph"].tobytes(),
+                    codebooks=data["codebooks"],
+                    padding=(left, right),
+                    pad_mode=str(data["pad_mode"]),
+                    probe_codes=data["probe_codes"],
+                    probe_audio=data["probe_audio"],
+                    checkpoint_sha=str(data["checkpoint_sha"]),
+                )
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+            raise GraphUnusable(f"cannot read it: {exc}") from exc
+
+    def check(self, session: ort.InferenceSession | None = None) -> ort.InferenceSession:
+        """A session for the graph, once it decodes the probe like encodec (GraphUnusable)."""
+        session = session or new_session(self.graph)
+        try:
+            actual = decode_codes(session, self, self.probe_codes)
         except Exception as exc:  # onnxruntime's exception types: a graph that cannot run
             raise GraphUnusable(f"it does not run: {exc}") from exc
+        expected = self.probe_audio
         if actual.shape != expected.shape:
             raise GraphUnusable(f"it decodes {actual.shape}, not {expected.shape}")
         snr = snr_db(expected, actual)
         if not snr >= MIN_SNR_DB:  # NaN fails too
             raise GraphUnusable(f"it decodes at {snr:.1f} dB from encodec, under {MIN_SNR_DB}")
+        return session
 
-    def embedding(self, codes: np.ndarray) -> np.ndarray:
-        """The quantizer's decode of ``codes`` ``[codebooks, steps]``: float32 ``[dim, steps]``.
 
-        The codebook rows are summed in encodec's order, so this is its embedding exactly.
-        """
-        emb = self.codebooks[0][codes[0]]
-        for codebook, row in zip(self.codebooks[1:], codes[1:], strict=False):
-            emb = emb + codebook[row]
-        return emb.T
+def embedding(codebooks: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    """The quantizer's decode of ``codes`` ``[codebooks, steps]``: float32 ``[dim, steps]``.
 
-    def _decode(self, session: ort.InferenceSession, codes: np.ndarray) -> np.ndarray:
-        """Decoder output ``[channels, samples]`` of one frame's codes, before its scale."""
-        emb = torch.from_numpy(np.ascontiguousarray(self.embedding(codes))[None])
-        padded = pad1d(emb, self._first_padding, mode=self._pad_mode).numpy()
-        return session.run(None, {"emb": padded})[0][0]
+    The codebook rows are summed in encodec's order, so this is its embedding exactly.
+    """
+    emb = codebooks[0][codes[0]]
+    for codebook, row in zip(codebooks[1:], codes[1:], strict=False):
+        emb = emb + codebook[row]
+    return emb.T
+
+
+def decode_codes(
+    session: ort.InferenceSession,
+    artifact: Artifact,
+    codes: np.ndarray,
+    run_options: ort.RunOptions | None = None,
+) -> np.ndarray:
+    """Decoder output ``[channels, samples]`` of one frame's codes, before its scale."""
+    emb = pad_steps(embedding(artifact.codebooks, codes), artifact.padding, artifact.pad_mode)
+    return session.run(None, {"emb": np.ascontiguousarray(emb)[None]}, run_options)[0][0]
+
+
+class OnnxDecoder:
+    """Decodes frames like encodec's ``_decode_frame`` (within 2 LSB), on ONNX Runtime.
+
+    Several threads may decode at once, each on one ONNX Runtime thread; a decode can be
+    stopped from another thread through ``interrupts``.
+    """
+
+    batch_size = 1  # each frame on its own run: its samples never depend on the others
+
+    def __init__(self, spec: ModelSpec, artifact: Artifact, interrupts: Interrupts) -> None:
+        self.spec = spec
+        self.artifact = artifact
+        self.session = artifact.check()
+        self.interrupts = interrupts
+        artifact.graph = b""  # the session holds the graph now
+
+    def decode_frame(self, frame: EncodedFrame) -> DecodedFrame:
+        """Decode one frame's codes ``[codebooks, steps]`` (and scale)."""
+        run = ort.RunOptions()
+        with self.interrupts.stoppable(lambda: setattr(run, "terminate", True)):
+            audio = decode_codes(self.session, self.artifact, frame.codes, run)
+        if frame.scale is not None:
+            audio = audio * np.float32(frame.scale)
+        return DecodedFrame(audio)
 
     def decode_frames(self, frames: list[EncodedFrame]) -> list[DecodedFrame]:
-        """Decode frames (codes ``[codebooks, steps]``, scale), each on its own run, so a
-        frame's samples never depend on the frames decoded with it."""
-        decoded = []
-        for frame in frames:
-            audio = self._decode(self.session, frame.codes)
-            if frame.scale is not None:
-                audio = audio * np.float32(frame.scale)
-            decoded.append(DecodedFrame(audio))
-        return decoded
+        """Decode frames one by one (see ``batch_size``)."""
+        return [self.decode_frame(frame) for frame in frames]
+
+    @staticmethod
+    def overlap_add_weights(frame_length: int) -> np.ndarray:
+        """The overlap-add weights this decoder's frames blend with."""
+        return overlap_add_weights(frame_length)
 
 
-def save_atomically(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` through a temp file and a rename; drop ``path``'s stale
-    siblings (the same model from another checkpoint or onnxruntime)."""
-    write_atomically(path, lambda f: f.write(data))
+def artifact_path(cache_dir: Path, name: str, checkpoint_sha: str) -> Path:
+    """Where the artifact of model ``name`` from the checkpoint ``checkpoint_sha`` lives."""
+    file_name = f"{name}-{checkpoint_sha[:16]}-ort{ort.__version__}{GRAPH_SUFFIX}"
+    return graph_dir(cache_dir) / file_name
+
+
+def load_onnx_decoder(
+    spec: ModelSpec, cache_dir: Path | None, interrupts: Interrupts
+) -> OnnxDecoder:
+    """Model ``spec``'s decoder from its cached artifact, built first if there is none."""
+    checkpoint = checkpoint_dir() / CHECKPOINTS[spec.name]
+    try:
+        sha = file_digest(checkpoint)
+    except OSError:
+        sha = ""  # missing: the export reports it as encodec does (and downloads, online)
+    path = None if cache_dir is None or not sha else artifact_path(cache_dir, spec.name, sha)
+    if path is not None and path.exists():
+        try:
+            artifact = Artifact.load(path)
+            if artifact.checkpoint_sha != sha:
+                raise GraphUnusable("it is from another checkpoint")
+            decoder = OnnxDecoder(spec, artifact, interrupts)
+        except GraphUnusable as exc:
+            log.warning("cached decoder graph %s is unusable (%s): rebuilding it", path, exc)
+            with contextlib.suppress(OSError):
+                path.unlink()
+        else:
+            log.info("loaded the decoder graph %s", path)
+            return decoder
+    return OnnxDecoder(spec, build(spec.name, sha, path), interrupts)
+
+
+# Artifacts that could not be saved, by (model, checkpoint sha): built once per process.
+_unsaved: dict[tuple[str, str], Artifact] = {}
+
+
+def build(name: str, sha: str, path: Path | None) -> Artifact:
+    """Export model ``name``'s artifact in a child process, saved at ``path`` if it can be
+    (else kept in memory for this process).
+
+    Raises ModelUnavailable if the model cannot be loaded, GraphUnusable if the export fails.
+    """
+    kept = _unsaved.get((name, sha)) if sha else None
+    if kept is not None:
+        return dataclasses.replace(kept)
+    log.info("building the decoder graph of %s (once per checkpoint, ~10 s)", name)
+    if path is not None and _export(name, sha, path):
+        _drop_stale(path)
+        log.info("saved the decoder graph %s", path)
+        return Artifact.load(path)
+    with tempfile.TemporaryDirectory(prefix="ecdcfs-graph-") as scratch:
+        temporary = Path(scratch) / "graph.npz"
+        if not _export(name, sha, temporary, required=True):
+            raise GraphUnusable("the export wrote nothing")
+        artifact = Artifact.load(temporary)
+    if path is None:
+        log.info("no cache dir: the decoder graph of %s stays in memory", name)
+    else:
+        log.warning(
+            "cannot save the decoder graph of %s in %s: keeping it in memory (rebuilt at "
+            "every start)",
+            name,
+            path.parent,
+        )
+    _unsaved[name, artifact.checkpoint_sha] = dataclasses.replace(artifact)
+    return artifact
+
+
+def _export(name: str, sha: str, out: Path, required: bool = False) -> bool:
+    """Run ``python -m ecdcfs.graph`` for ``out``; False if only saving it failed."""
+    if not required:
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if not os.access(out.parent, os.W_OK):
+                return False
+        except OSError:
+            return False
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    with _one_export(name):
+        if out.exists():  # another engine of this process built it meanwhile
+            return True
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "ecdcfs.graph", name, sha or "-", str(out)],
+                stdout=subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                timeout=EXPORT_TIMEOUT_S,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise GraphUnusable(f"exporting the decoder graph of {name} failed: {exc}") from exc
+    message = done.stdout.decode(errors="replace").strip() or f"exit status {done.returncode}"
+    if done.returncode == MODEL_UNAVAILABLE_EXIT:
+        raise ModelUnavailable(message)
+    if done.returncode != 0:
+        raise GraphUnusable(f"exporting the decoder graph of {name} failed: {message}")
+    return True
+
+
+_export_locks: dict[str, threading.Lock] = {}
+
+
+def _one_export(name: str) -> threading.Lock:
+    """The lock that lets one thread of this process export model ``name`` at a time."""
+    return _export_locks.setdefault(name, threading.Lock())
+
+
+def _drop_stale(path: Path) -> None:
+    """Delete ``path``'s siblings of the same model (another checkpoint or onnxruntime)."""
     model = path.name.split("-", 1)[0]
-    for stale in path.parent.glob(f"{model}-*.onnx"):
+    for stale in path.parent.glob(f"{model}-*{GRAPH_SUFFIX}"):
         if stale != path:
             try:
                 stale.unlink()

@@ -1,9 +1,11 @@
-"""Decoded units, each decoded once: a byte-bounded LRU cache in front of one decode worker.
+"""Decoded units, each decoded once: a byte-bounded LRU cache in front of decode workers.
 
 Readers ask for units (48 kHz frames, 24 kHz chunks: see :mod:`ecdcfs.units`) they need now
-(urgent) or will need soon (read-ahead). Urgent work always runs first; a request for a
-unit that is cached or already being decoded shares that result, so two readers never
-decode the same unit twice.
+(urgent) or will need soon (read-ahead). Urgent work always runs first, and never waits
+behind read-ahead: when every worker is busy, the read-ahead decode that started last is
+interrupted (:mod:`ecdcfs.interrupts`) and queued again. A request for a unit that is
+cached or already being decoded shares that result, so two readers never decode the same
+unit twice.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from cachetools import LRUCache
+
+from .interrupts import Interrupts
 
 log = logging.getLogger(__name__)
 
@@ -51,18 +55,24 @@ class _Job:
     batch: Batch | None = None
     future: Future = field(default_factory=Future)
     started: bool = False
+    stopping: str | None = None  # interrupted while running: "requeue" it, or "drop" it
 
 
 class DecodeScheduler:
-    """Cache of decoded units plus the single worker thread that fills it.
+    """Cache of decoded units plus the ``workers`` threads that fill it.
 
-    One worker keeps CPU decoding deterministic (one unit at a time, fixed torch thread
-    count) and leaves the other cores to the readers.
+    A unit's samples never depend on how many workers there are (each decoder makes its
+    decodes deterministic on its own); ``interrupts`` (None: never) stops a worker's
+    read-ahead decode when urgent work would wait for it.
     """
 
-    def __init__(self, capacity_bytes: int) -> None:
+    def __init__(
+        self, capacity_bytes: int, workers: int = 1, interrupts: Interrupts | None = None
+    ) -> None:
         self.capacity_bytes = capacity_bytes
+        self.workers = workers
         self.decoded_count = 0  # units produced since start (for benchmarks and tests)
+        self.interrupted_count = 0  # read-ahead decodes interrupted (for tests)
         self._cache: LRUCache = LRUCache(maxsize=capacity_bytes, getsizeof=lambda f: f.nbytes)
         self._jobs: dict[Hashable, _Job] = {}
         self._queue: list[tuple[int, int, _Job]] = []
@@ -70,8 +80,15 @@ class DecodeScheduler:
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)
         self._closed = False
-        self._worker = threading.Thread(target=self._run, name="ecdcfs-decoder", daemon=True)
-        self._worker.start()
+        self._interrupts = interrupts
+        self._running: dict[int, list[_Job]] = {}  # worker thread -> the jobs it decodes
+        self._idle = 0  # workers waiting for a job
+        self._workers = [
+            threading.Thread(target=self._run, name=f"ecdcfs-decoder-{n}", daemon=True)
+            for n in range(workers)
+        ]
+        for worker in self._workers:
+            worker.start()
 
     def request(
         self,
@@ -93,16 +110,49 @@ class DecodeScheduler:
                 self._push(job)
             elif urgent and not job.urgent:
                 job.urgent = True
-                self._push(job)  # the stale read-ahead entry is skipped when popped
+                if job.stopping == "drop":
+                    job.stopping = "requeue"  # wanted after all: decode it again at once
+                if not job.started:
+                    self._push(job)  # the stale read-ahead entry is skipped when popped
+            if urgent:
+                self._make_room()
             return job.future
 
     def cancel(self, key: Hashable) -> None:
-        """Drop a queued read-ahead request nobody is waiting for."""
+        """Drop a read-ahead request nobody is waiting for: unqueue it, or interrupt it."""
         with self._lock:
             job = self._jobs.get(key)
-            if job is not None and not job.urgent and not job.started:
+            if job is None or job.urgent:
+                return
+            if not job.started:
                 job.future.cancel()
                 del self._jobs[key]
+                return
+            for thread, jobs in self._running.items():
+                if jobs == [job]:
+                    self._interrupt(thread, job, "drop")
+
+    def _make_room(self) -> None:
+        """Interrupt read-ahead decodes (latest started first) while queued urgent jobs
+        outnumber the workers that are free or about to be."""
+        if self._interrupts is None:
+            return
+        waiting = sum(1 for job in self._jobs.values() if job.urgent and not job.started)
+        freeing = sum(1 for jobs in self._running.values() if jobs[0].stopping)
+        victims = [
+            (thread, jobs[0])
+            for thread, jobs in reversed(self._running.items())  # latest started first
+            if len(jobs) == 1 and not jobs[0].urgent and not jobs[0].stopping
+        ]
+        for thread, job in victims[: max(0, waiting - self._idle - freeing)]:
+            self._interrupt(thread, job, "requeue")
+
+    def _interrupt(self, thread: int, job: _Job, then: str) -> None:
+        """Stop ``thread``'s decode of ``job`` (lock held); ``then``: "requeue" or "drop"."""
+        assert self._interrupts is not None
+        job.stopping = then
+        self.interrupted_count += 1
+        self._interrupts.interrupt(thread)
 
     def is_cached(self, key: Hashable) -> bool:
         with self._lock:
@@ -112,43 +162,47 @@ class DecodeScheduler:
         with self._lock:
             self._closed = True
             self._wakeup.notify_all()
-        self._worker.join(timeout=30)
+        for worker in self._workers:
+            worker.join(timeout=30)
 
     def _push(self, job: _Job) -> None:
         heapq.heappush(self._queue, (URGENT if job.urgent else READ_AHEAD, next(self._order), job))
         self._wakeup.notify()
 
-    def _next_job(self) -> _Job | None:
+    def _next_jobs(self, thread: int) -> list[_Job] | None:
+        """The next job (with its batch companions) for worker ``thread``; None at close."""
         with self._lock:
             while True:
+                self._idle += 1
                 while not self._queue and not self._closed:
                     self._wakeup.wait()
+                self._idle -= 1
                 if self._closed:
                     return None
                 _, _, job = heapq.heappop(self._queue)
                 if not job.started and not job.future.cancelled():
                     job.started = True
-                    return job
+                    jobs = self._running[thread] = [job, *self._companions(job)]
+                    return jobs
 
     def _companions(self, job: _Job) -> list[_Job]:
         """Queued jobs that can share ``job``'s decode call, waiting ones first."""
         if job.batch is None or job.batch.size <= 1:
             return []
-        with self._lock:
-            group = job.batch.group
-            mates = [
-                other
-                for other in self._jobs.values()
-                if other.batch is not None
-                and other.batch.group == group
-                and not other.started
-                and not other.future.cancelled()
-            ]
-            mates.sort(key=lambda other: not other.urgent)
-            mates = mates[: job.batch.size - 1]
-            for other in mates:
-                other.started = True
-            return mates
+        group = job.batch.group
+        mates = [
+            other
+            for other in self._jobs.values()
+            if other.batch is not None
+            and other.batch.group == group
+            and not other.started
+            and not other.future.cancelled()
+        ]
+        mates.sort(key=lambda other: not other.urgent)
+        mates = mates[: job.batch.size - 1]
+        for other in mates:
+            other.started = True
+        return mates
 
     @staticmethod
     def _produce(jobs: list[_Job]) -> list[Decoded | BaseException]:
@@ -175,13 +229,34 @@ class DecodeScheduler:
         return [outcomes[position] for position in range(len(jobs))]
 
     def _run(self) -> None:
-        while (job := self._next_job()) is not None:
-            jobs = [job, *self._companions(job)]
+        thread = threading.get_ident()
+        while (jobs := self._next_jobs(thread)) is not None:
             started = time.perf_counter()
             outcomes = self._produce(jobs)
             elapsed = time.perf_counter() - started
+            if self._settle_interrupted(thread, jobs[0], outcomes[0]):
+                continue
             for done, outcome in zip(jobs, outcomes, strict=True):
                 self._finish(done, outcome, elapsed / len(jobs))
+
+    def _settle_interrupted(self, thread: int, job: _Job, outcome: Decoded | BaseException) -> bool:
+        """Free worker ``thread``; True if ``job`` failed because it was interrupted (it is
+        then queued again or dropped, as the interruption said), False to finish it."""
+        with self._lock:
+            del self._running[thread]
+            if self._interrupts is not None:
+                self._interrupts.clear(thread)
+            stopping, job.stopping = job.stopping, None
+            if stopping is None or not isinstance(outcome, BaseException):
+                return False  # not interrupted, or it finished first: keep what it made
+            log.debug("interrupted unit %s (%s)", job.key, stopping)
+            if stopping == "requeue":
+                job.started = False
+                self._push(job)
+            else:
+                del self._jobs[job.key]
+                job.future.cancel()
+            return True
 
     def _finish(self, job: _Job, outcome: Decoded | BaseException, seconds: float) -> None:
         if isinstance(outcome, BaseException):

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 TEMP_SUFFIX = ".tmp"  # of a file being written into a cache dir (see write_atomically)
+GRAPH_SUFFIX = ".npz"  # of a decoder graph in graph_dir()
 
 DEFAULT_CACHE_MB = 512  # decoded-unit cache
 DEFAULT_BUFSIZE = 1  # initial read-ahead, in units
-DEFAULT_CACHE_DIR_MB = 256  # cap of the cache directory (persisted code indexes)
-# Frame decoders: encodec's own model (exact), or its decoder on ONNX Runtime (CPU).
-BACKENDS = ("torch", "onnx")
+DEFAULT_CACHE_DIR_MB = 256  # cap of the cache directory's code indexes (not its graphs)
+MAX_DEFAULT_THREADS = 4  # parallel decodes by default: one per core, at most this many
 
 
 def _xdg_dir(variable: str, *fallback: str) -> Path:
@@ -32,10 +32,22 @@ def default_cache_dir() -> Path:
     return _xdg_dir("XDG_CACHE_HOME", ".cache") / "ecdcfs"
 
 
+def graph_dir(cache_dir: Path) -> Path:
+    """Where the cache dir ``cache_dir`` keeps each model's decoder graph (``*.npz``)."""
+    return cache_dir / "graphs"
+
+
 def default_log_file() -> Path:
     """``$XDG_STATE_HOME/ecdcfs/ecdcfs.log`` (``~/.local/state/...``): a daemon's log
     when there is neither ``--log-file`` nor a syslog to send it to."""
     return _xdg_dir("XDG_STATE_HOME", ".local", "state") / "ecdcfs" / "ecdcfs.log"
+
+
+def default_threads() -> int:
+    """Parallel decodes by default: one per core this process may use, at most 4."""
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
+    cores = len(usable) if usable else os.cpu_count() or 1
+    return max(1, min(MAX_DEFAULT_THREADS, cores))
 
 
 def checkpoint_dir() -> Path:
@@ -66,9 +78,10 @@ def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
 class Settings:
     """Everything a user can tune about decoding."""
 
-    device: str | None = None  # None: cuda when available, else cpu
+    device: str | None = None  # None: cuda when available (torch decodes), else cpu
     cache_mb: int = DEFAULT_CACHE_MB  # decoded-unit cache cap
     bufsize: int = DEFAULT_BUFSIZE  # read-ahead window, in units; grows by this much per step
     cache_dir: Path | None = field(default_factory=default_cache_dir)  # None: no persistence
     cache_dir_mb: int | None = DEFAULT_CACHE_DIR_MB  # cap of cache_dir (LRU); None: no cap
-    backend: str = BACKENDS[0]  # one of BACKENDS; "onnx" decodes on the CPU whatever device
+    exact: bool = False  # encodec's own torch decode (bit-exact on the CPU), one at a time
+    threads: int | None = None  # parallel decodes on ONNX Runtime; None: default_threads()

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from .causal import CHUNK_STEPS, CONTEXT_STEPS, ChunkGrid, decode_chunk, packed_steps
-from .codec import Codec, DecodedFrame, decode_lm_steps, overlap_add_weights, read_scale
+from .codec import DecodedFrame, FrameDecoder, decode_lm_steps, read_scale
 from .container import SCALE, ContainerError, EncodedFrame, Header, unpack_codes
 from .index import CodeIndex, Unit
 from .source import ByteSource, as_stream
@@ -122,12 +122,15 @@ class DecodeUnits(ABC):
         """What unit ``index`` decodes from (checked)."""
 
     @abstractmethod
-    def decode(self, codec: Codec, index: int, codes: CodeSource) -> DecodedFrame:
+    def decode(self, codec: FrameDecoder, index: int, codes: CodeSource) -> DecodedFrame:
         """Decode unit ``index``."""
 
     @abstractmethod
-    def assemble(self, decoded: dict[int, DecodedFrame], start: int, stop: int) -> np.ndarray:
-        """Samples ``[start, stop)``, float32 ``[channels, n]``, from the units covering them."""
+    def assemble(
+        self, codec: FrameDecoder, decoded: dict[int, DecodedFrame], start: int, stop: int
+    ) -> np.ndarray:
+        """Samples ``[start, stop)``, float32 ``[channels, n]``, from the units covering them
+        (which ``codec`` decoded)."""
 
     @abstractmethod
     def lm_steps(self, unit: int) -> int:
@@ -170,19 +173,21 @@ class Frames(DecodeUnits):
             raise ContainerError(f"frame {index} has a non-finite scale {frame.scale}")
         return EncodedFrame(frame.codes.astype(np.int64), frame.scale)
 
-    def decode(self, codec: Codec, index: int, codes: CodeSource) -> DecodedFrame:
+    def decode(self, codec: FrameDecoder, index: int, codes: CodeSource) -> DecodedFrame:
         return codec.decode_frame(self.inputs(index, codes))
 
     def batch_group(self, index: int) -> Hashable:
         return (self.layout.num_codebooks, self.layout.code_steps(index))
 
-    def assemble(self, decoded: dict[int, DecodedFrame], start: int, stop: int) -> np.ndarray:
+    def assemble(
+        self, codec: FrameDecoder, decoded: dict[int, DecodedFrame], start: int, stop: int
+    ) -> np.ndarray:
         """encodec's ``_linear_overlap_add`` restricted to ``[start, stop)``, same float order.
 
         The output covers every frame, unlike encodec's, which is sized from the last
         frame alone (and crashes when the frame before it decodes further).
         """
-        weights = overlap_add_weights(self.layout.decoded_length(0))
+        weights = codec.overlap_add_weights(self.layout.decoded_length(0))
         out = np.zeros((self.header.model.channels, stop - start), dtype=np.float32)
         weight_sum = np.zeros(stop - start, dtype=np.float32)
         for i, frame in sorted(decoded.items()):
@@ -235,11 +240,13 @@ class Chunks(DecodeUnits):
         first, _, stop = self.grid.span(index)
         return EncodedFrame(codes.steps(first, stop).astype(np.int64), None)
 
-    def decode(self, codec: Codec, index: int, codes: CodeSource) -> DecodedFrame:
+    def decode(self, codec: FrameDecoder, index: int, codes: CodeSource) -> DecodedFrame:
         first, kept, _ = self.grid.span(index)
         return decode_chunk(codec, self.inputs(index, codes).codes, kept - first)
 
-    def assemble(self, decoded: dict[int, DecodedFrame], start: int, stop: int) -> np.ndarray:
+    def assemble(
+        self, codec: FrameDecoder, decoded: dict[int, DecodedFrame], start: int, stop: int
+    ) -> np.ndarray:
         pieces = []
         for i, chunk in sorted(decoded.items()):  # consecutive, no overlap
             first = self.grid.start_sample(i)

@@ -52,6 +52,29 @@ def engine(torch_home, tmp_path):
     """A CPU decoding engine (the bit-exact reference device) persisting into tmp_path."""
     from ecdcfs.audiofile import Engine, Settings
 
-    engine = Engine(Settings(device="cpu", cache_dir=tmp_path / "cache"))
+    engine = Engine(Settings(device="cpu", exact=True, cache_dir=tmp_path / "cache"))
     yield engine
     engine.close()
+
+
+@pytest.fixture(scope="session")
+def graph_cache(torch_home, tmp_path_factory) -> Path:
+    """A cache dir holding both models' decoder graphs, exported once for the session."""
+    from ecdcfs.container import MODELS
+    from ecdcfs.interrupts import Interrupts
+    from ecdcfs.onnx_decoder import load_onnx_decoder
+
+    cache = tmp_path_factory.mktemp("graph-cache")
+    for spec in MODELS.values():
+        load_onnx_decoder(spec, cache, Interrupts())
+    return cache
+
+
+@pytest.fixture
+def default_cache(graph_cache, tmp_path) -> Path:
+    """A fresh cache dir that already holds the decoder graphs (hard links to graph_cache)."""
+    cache = tmp_path / "default-cache"
+    (cache / "graphs").mkdir(parents=True)
+    for graph in (graph_cache / "graphs").iterdir():
+        os.link(graph, cache / "graphs" / graph.name)
+    return cache

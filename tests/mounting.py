@@ -104,10 +104,17 @@ def wait_mounted(mnt: Path, proc: subprocess.Popen | None = None, timeout: float
         time.sleep(0.05)
 
 
-class Mount:
-    """A foreground ``ecdcfs SRC MNT -f`` subprocess."""
+# What mounts in tests decode with unless they say otherwise: encodec's own decode, so
+# that bytes compare exactly with synth.reference_pcm (tests of the default decoder mount
+# with exact=False and a cache dir holding its graphs).
+EXACT = ("--exact", "--no-persist")
 
-    def __init__(self, src: Path, mnt: Path, log: Path, *extra: str) -> None:
+
+class Mount:
+    """A foreground ``ecdcfs SRC MNT -f`` subprocess (``--exact --no-persist`` unless
+    ``exact`` is False)."""
+
+    def __init__(self, src: Path, mnt: Path, log: Path, *extra: str, exact: bool = True) -> None:
         self.src, self.mnt, self.log = src, mnt, log
         mnt.mkdir(exist_ok=True)
         self.proc = subprocess.Popen(
@@ -115,7 +122,7 @@ class Mount:
                 str(src),
                 str(mnt),
                 "-f",
-                "--no-persist",
+                *(EXACT if exact else ()),
                 "--device",
                 "cpu",
                 "--log-file",
@@ -148,12 +155,12 @@ class Mount:
 
 @contextmanager
 def daemon(src: Path, mnt: Path, log: Path, *options: str) -> Iterator[None]:
-    """``ecdcfs SRC MNT`` in daemon mode (no -f), mounted once the command returns; on
-    exit, unmounted and its daemon gone (killed if need be)."""
+    """``ecdcfs SRC MNT --exact --no-persist`` in daemon mode (no -f), mounted once the
+    command returns; on exit, unmounted and its daemon gone (killed if need be)."""
     mnt.mkdir(exist_ok=True)
     try:
         started = subprocess.run(
-            ecdcfs_cmd(str(src), str(mnt), "--no-persist", "--log-file", str(log), *options),
+            ecdcfs_cmd(str(src), str(mnt), *EXACT, "--log-file", str(log), *options),
             capture_output=True,
             text=True,
             timeout=60,

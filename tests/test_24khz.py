@@ -115,10 +115,10 @@ def test_random_and_concurrent_reads_equal_a_sequential_read(torch_home, tmp_pat
     path = synth.write(tmp_path, "x.ecdc", data)
     expected = sequential_wavs.get(key)
     if expected is None:  # run on its own
-        first = Engine(Settings(device="cpu", cache_dir=None))
+        first = Engine(Settings(device="cpu", exact=True, cache_dir=None))
         expected = read_all(first.open(path).reader())
         first.close()
-    engine = Engine(Settings(device="cpu", cache_dir=None))  # nothing decoded yet
+    engine = Engine(Settings(device="cpu", exact=True, cache_dir=None))  # nothing decoded yet
     try:
         audio = engine.open(path)
         # The last chunk first, then reads from several threads in random order, each on a

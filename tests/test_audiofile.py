@@ -127,7 +127,7 @@ def test_one_reader_shared_by_threads(engine, tmp_path):
 
 def test_tiny_cache_still_exact(torch_home, tmp_path):
     data = synth.make_ecdc(samples=150_000, kbps=6)
-    engine = Engine(Settings(device="cpu", cache_mb=1, cache_dir=None))
+    engine = Engine(Settings(device="cpu", exact=True, cache_mb=1, cache_dir=None))
     try:
         audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
         assert read_all(audio.reader(), 4096 * 7) == expected_wav(data)
@@ -149,7 +149,7 @@ def test_replaced_source_serves_new_audio(engine, tmp_path):
 def test_lm_index_is_persisted_and_reused(torch_home, tmp_path, monkeypatch):
     data = synth.make_ecdc(samples=100_000, kbps=3, lm=True)
     path = synth.write(tmp_path, "x.ecdc", data)
-    settings = Settings(device="cpu", cache_dir=tmp_path / "cache")
+    settings = Settings(device="cpu", exact=True, cache_dir=tmp_path / "cache")
     engine = Engine(settings)
     audio = engine.open(path)
     assert read_all(audio.reader()) == expected_wav(data)
@@ -170,7 +170,7 @@ def test_lm_index_is_persisted_and_reused(torch_home, tmp_path, monkeypatch):
 def test_unwritable_cache_dir_only_costs_persistence(torch_home, tmp_path):
     data = synth.make_ecdc(samples=54_240, kbps=6, lm=True)
     blocker = synth.write(tmp_path, "not-a-dir", b"")
-    engine = Engine(Settings(device="cpu", cache_dir=blocker / "cache"))
+    engine = Engine(Settings(device="cpu", exact=True, cache_dir=blocker / "cache"))
     try:
         audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
         assert read_all(audio.reader()) == expected_wav(data)
@@ -198,7 +198,7 @@ def test_missing_checkpoint_names_file_and_directory(tmp_path, monkeypatch):
     data = synth.make_ecdc(samples=30_000, kbps=6)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-home"))
     monkeypatch.setattr("torch.hub.download_url_to_file", fail_download)
-    engine = Engine(Settings(device="cpu", cache_dir=None))
+    engine = Engine(Settings(device="cpu", exact=True, cache_dir=None))
     try:
         audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
         for _ in range(2):  # reported once, then remembered
@@ -238,7 +238,9 @@ def test_read_ahead_cap_is_a_quarter_of_the_cache_in_units(
     """The window never asks for more than a quarter of the cache, counted in the file's own
     units (a 48 kHz stereo frame is 384,000 bytes decoded, a 24 kHz chunk 480,000), never
     past 64 units, and never under bufsize."""
-    engine = Engine(Settings(device="cpu", cache_mb=cache_mb, bufsize=bufsize, cache_dir=None))
+    engine = Engine(
+        Settings(device="cpu", exact=True, cache_mb=cache_mb, bufsize=bufsize, cache_dir=None)
+    )
     try:
         plain = engine.open(tmp_path / "a.ecdc", synth.make_ecdc(samples=4_800))
         chunked = engine.open(tmp_path / "b.ecdc", synth.container_24khz(320, 2, bytes(8)))

@@ -25,7 +25,7 @@ def test_every_decoded_frame_is_one_parsed_line_of_the_debug_log(torch_home, tmp
     handlers, level = list(root.handlers), root.level
     handler = cli.setup_logging(cli.parse_args(args))  # as the daemon logs
     try:
-        engine = Engine(Settings(device="cpu", cache_dir=None))
+        engine = Engine(Settings(device="cpu", exact=True, cache_dir=None))
         audio = engine.open(src / "x.ecdc")
         audio.read(0, audio.size)  # decodes every frame once
         engine.close()

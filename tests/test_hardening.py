@@ -302,7 +302,7 @@ def test_garbage_lm_payload_fails_or_plays_but_never_hangs(
 ):
     """Random bytes after a valid LM header decode to some audio or fail; never hang."""
     data = synth.make_ecdc(model=model, samples=samples, kbps=6, lm=True, seed=3)
-    engine = Engine(Settings(device="cpu", cache_dir=tmp_path / "cache"))
+    engine = Engine(Settings(device="cpu", exact=True, cache_dir=tmp_path / "cache"))
     try:
         for seed in range(seeds):
             bad = _garbage_lm(data, keep, seed)
@@ -364,7 +364,9 @@ def test_a_checkpoint_copied_in_is_used_at_the_next_read(
 
     monkeypatch.setattr("torch.hub.download_url_to_file", fail_download)
     caplog.set_level(logging.INFO, logger="ecdcfs")
-    tree = SourceTree(src, engine_factory=lambda: Engine(Settings(device="cpu", cache_dir=None)))
+    tree = SourceTree(
+        src, engine_factory=lambda: Engine(Settings(device="cpu", exact=True, cache_dir=None))
+    )
     try:
         x, y = tree.open("/x.wav"), tree.open("/y.wav")
         for _ in range(3):
@@ -420,7 +422,9 @@ def test_a_frame_that_cannot_be_decoded_says_why_in_the_xattr(torch_home, src, c
     nan_scale = struct.pack("!f", float("nan"))
     (src / "bad.ecdc").write_bytes(data[: offset + frame] + nan_scale + data[offset + frame + 4 :])
     (src / "good.ecdc").write_bytes(data)
-    tree = SourceTree(src, engine_factory=lambda: Engine(Settings(device="cpu", cache_dir=None)))
+    tree = SourceTree(
+        src, engine_factory=lambda: Engine(Settings(device="cpu", exact=True, cache_dir=None))
+    )
     try:
         fh = tree.open("/bad.wav")
         assert tree.error("/bad.wav") is None  # not known before a read needs frame 1
@@ -445,7 +449,7 @@ def test_full_cache_directory_only_costs_persistence(torch_home, tmp_path, monke
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(np, "savez", disk_full)
-    engine = Engine(Settings(device="cpu", cache_dir=tmp_path / "cache"))
+    engine = Engine(Settings(device="cpu", exact=True, cache_dir=tmp_path / "cache"))
     try:
         audio = engine.open(tmp_path / "x.ecdc", data)
         assert _read_everything(audio, timeout=120)[0] == "ok"
@@ -475,7 +479,7 @@ def test_a_real_full_filesystem_only_costs_persistence(torch_home, tmp_path, cap
         finally:
             os.close(fd)
         data = synth.make_ecdc(samples=54_240, kbps=6, lm=True)
-        engine = Engine(Settings(device="cpu", cache_dir=cache / "ecdcfs"))
+        engine = Engine(Settings(device="cpu", exact=True, cache_dir=cache / "ecdcfs"))
         try:
             audio = engine.open(tmp_path / "x.ecdc", data)
             assert _read_everything(audio, timeout=120)[0] == "ok"

@@ -42,7 +42,7 @@ def files(torch_home, tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture
 def cpu(tmp_path) -> Settings:
     """Settings of a file's own engine: the CPU (bit-exact), indexes persisted in tmp_path."""
-    return Settings(device="cpu", cache_dir=tmp_path / "cache")
+    return Settings(device="cpu", exact=True, cache_dir=tmp_path / "cache")
 
 
 def reference(path: Path) -> np.ndarray:

@@ -466,7 +466,7 @@ def test_one_hour_24khz_file_mounts_seeks_and_streams_in_bounded_memory(torch_ho
         assert synth.reset_peak_rss(pid)
         from ecdcfs.audiofile import Engine, Settings
 
-        engine = Engine(Settings(device="cpu", cache_dir=None))
+        engine = Engine(Settings(device="cpu", exact=True, cache_dir=None))
         expected = engine.open(path)
         with open(wav, "rb") as f:
             seek = 44 + 2 * 45 * 60 * rate  # 45:00
@@ -493,7 +493,7 @@ def test_lm_coded_24khz_file_reads_like_the_plain_file_of_its_codes(torch_home, 
 
     samples, nc = 400 * 320 - 9, 2  # 400 code steps: a 375-step chunk and a short one
     plain = synth.random_packed_24khz(samples, nc, seed=21)
-    engine = Engine(Settings(device="cpu", cache_dir=None))
+    engine = Engine(Settings(device="cpu", exact=True, cache_dir=None))
     lm = engine.codec(MODELS["encodec_24khz"]).lm
     lm_coded = synth.lm_encode(lm, unpack_codes(plain, nc, 400, 10))
     engine.close()

@@ -262,7 +262,7 @@ def test_a_daemon_without_syslog_logs_to_the_state_dir(tmp_path, files):
     no_syslog = str(tmp_path / "no-syslog")
     try:
         started = subprocess.run(
-            [sys.executable, "-c", code, no_syslog, str(src), str(mnt), "--no-persist"],
+            [sys.executable, "-c", code, no_syslog, str(src), str(mnt), "--no-persist", "--exact"],
             capture_output=True,
             text=True,
             timeout=60,

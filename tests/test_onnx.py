@@ -1,10 +1,14 @@
-"""The ONNX Runtime decoder (``--backend onnx``): close to encodec's decode, deterministic,
-its graph cached per checkpoint and rebuilt when the cache cannot serve it."""
+"""The default decoder, encodec's decoder on ONNX Runtime: close to encodec's decode,
+deterministic, torch-free once its graph is cached, and rebuilt when the cache cannot
+serve it."""
 
 from __future__ import annotations
 
 import logging
 import shutil
+import subprocess
+import sys
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -13,11 +17,17 @@ import pytest
 import synth
 from ecdcfs import onnx_decoder
 from ecdcfs.audiofile import Engine, Settings
-from ecdcfs.cli import UsageError, parse_args
-from ecdcfs.codec import CHECKPOINTS, Codec
+from ecdcfs.codec import ModelUnavailable, TorchCodec
 from ecdcfs.container import MODELS, EncodedFrame, read_header
-from ecdcfs.onnx_decoder import OnnxDecoder, snr_db
-from ecdcfs.settings import checkpoint_dir
+from ecdcfs.interrupts import Interrupts
+from ecdcfs.onnx_decoder import (
+    Artifact,
+    OnnxDecoder,
+    load_onnx_decoder,
+    overlap_add_weights,
+    pad_steps,
+    snr_db,
+)
 from ecdcfs.source import MemorySource, as_stream
 from ecdcfs.units import decode_units
 
@@ -29,19 +39,10 @@ LOGGER = "ecdcfs"
 
 
 @pytest.fixture(scope="module")
-def graphs(torch_home, tmp_path_factory) -> Path:
-    """A cache dir holding both models' graphs (exported once for the module)."""
-    cache = tmp_path_factory.mktemp("graphs")
-    for name in MODELS:
-        Codec(MODELS[name], "cpu", "onnx", cache)
-    return cache
-
-
-@pytest.fixture(scope="module")
-def codecs(graphs) -> dict[str, tuple[Codec, Codec]]:
+def codecs(graph_cache) -> dict[str, tuple[TorchCodec, OnnxDecoder]]:
     """Per model: (encodec's own decode, the ONNX Runtime decode from the cached graph)."""
     return {
-        name: (Codec(spec, "cpu"), Codec(spec, "cpu", "onnx", graphs))
+        name: (TorchCodec(spec, "cpu"), load_onnx_decoder(spec, graph_cache, Interrupts()))
         for name, spec in MODELS.items()
     }
 
@@ -66,18 +67,25 @@ def assert_close(expected: np.ndarray, actual: np.ndarray) -> None:
     assert snr_db(expected, actual) >= 95
 
 
-def graph_files(cache: Path) -> list[Path]:
-    return sorted((cache / "graphs").glob("*.onnx"))
+def graph_of(cache: Path, name: str) -> Path:
+    (path,) = (cache / "graphs").glob(f"{name}-*.npz")
+    return path
 
 
 def warnings_of(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
+def forbid_export(monkeypatch) -> None:
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr(onnx_decoder, "_export", no_export)
+
+
 @pytest.mark.parametrize(("name", "kbps"), CASES)
 def test_decode_is_within_2_lsb_and_95_db_of_encodec(codecs, name, kbps):
     exact, onnx = codecs[name]
-    assert onnx.onnx is not None
     for steps in LENGTHS[name]:
         frame = real_frame(name, kbps, steps)
         assert frame.codes.shape == (frame.codes.shape[0], steps)
@@ -93,7 +101,29 @@ def test_embedding_is_the_quantizers_decode_bit_for_bit(codecs, name):
         codes = np.random.default_rng(num_codebooks).integers(0, 1024, (num_codebooks, 150))
         with torch.no_grad():
             expected = exact.model.quantizer.decode(torch.from_numpy(codes)[:, None])[0]
-        assert onnx.onnx.embedding(codes).tobytes() == expected.numpy().tobytes()
+        embedding = onnx_decoder.embedding(onnx.artifact.codebooks, codes)
+        assert embedding.tobytes() == expected.numpy().tobytes()
+
+
+@pytest.mark.parametrize("mode", ["reflect", "constant"])
+def test_padding_is_encodecs_pad1d_bit_for_bit(mode):
+    import torch
+    from encodec.modules.conv import pad1d
+
+    rng = np.random.default_rng(3)
+    for steps in range(1, 12):
+        for padding in ((3, 3), (6, 0), (0, 2), (4, 1)):
+            emb = rng.standard_normal((5, steps)).astype(np.float32)
+            expected = pad1d(torch.from_numpy(emb)[None], padding, mode=mode)[0].numpy()
+            assert pad_steps(emb, padding, mode).tobytes() == expected.tobytes()
+
+
+def test_overlap_add_weights_are_encodecs_within_one_ulp():
+    for length in (320, 960, 47_520, 48_000):
+        expected = TorchCodec.overlap_add_weights(length)
+        actual = overlap_add_weights(length)
+        assert actual.dtype == np.float32 and actual.shape == expected.shape
+        assert np.abs(actual - expected).max() <= np.finfo(np.float32).eps
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -109,42 +139,55 @@ def test_every_short_length_decodes_to_its_hop_multiple(codecs, name):
         assert_close(exact.decode_frame(frame).audio, audio)
 
 
-def test_same_bytes_whatever_the_order_batch_or_session(codecs, graphs):
+def test_same_bytes_whatever_the_order_concurrency_or_session(codecs, graph_cache):
     _, onnx = codecs["encodec_48khz"]
-    frames = [real_frame("encodec_48khz", 6, 150), real_frame("encodec_48khz", 24, 150)]
+    frames = [real_frame("encodec_48khz", kbps, steps) for kbps in (6, 24) for steps in (3, 150)]
     alone = [onnx.decode_frame(frame).audio.tobytes() for frame in frames]
-    assert alone[0] != alone[1]
-    together = [d.audio.tobytes() for d in onnx.decode_frames(frames)]
+    assert len(set(alone)) == len(frames)
     reversed_ = [d.audio.tobytes() for d in onnx.decode_frames(frames[::-1])][::-1]
-    again = [onnx.decode_frame(frame).audio.tobytes() for frame in frames]
-    checkpoint = checkpoint_dir() / CHECKPOINTS["encodec_48khz"]
-    other = OnnxDecoder(onnx.model, "encodec_48khz", checkpoint, graphs)  # another mount's
+    concurrent: dict[int, bytes] = {}
+
+    def decode(i: int) -> None:
+        for _ in range(2):
+            concurrent[i] = onnx.decode_frame(frames[i]).audio.tobytes()
+
+    threads = [threading.Thread(target=decode, args=(i,)) for i in range(len(frames))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    other = load_onnx_decoder(MODELS["encodec_48khz"], graph_cache, Interrupts())  # a remount
     elsewhere = [d.audio.tobytes() for d in other.decode_frames(frames)]
-    assert alone == together == reversed_ == again == elsewhere
+    assert alone == reversed_ == [concurrent[i] for i in range(len(frames))] == elsewhere
     # The thread count changes some frames' samples: it is fixed.
-    threads = [d.session.get_session_options().intra_op_num_threads for d in (onnx.onnx, other)]
-    assert threads == [onnx_decoder.THREADS] * 2
+    threads_used = [d.session.get_session_options().intra_op_num_threads for d in (onnx, other)]
+    assert threads_used == [onnx_decoder.THREADS] * 2
 
 
-def test_second_engine_loads_the_cached_graph_without_exporting(
-    graphs, tmp_path, monkeypatch, caplog
-):
-    shutil.copytree(graphs / "graphs", tmp_path / "graphs")
-    (path,) = [p for p in graph_files(tmp_path) if p.name.startswith("encodec_24khz-")]
+def test_an_interrupted_decode_raises_and_the_next_one_is_whole(codecs):
+    _, onnx = codecs["encodec_48khz"]
+    frame = real_frame("encodec_48khz", 6, 150)
+    expected = onnx.decode_frame(frame).audio.tobytes()
+    interrupts, thread = onnx.interrupts, threading.get_ident()
+    interrupts.interrupt(thread)
+    with pytest.raises(Exception, match="terminate"):
+        onnx.decode_frame(frame)
+    interrupts.clear(thread)
+    assert onnx.decode_frame(frame).audio.tobytes() == expected
+
+
+def test_second_engine_loads_the_cached_graph_without_exporting(default_cache, monkeypatch, caplog):
+    path = graph_of(default_cache, "encodec_24khz")
     mtime = path.stat().st_mtime_ns
-
-    def no_export(decoder):
-        raise AssertionError("exported again")
-
-    monkeypatch.setattr(onnx_decoder, "export_graph", no_export)
+    forbid_export(monkeypatch)
     caplog.set_level(logging.INFO, logger=LOGGER)
-    engine = Engine(Settings(device="cpu", cache_dir=tmp_path, backend="onnx"))
+    engine = Engine(Settings(device="cpu", cache_dir=default_cache))
     try:
         codec = engine.codec(MODELS["encodec_24khz"])
     finally:
         engine.close()
-    assert codec.onnx is not None and codec.onnx.path == path
-    assert f"loaded the ONNX decoder graph {path}" in caplog.messages
+    assert isinstance(codec, OnnxDecoder)
+    assert f"loaded the decoder graph {path}" in caplog.messages
     assert path.stat().st_mtime_ns == mtime and not warnings_of(caplog)
 
 
@@ -157,47 +200,69 @@ def damage_garbage(path: Path, other: Path) -> None:
 
 
 def damage_other_model(path: Path, other: Path) -> None:
-    shutil.copyfile(other, path)  # loads fine, decodes something else
+    shutil.copyfile(other, path)  # loads and runs, but is the other model's
 
 
-@pytest.mark.parametrize("damage", [damage_truncate, damage_garbage, damage_other_model])
-def test_unusable_cached_graph_is_rebuilt_with_one_warning(
-    codecs, graphs, tmp_path, damage, caplog
-):
-    shutil.copytree(graphs / "graphs", tmp_path / "graphs")
-    (path,), (other,) = (
-        [p for p in graph_files(tmp_path) if p.name.startswith(f"{name}-")]
-        for name in ("encodec_48khz", "encodec_24khz")
-    )
-    good = path.read_bytes()
+def damage_weights(path: Path, other: Path) -> None:
+    """A graph that loads and runs, but decodes something else."""
+    artifact = Artifact.load(path)
+    artifact.codebooks = artifact.codebooks * 1.01
+    with open(path, "wb") as f:
+        artifact.save(f)
+
+
+def damage_other_checkpoint(path: Path, other: Path) -> None:
+    artifact = Artifact.load(path)
+    artifact.checkpoint_sha = "0" * 64
+    with open(path, "wb") as f:
+        artifact.save(f)
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [damage_truncate, damage_garbage, damage_other_model, damage_weights, damage_other_checkpoint],
+)
+def test_unusable_cached_graph_is_rebuilt_with_one_warning(codecs, default_cache, damage, caplog):
+    path, other = (graph_of(default_cache, name) for name in MODELS)
+    good = Artifact.load(path)
+    data = path.read_bytes()
+    path.unlink()  # a copy of its own: the session's graph behind the hard link stays intact
+    path.write_bytes(data)
     damage(path, other)
     caplog.set_level(logging.INFO, logger=LOGGER)
-    codec = Codec(MODELS["encodec_48khz"], "cpu", "onnx", tmp_path)
+    codec = load_onnx_decoder(MODELS["encodec_48khz"], default_cache, Interrupts())
     (warning,) = warnings_of(caplog)
     assert "unusable" in warning and "rebuilding" in warning
-    assert path.read_bytes() == good  # the same export, saved again
+    rebuilt = Artifact.load(path)
+    assert rebuilt.checkpoint_sha == good.checkpoint_sha
+    assert rebuilt.codebooks.tobytes() == good.codebooks.tobytes()
     frame = real_frame("encodec_48khz", 6, 150)
-    assert codec.decode_frame(frame).audio.tobytes() == (
-        codecs["encodec_48khz"][1].decode_frame(frame).audio.tobytes()
-    )
+    expected = codecs["encodec_48khz"][1].decode_frame(frame).audio
+    assert codec.decode_frame(frame).audio.tobytes() == expected.tobytes()
 
 
-def test_unwritable_cache_dir_keeps_the_graph_in_memory(codecs, tmp_path, caplog):
+def test_unwritable_cache_dir_keeps_the_graph_in_memory_once_per_process(
+    codecs, tmp_path, monkeypatch, caplog
+):
+    monkeypatch.setattr(onnx_decoder, "_unsaved", {})
     blocker = synth.write(tmp_path, "not-a-dir", b"")
     caplog.set_level(logging.INFO, logger=LOGGER)
-    codec = Codec(MODELS["encodec_24khz"], "cpu", "onnx", blocker / "cache")
+    codec = load_onnx_decoder(MODELS["encodec_24khz"], blocker / "cache", Interrupts())
     (warning,) = warnings_of(caplog)
     assert "keeping it in memory" in warning
     frame = real_frame("encodec_24khz", 6, 75)
-    assert codec.onnx is not None
     assert_close(
         codecs["encodec_24khz"][0].decode_frame(frame).audio, codec.decode_frame(frame).audio
     )
+    forbid_export(monkeypatch)  # a second engine of this process reuses it
+    again = load_onnx_decoder(MODELS["encodec_24khz"], None, Interrupts())
+    assert again.decode_frame(frame).audio.tobytes() == codec.decode_frame(frame).audio.tobytes()
 
 
-def test_no_cache_dir_exports_the_same_graph_in_memory(codecs, caplog):
+def test_no_cache_dir_exports_the_same_graph_in_memory(codecs, monkeypatch, caplog):
+    monkeypatch.setattr(onnx_decoder, "_unsaved", {})
     caplog.set_level(logging.INFO, logger=LOGGER)
-    codec = Codec(MODELS["encodec_24khz"], "cpu", "onnx", None)
+    codec = load_onnx_decoder(MODELS["encodec_24khz"], None, Interrupts())
     assert not warnings_of(caplog)
     assert any("stays in memory" in message for message in caplog.messages)
     frame = real_frame("encodec_24khz", 12, 375)
@@ -205,30 +270,42 @@ def test_no_cache_dir_exports_the_same_graph_in_memory(codecs, caplog):
     assert codec.decode_frame(frame).audio.tobytes() == cached.decode_frame(frame).audio.tobytes()
 
 
-def test_saving_a_graph_deletes_the_stale_ones_of_its_model(graphs, tmp_path):
-    shutil.copytree(graphs / "graphs", tmp_path / "graphs")
-    (current,) = [p for p in graph_files(tmp_path) if p.name.startswith("encodec_24khz-")]
+def test_saving_a_graph_deletes_the_stale_ones_of_its_model(default_cache):
+    current = graph_of(default_cache, "encodec_24khz")
     current.unlink()
-    stale = tmp_path / "graphs" / "encodec_24khz-0123456789abcdef-ort0.0.onnx"
-    other_model = tmp_path / "graphs" / "encodec_48khz-0123456789abcdef-ort0.0.onnx"
+    stale = default_cache / "graphs" / "encodec_24khz-0123456789abcdef-ort0.0.npz"
+    other_model = default_cache / "graphs" / "encodec_48khz-0123456789abcdef-ort0.0.npz"
     stale.write_bytes(b"old")
     other_model.write_bytes(b"old")
-    Codec(MODELS["encodec_24khz"], "cpu", "onnx", tmp_path)
+    load_onnx_decoder(MODELS["encodec_24khz"], default_cache, Interrupts())
     assert current.exists() and not stale.exists() and other_model.exists()
 
 
-def test_failed_export_decodes_with_torch_after_one_warning(codecs, monkeypatch, caplog):
-    def broken(decoder):
-        raise RuntimeError("exporter broke")
-
-    monkeypatch.setattr(onnx_decoder, "export_graph", broken)
+def test_failed_export_decodes_with_torch_after_one_warning(codecs, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr(onnx_decoder, "_unsaved", {})
+    monkeypatch.setattr(onnx_decoder, "EXPORT_TIMEOUT_S", 0.01)  # the child cannot finish
     caplog.set_level(logging.INFO, logger=LOGGER)
-    codec = Codec(MODELS["encodec_24khz"], "cpu", "onnx", None)
+    engine = Engine(Settings(device="cpu", cache_dir=tmp_path / "cache"))
+    try:
+        codec = engine.codec(MODELS["encodec_24khz"])
+    finally:
+        engine.close()
     (warning,) = warnings_of(caplog)
-    assert "exporter broke" in warning and "decoding with torch" in warning
+    assert "timed out" in warning and "decoding with encodec's torch model" in warning
     frame = real_frame("encodec_24khz", 3, 75)
     exact = codecs["encodec_24khz"][0].decode_frame(frame).audio
-    assert codec.onnx is None and codec.decode_frame(frame).audio.tobytes() == exact.tobytes()
+    assert isinstance(codec, TorchCodec)
+    assert codec.decode_frame(frame).audio.tobytes() == exact.tobytes()
+
+
+def test_missing_checkpoint_is_reported_as_encodec_reports_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_decoder, "_unsaved", {})
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-home"))
+    # The export runs in a child: make its download fail at once, offline or not.
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    with pytest.raises(ModelUnavailable, match="encodec_24khz-d7cc33bc.th is missing"):
+        load_onnx_decoder(MODELS["encodec_24khz"], tmp_path / "cache", Interrupts())
+    assert not list((tmp_path / "cache").rglob("*.npz"))
 
 
 @pytest.mark.parametrize(
@@ -237,37 +314,88 @@ def test_failed_export_decodes_with_torch_after_one_warning(codecs, monkeypatch,
         ("encodec_48khz", 2 * 47_520 + 100, 6, False),  # a 149-step frame, then a short one
         ("encodec_48khz", 30_000, 3, True),  # the LM stays on torch
         ("encodec_24khz", 24_000 * 11 + 123, 3, False),  # three chunks, the last short
+        ("encodec_24khz", 24_000 * 6, 6, True),
     ],
 )
-def test_whole_file_through_audiofile_is_within_2_lsb(graphs, tmp_path, name, samples, kbps, lm):
+def test_whole_file_is_within_2_lsb_and_the_same_whatever_the_threads(
+    default_cache, tmp_path, name, samples, kbps, lm
+):
     data = synth.make_ecdc(name, samples, kbps, lm=lm)
-    engine = Engine(Settings(device="cpu", cache_dir=graphs, backend="onnx"))
-    try:
-        audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
-        raw = audio.read(0, audio.size)
-        assert engine.codec(MODELS[name]).onnx is not None
-    finally:
-        engine.close()
+    path = synth.write(tmp_path, "x.ecdc", data)
+    results = []
+    for threads in (1, 2, 3):
+        engine = Engine(Settings(device="cpu", cache_dir=default_cache, threads=threads))
+        try:
+            audio = engine.open(path)
+            assert isinstance(engine.codec(MODELS[name]), OnnxDecoder)
+            reader = audio.reader()
+            offsets = list(range(0, audio.size, 8192))
+            np.random.default_rng(threads).shuffle(offsets)
+            pieces = dict.fromkeys(offsets, b"")
+
+            def read(part: list[int], reader=reader, pieces=pieces) -> None:
+                pieces.update({offset: reader.read(offset, 8192) for offset in part})
+
+            errors = synth.run_in_threads(read, [(offsets[n::3],) for n in range(3)])
+            assert not errors, errors[0]
+            results.append(b"".join(pieces[o] for o in sorted(pieces)))
+        finally:
+            engine.close()
+    assert results[0] == results[1] == results[2]
     expected = synth.reference_pcm(data)
-    pcm = np.frombuffer(raw[len(audio.wav.header) :], "<i2").reshape(expected.shape)
+    pcm = np.frombuffer(results[0][len(audio.wav.header) :], "<i2").reshape(expected.shape)
     assert np.abs(pcm.astype(np.int32) - expected).max() <= 2
 
 
-def test_onnx_backend_decodes_on_the_cpu_whatever_the_device(graphs, caplog):
-    caplog.set_level(logging.INFO, logger=LOGGER)
-    engine = Engine(Settings(device="cuda", cache_dir=graphs, backend="onnx"))
+def test_a_process_decoding_plain_files_with_cached_graphs_never_imports_torch(
+    default_cache, tmp_path
+):
+    files = {
+        "a.ecdc": synth.make_ecdc("encodec_48khz", 60_000, 6),
+        "b.ecdc": synth.make_ecdc("encodec_24khz", 30_000, 3),
+    }
+    for name, data in files.items():
+        synth.write(tmp_path, name, data)
+    code = (
+        "import sys; from pathlib import Path; from ecdcfs.audiofile import Engine, Settings\n"
+        "engine = Engine(Settings(cache_dir=Path(sys.argv[1])))\n"
+        "engine.warm_up()\n"
+        "for name in sys.argv[2:]:\n"
+        "    audio = engine.open(Path(name)); sys.stdout.buffer.write(audio.read(0, audio.size))\n"
+        "assert 'torch' not in sys.modules and 'encodec' not in sys.modules, 'torch imported'\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(default_cache), *(str(tmp_path / n) for n in files)],
+        capture_output=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr.decode()
+    engine = Engine(Settings(device="cpu", cache_dir=default_cache))
     try:
-        codec = engine.codec(MODELS["encodec_24khz"])
+        expected = b"".join(
+            (audio := engine.open(tmp_path / name)).read(0, audio.size) for name in files
+        )
     finally:
         engine.close()
-    assert codec.device == "cpu" and codec.onnx is not None and codec.batch_size == 1
-    (warning,) = warnings_of(caplog)
-    assert "device cuda is not used" in warning
+    assert done.stdout == expected  # and the same bytes as in this process
 
 
-def test_backend_option_long_and_o_forms():
-    assert parse_args(["a", "b"]).backend == "torch"
-    assert parse_args(["a", "b", "--backend", "onnx"]).backend == "onnx"
-    assert parse_args(["a", "b", "-o", "backend=onnx"]).backend == "onnx"
-    with pytest.raises(UsageError, match="backend"):
-        parse_args(["a", "b", "-o", "backend=tensorrt"])
+def test_exact_and_threads_options_long_and_o_forms():
+    from ecdcfs.cli import UsageError, parse_args
+
+    default = parse_args(["a", "b"])
+    assert not default.exact and default.threads is None
+    assert parse_args(["a", "b", "--exact"]).exact and parse_args(["a", "b", "-o", "exact"]).exact
+    assert parse_args(["a", "b", "--threads", "3"]).threads == 3
+    assert parse_args(["a", "b", "-o", "threads=1"]).threads == 1
+    with pytest.raises(UsageError, match="threads"):
+        parse_args(["a", "b", "-o", "threads=0"])
+
+
+def test_exact_engines_decode_one_unit_at_a_time(torch_home):
+    for settings, workers in ((Settings(exact=True, threads=4), 1), (Settings(threads=3), 3)):
+        engine = Engine(settings)
+        try:
+            assert engine.scheduler.workers == workers
+        finally:
+            engine.close()

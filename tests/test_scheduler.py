@@ -1,13 +1,17 @@
-"""The frame scheduler: decoded once, urgent first, GPU-style batches that keep errors apart."""
+"""The frame scheduler: decoded once, urgent first and never behind read-ahead (interrupted
+when every worker is busy), GPU-style batches that keep errors apart."""
 
 from __future__ import annotations
 
 import threading
+import time
+from concurrent.futures import CancelledError
 
 import numpy as np
 import pytest
 
 from ecdcfs.codec import DecodedFrame
+from ecdcfs.interrupts import Interrupts
 from ecdcfs.scheduler import Batch, DecodeScheduler
 
 
@@ -87,3 +91,110 @@ def test_cancelled_read_ahead_is_not_decoded(scheduler):
     release.set()
     done.result(30)
     assert calls == ["now"]
+
+
+class StoppableWork:
+    """A fake decode that runs until released or stopped through ``Interrupts``."""
+
+    def __init__(self, interrupts: Interrupts, value: float) -> None:
+        self.interrupts, self.value = interrupts, value
+        self.running, self.release = threading.Event(), threading.Event()
+        self.stopped = threading.Event()
+        self.calls = 0
+
+    def __call__(self) -> DecodedFrame:
+        self.calls += 1
+        with self.interrupts.stoppable(self.stopped.set):
+            self.running.set()
+            while not (self.release.is_set() or self.stopped.is_set()):
+                time.sleep(0.001)
+            if self.stopped.is_set():
+                self.stopped.clear()
+                raise RuntimeError("stopped")  # as onnxruntime's terminated run raises
+        return frame(self.value)
+
+
+def wait_for(condition, timeout: float = 10) -> bool:
+    deadline = time.monotonic() + timeout
+    while not condition() and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return condition()
+
+
+@pytest.fixture
+def two_workers():
+    interrupts = Interrupts()
+    scheduler = DecodeScheduler(capacity_bytes=1 << 20, workers=2, interrupts=interrupts)
+    yield scheduler, interrupts
+    scheduler.close()
+
+
+def test_urgent_work_interrupts_the_latest_read_ahead_and_requeues_it(two_workers):
+    scheduler, interrupts = two_workers
+    early, late = StoppableWork(interrupts, 1), StoppableWork(interrupts, 2)
+    early_future = scheduler.request("early", early, urgent=False)
+    assert early.running.wait(10)
+    late_future = scheduler.request("late", late, urgent=False)
+    assert late.running.wait(10)
+    urgent = scheduler.request("urgent", lambda: frame(3))
+    assert urgent.result(10).audio[0, 0] == 3  # it did not wait for either read-ahead
+    assert not early_future.done() and early.calls == 1  # the earlier one kept running
+    assert scheduler.interrupted_count == 1
+    assert wait_for(lambda: late.calls == 2)  # queued again, and restarted
+    early.release.set()
+    late.release.set()
+    assert early_future.result(10).audio[0, 0] == 1
+    assert late_future.result(10).audio[0, 0] == 2
+
+
+def test_urgent_work_with_a_free_worker_interrupts_nothing(two_workers):
+    scheduler, interrupts = two_workers
+    ahead = StoppableWork(interrupts, 1)
+    future = scheduler.request("ahead", ahead, urgent=False)
+    assert ahead.running.wait(10)
+    assert scheduler.request("urgent", lambda: frame(3)).result(10).audio[0, 0] == 3
+    ahead.release.set()
+    assert future.result(10).audio[0, 0] == 1
+    assert ahead.calls == 1 and scheduler.interrupted_count == 0
+
+
+def test_cancelling_running_read_ahead_stops_it_and_drops_it(two_workers):
+    scheduler, interrupts = two_workers
+    ahead = StoppableWork(interrupts, 1)
+    future = scheduler.request("ahead", ahead, urgent=False)
+    assert ahead.running.wait(10)
+    scheduler.cancel("ahead")
+    with pytest.raises(CancelledError):
+        future.result(10)
+    assert ahead.calls == 1 and not scheduler.is_cached("ahead")
+    again = scheduler.request("ahead", lambda: frame(5))  # a fresh request decodes it anew
+    assert again.result(10).audio[0, 0] == 5
+
+
+def test_read_ahead_that_becomes_urgent_while_running_is_never_interrupted(two_workers):
+    scheduler, interrupts = two_workers
+    first, second = StoppableWork(interrupts, 1), StoppableWork(interrupts, 2)
+    scheduler.request("first", first, urgent=False)
+    scheduler.request("second", second, urgent=False)
+    assert first.running.wait(10) and second.running.wait(10)
+    needed = scheduler.request("second", second)  # a reader now waits for it
+    scheduler.cancel("second")  # and a cancel from another reader's window is ignored
+    urgent = scheduler.request("urgent", lambda: frame(3))
+    assert urgent.result(10).audio[0, 0] == 3
+    assert second.calls == 1  # "first" was the one interrupted
+    second.release.set()
+    first.release.set()
+    assert needed.result(10).audio[0, 0] == 2
+
+
+def test_an_interruption_before_the_stoppable_call_starts_is_not_lost():
+    interrupts = Interrupts()
+    thread = threading.get_ident()
+    interrupts.interrupt(thread)  # the job has started, its decode call not yet
+    stopped = []
+    with interrupts.stoppable(lambda: stopped.append(True)):
+        assert stopped == [True]
+    interrupts.clear(thread)  # the next job runs to the end
+    with interrupts.stoppable(lambda: stopped.append(False)):
+        pass
+    assert stopped == [True]

@@ -569,7 +569,9 @@ def test_warm_up_loads_only_the_models_the_files_use(src, torch_home):
     (src / "a" / "b" / "voice.ecdc").write_bytes(ecdc(model="encodec_24khz"))
     (src / "junk.ecdc").write_bytes(b"junk")
     os.mkfifo(src / "pipe.ecdc")  # opened without blocking, then skipped
-    tree = SourceTree(src, engine_factory=lambda: Engine(Settings(device="cpu", cache_dir=None)))
+    tree = SourceTree(
+        src, engine_factory=lambda: Engine(Settings(device="cpu", exact=True, cache_dir=None))
+    )
     try:
         assert tree.models_in_use() == {"encodec_24khz"}
         tree.warm_up(quiet_seconds=0)
