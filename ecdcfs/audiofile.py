@@ -94,12 +94,12 @@ class Engine:
     def __init__(self, settings: Settings | None = None) -> None:
         self.settings = settings or Settings()
         self.device = self.settings.device or default_device()
-        self.exact = self.settings.exact or self.device != "cpu"
+        self.torch_decodes = self.settings.exact or self.device != "cpu"
         self.interrupts = Interrupts()
         self.scheduler = DecodeScheduler(
             self.settings.cache_mb << 20,
-            workers=1 if self.exact else self.settings.threads or default_threads(),
-            interrupts=self.interrupts,
+            workers=1 if self.torch_decodes else self.settings.threads or default_threads(),
+            interrupts=None if self.torch_decodes else self.interrupts,  # torch runs to the end
         )
         cap = self.settings.cache_dir_mb
         self.indexes = IndexStore(
@@ -116,7 +116,7 @@ class Engine:
         with self._codec_lock:
             codec = self._codecs.get(spec.name)
             if codec is None:
-                load = self._torch_codec if self.exact else self._onnx_decoder
+                load = self._torch_codec if self.torch_decodes else self._onnx_decoder
                 codec = self._load(spec.name, CHECKPOINTS[spec.name], lambda: load(spec))
                 self._codecs[spec.name] = codec
             return codec
@@ -204,8 +204,8 @@ class Engine:
         Meant for a background thread right after the daemon forks; it lowers that
         thread's priority so listings right after mounting stay fast. A model that fails
         here fails again (once, clearly) at the first read that needs it. (Each model
-        costs memory, ~660 MiB of RSS for the 48 kHz one with torch and tens of MiB on ONNX
-        Runtime, so load only those the files use.)
+        costs memory: ~160 MiB of RSS for the 48 kHz one on ONNX Runtime, ~660 MiB with
+        torch, so load only those the files use.)
         """
         with contextlib.suppress(OSError):  # Linux: a thread's nice value is its own
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)

@@ -79,9 +79,14 @@ cache directory:
   --clear-cache [--cache-dir DIR] deletes the indexes and graphs (nothing else) and exits.
 
 decoding:
-  Listing never decodes. torch and the Encodec models load in the daemon once it has
-  started: in the background right away for checkpoints already on disk, else at the
-  first read. Checkpoints come from torch.hub's cache ($TORCH_HOME/hub/checkpoints,
+  Listing never decodes. By default frames decode on ONNX Runtime, several at once, with
+  each model's decoder graph exported once from its checkpoint into the cache dir (a child
+  process imports torch for that, ~10 s); a daemon serving plain files with their graphs
+  cached never imports torch. --exact decodes with encodec's own PyTorch model, bit for
+  bit; a GPU (--device cuda) decodes with torch too; LM-coded files need torch for their
+  LM. The decoders load in the daemon once it has started: in the background right away
+  for checkpoints already on disk, else at the first read.
+  Checkpoints come from torch.hub's cache ($TORCH_HOME/hub/checkpoints,
   downloaded there if missing); if one is missing offline, the error is logged once and
   reads of that model's files fail with EIO until it is copied there (no remount
   needed: the next read after the file appears uses it). A corrupt .ecdc lists

@@ -128,8 +128,10 @@ class DecodeScheduler:
                 job.future.cancel()
                 del self._jobs[key]
                 return
+            if self._interrupts is None:
+                return  # it runs to the end, and is cached
             for thread, jobs in self._running.items():
-                if jobs == [job]:
+                if jobs[0] is job and len(jobs) == 1:
                     self._interrupt(thread, job, "drop")
 
     def _make_room(self) -> None:

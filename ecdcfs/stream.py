@@ -74,7 +74,8 @@ EXIT_USAGE, EXIT_ERROR, EXIT_PIPE, EXIT_INTERRUPTED = 2, 1, 141, 130
 
 USAGE = f"""\
 usage: {PROG} -i <file-or-url>
-       {PROG} [-ss <start>] [-to <end>] [-b <bufsize>] [-g <cuda-device>] -d <file-or-url>
+       {PROG} [-ss <start>] [-to <end>] [-b <bufsize>] [-g <cuda-device>] [--exact] \
+-d <file-or-url>
        {PROG} [-b <bitrate>] [-n <name>] [-s <source>] [-t <thumbnail>] [-g <cuda-device>] \
 -e <file>
 
@@ -94,6 +95,9 @@ argument that is not an option's value.
     -to S       stop at S seconds (past the end: the end)
     -b N        read-ahead: N frames at first, growing by N as playback advances
                 (default 1); 0 decodes the whole file as fast as possible
+    --exact     decode with encodec's own PyTorch model, bit for bit (default:
+                its decoder on ONNX Runtime, within 2 LSB, faster and smaller,
+                its graph built once into the cache dir above, as for ecdcfs)
   -e            encode PCM from stdin (until EOF) to <file>, replaced atomically at the
                 end; memory does not grow with the input
     -b KBPS     bitrate, e.g. 6 or 6k (default 24), 0.25 to 192. 3 and up use the
@@ -147,6 +151,7 @@ class Args:
     source: str | None = None
     thumbnail: str | None = None
     gpu: int | None = None
+    exact: bool = False  # -d: encodec's own decode
     help: bool = False
     version: bool = False
     ignored: tuple[str, ...] = ()  # options that do not apply to the mode
@@ -165,6 +170,8 @@ def parse_args(argv: list[str]) -> Args:
             args.help = True
         elif token == "--version":
             args.version = True
+        elif token == "--exact":
+            args.exact = True
         elif token in MODES:
             if token not in modes:
                 modes.append(token)
@@ -321,7 +328,7 @@ def run_decode(args: Args, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO) ->
         total = output_length(header)
         start = min(total, round(args.start * PCM_RATE))
         stop = total if args.end is None else min(total, round(args.end * PCM_RATE))
-        settings = Settings(device=device, bufsize=args.bufsize)
+        settings = Settings(device=device, bufsize=args.bufsize, exact=args.exact)
         units = source_units(header, start, stop)
         if args.bufsize == 0:  # the whole range as fast as possible
             settings = all_at_once(settings, header, units)

@@ -237,8 +237,8 @@ class SourceTree:
     def warm_up(self, quiet_seconds: float = WARM_UP_QUIET_SECONDS) -> None:
         """Load the models the source's files use (in the daemon, in the background).
 
-        Waits until the mount has been quiet for ``quiet_seconds``: importing torch holds
-        Python's GIL for seconds, which would stall a listing running meanwhile. A read
+        Waits until the mount has been quiet for ``quiet_seconds``: importing torch (or
+        onnxruntime) holds Python's GIL, which would stall a listing running meanwhile. A read
         that needs a model before then loads it itself.
         """
         while (idle := time.monotonic() - self._last_activity) < quiet_seconds:

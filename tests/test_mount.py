@@ -537,3 +537,30 @@ def test_edge_length_library_copies_whole(torch_home, tmp_path):
         assert " ERROR " not in m.log_text()
     finally:
         m.stop()
+
+
+# ----- the default decoder ------------------------------------------------------------
+
+
+def test_default_decoder_mount_never_loads_torch_and_is_the_same_on_every_mount(
+    tmp_path, media, default_cache
+):
+    """Plain files with their graphs cached: the daemon never maps libtorch, cp -r gives
+    each file within 2 LSB of encodec's decode, and a second mount gives the same bytes."""
+    src = source_folder(tmp_path, {"song.ecdc": media["song"], "short.ecdc": media["short_v193"]})
+    copies = []
+    for n in range(2):
+        base = tmp_path / f"mount{n}"
+        base.mkdir()
+        m = Mount(src, base / "mnt", base / "log", "--cache-dir", str(default_cache), exact=False)
+        try:
+            subprocess.run(["cp", "-r", str(m.mnt), str(base / "copy")], check=True, timeout=300)
+            maps = Path(f"/proc/{m.proc.pid}/maps").read_text()
+            assert "libtorch" not in maps and "onnxruntime" in maps
+        finally:
+            m.stop()
+        copies.append({p.name: p.read_bytes() for p in (base / "copy").iterdir()})
+    assert copies[0] == copies[1]
+    for name, pcm in (("song.wav", media["song_pcm"]), ("short.wav", media["short_pcm"])):
+        got = np.frombuffer(copies[0][name][-pcm.nbytes :], "<i2").reshape(pcm.shape)
+        assert np.abs(got.astype(np.int32) - pcm).max() <= 2

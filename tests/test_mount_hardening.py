@@ -386,7 +386,7 @@ def test_mount_type_fuse_ecdcfs_and_fstab(tmp_path, files):
     """``mount -t fuse.ecdcfs``, the ``fuse`` + ``PROGRAM#SOURCE`` form, and fstab lines."""
     src = source_folder(tmp_path, {"x.ecdc": files["short"]})
     log = tmp_path / "log"
-    opts = f"device=cpu,no_persist,log_file={log},cache_mb=64"
+    opts = f"device=cpu,exact,no_persist,log_file={log},cache_mb=64"
     program = VENV_BIN / "ecdcfs"
     mounts = [tmp_path / f"mnt{i}" for i in range(4)]
     for mnt in mounts:

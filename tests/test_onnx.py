@@ -399,3 +399,12 @@ def test_exact_engines_decode_one_unit_at_a_time(torch_home):
             assert engine.scheduler.workers == workers
         finally:
             engine.close()
+
+
+def test_clear_cache_deletes_the_graphs_too(default_cache, capsys):
+    from ecdcfs import cli
+
+    (default_cache / "graphs" / "notes.txt").write_text("not ours")
+    assert cli.main(["--clear-cache", "--cache-dir", str(default_cache)]) == 0
+    assert "and 2 decoder graphs" in capsys.readouterr().out
+    assert [p.name for p in (default_cache / "graphs").iterdir()] == ["notes.txt"]

@@ -198,3 +198,19 @@ def test_an_interruption_before_the_stoppable_call_starts_is_not_lost():
     with interrupts.stoppable(lambda: stopped.append(False)):
         pass
     assert stopped == [True]
+
+
+def test_without_interrupts_running_read_ahead_finishes_and_is_cached(scheduler):
+    release = threading.Event()
+    running = threading.Event()
+
+    def slow() -> DecodedFrame:
+        running.set()
+        release.wait(10)
+        return frame(7)
+
+    future = scheduler.request("ahead", slow, urgent=False)
+    assert running.wait(10)
+    scheduler.cancel("ahead")  # a seek: nothing to stop it with
+    release.set()
+    assert future.result(10).audio[0, 0] == 7 and wait_for(lambda: scheduler.is_cached("ahead"))

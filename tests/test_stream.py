@@ -26,6 +26,7 @@ from encodec.compress import compress, decompress
 
 import synth
 from ecdcfs import stream
+from ecdcfs.audiofile import Engine
 from ecdcfs.container import EcdcError
 from ecdcfs.encode import int16_to_float, parse_bitrate, plan_bitrate
 from ecdcfs.http import HttpSource, RemoteError
@@ -44,8 +45,11 @@ NAME, SOURCE, THUMB = "Sóng [live]", "https://example.org/song", "https://examp
 
 
 def on_cpu(args: tuple[str, ...]) -> list[str]:
-    """Exact comparisons need the CPU: ``-g -1`` unless the test picks a device."""
-    return list(args) if "-g" in args else ["-g", "-1", *args]
+    """Exact comparisons need encodec's own decode on the CPU: ``-g -1 --exact`` unless the
+    test picks a device (or ``--default``: the default decoder)."""
+    if "--default" in args:
+        return [a for a in args if a != "--default"]
+    return list(args) if "-g" in args else ["-g", "-1", "--exact", *args]
 
 
 def cli(*args: str, input: bytes | None = None, env: dict | None = None, cwd=None):
@@ -324,6 +328,27 @@ def test_decode_equals_reference_through_a_pipe(files):
     rc, out, err = cli("-d", str(files["v193"]))
     assert (rc, err) == (0, "")
     assert out == synth.reference_pcm(files["v0"].read_bytes()).astype("<i2").tobytes()
+
+
+def test_default_decode_is_ecdcfs_default_engine_within_2_lsb_of_encodec(
+    files, default_cache, tmp_path
+):
+    """Without --exact, -d runs the engine ecdcfs runs (graphs from the shared cache dir)."""
+    (tmp_path / "xdg").mkdir()
+    default_cache.rename(tmp_path / "xdg" / "ecdcfs")  # $XDG_CACHE_HOME/ecdcfs
+    env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg"))
+    rc, out, err = cli("--default", "-g", "-1", "-d", str(files["v0"]), env=env)
+    assert (rc, err) == (0, "")
+    expected = synth.reference_pcm(files["v0"].read_bytes())
+    pcm = pcm_array(out)
+    assert pcm.shape == expected.shape
+    assert np.abs(pcm.astype(np.int32) - expected).max() <= 2
+    engine = Engine(Settings(device="cpu", cache_dir=tmp_path / "xdg" / "ecdcfs"))
+    try:
+        audio = engine.open(files["v0"])
+        assert out == audio.read(0, audio.size)[len(audio.wav.header) :]
+    finally:
+        engine.close()
 
 
 def test_decode_from_stdin(files):

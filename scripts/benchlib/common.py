@@ -236,3 +236,36 @@ def print_report(rows: list[Row], notes: list[str]) -> None:
     missed = [r.metric.strip() for r in rows if r.ok is False]
     print()
     print("all targets met" if not missed else "missed: " + "; ".join(missed))
+
+
+# ----- the decoder graphs -------------------------------------------------------------
+
+
+def build_graphs(cache_dir: Path, *models: str) -> float:
+    """Seconds to export (or find) the decoder graphs of ``models`` into ``cache_dir``, as a
+    mount's first start does (so that the mounts measured have them cached)."""
+    from ecdcfs.container import MODELS
+    from ecdcfs.interrupts import Interrupts
+    from ecdcfs.onnx_decoder import load_onnx_decoder
+
+    t = time.perf_counter()
+    for name in models:
+        load_onnx_decoder(MODELS[name], cache_dir, Interrupts())
+    return time.perf_counter() - t
+
+
+def within_lsb(got: bytes, expected: bytes, lsb: int = 2) -> bool:
+    """Whether the s16le PCM ``got`` is ``expected`` to within ``lsb`` in every sample
+    (the default decoder's promise against encodec's decode)."""
+    import numpy as np
+
+    if len(got) != len(expected) or len(got) % 2:
+        return False
+    a, b = (np.frombuffer(x, "<i2").astype(np.int32) for x in (got, expected))
+    return bool(np.abs(a - b).max(initial=0) <= lsb)
+
+
+def torch_loaded(pid: int) -> bool:
+    """Whether process ``pid`` has torch's library mapped (it imported torch)."""
+    with open(f"/proc/{pid}/maps") as f:
+        return any("libtorch" in line for line in f)
