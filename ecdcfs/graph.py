@@ -1,8 +1,8 @@
 """Exporting encodec's decoder to ONNX (torch and encodec: only ever in a child process).
 
 The graph is exported from the user's own checkpoint with torch's TorchScript-based
-exporter, once, by ``python -m ecdcfs.graph MODEL OUT`` (see
-:func:`ecdcfs.onnx_decoder.build_artifact`), so the process that decodes never imports
+exporter, once, by ``python -m ecdcfs.graph MODEL SHA256 OUT`` (:func:`build_artifact`,
+started by :func:`ecdcfs.onnx_decoder.build`), so the process that decodes never imports
 torch. It is the SEANet decoder from embedding to audio, built from encodec's own layers and
 weights (:func:`exportable`); the quantizer's lookup (a sum of codebook rows), the first
 convolution's padding and the frame's scale stay outside, so one graph serves every code
@@ -195,7 +195,7 @@ def build_artifact(name: str, checkpoint_sha: str | None) -> Artifact:
     was missing, and encodec's loader fetched it); a checkpoint that changed since is
     refused, so a graph never carries another checkpoint's name.
     """
-    steps = tqdm(total=4, desc=f"building the {name} decoder graph", unit="step", disable=None)
+    steps = tqdm(total=3, desc=f"building the {name} decoder graph", unit="step", disable=None)
     with steps:
         codec = TorchCodec(MODELS[name], "cpu")
         checkpoint = checkpoint_dir() / codec.checkpoint
