@@ -23,6 +23,7 @@ from .settings import (
     DEFAULT_BUFSIZE,
     DEFAULT_CACHE_DIR_MB,
     DEFAULT_CACHE_MB,
+    DIGESTS_FILE,
     GRAPH_SUFFIX,
     Settings,
     checkpoint_dir,
@@ -684,6 +685,7 @@ def clear_cache(cfg: Config) -> int:
     try:
         count, size = clear(directory)
         graphs, graph_size = clear(graph_dir(directory), suffix=GRAPH_SUFFIX)
+        (graph_dir(directory) / DIGESTS_FILE).unlink(missing_ok=True)
     except OSError as exc:
         sys.stderr.write(f"ecdcfs: error: cannot clear {str(directory)!r}: {exc}\n")
         return 1

@@ -15,6 +15,7 @@ from typing import BinaryIO
 
 TEMP_SUFFIX = ".tmp"  # of a file being written into a cache dir (see write_atomically)
 GRAPH_SUFFIX = ".npz"  # of a decoder graph in graph_dir()
+DIGESTS_FILE = "checkpoints.json"  # in graph_dir(): each checkpoint's sha256 by fingerprint
 
 DEFAULT_CACHE_MB = 512  # decoded-unit cache
 DEFAULT_BUFSIZE = 1  # initial read-ahead, in units

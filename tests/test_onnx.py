@@ -5,6 +5,7 @@ serve it."""
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -408,3 +409,23 @@ def test_clear_cache_deletes_the_graphs_too(default_cache, capsys):
     assert cli.main(["--clear-cache", "--cache-dir", str(default_cache)]) == 0
     assert "and 2 decoder graphs" in capsys.readouterr().out
     assert [p.name for p in (default_cache / "graphs").iterdir()] == ["notes.txt"]
+
+
+def test_a_checkpoints_digest_is_remembered_until_the_file_changes(
+    default_cache, tmp_path, monkeypatch
+):
+    checkpoint = tmp_path / "model.th"
+    checkpoint.write_bytes(b"weights" * 1000)
+    first = onnx_decoder.checkpoint_digest(checkpoint, default_cache)
+    assert first == onnx_decoder.file_digest(checkpoint)
+    hashed = []
+    real = onnx_decoder.file_digest
+    monkeypatch.setattr(onnx_decoder, "file_digest", lambda p: hashed.append(p) or real(p))
+    assert onnx_decoder.checkpoint_digest(checkpoint, default_cache) == first and not hashed
+    checkpoint.write_bytes(b"WEIGHTS" * 1000)  # same size, new content and mtime
+    os.utime(checkpoint, ns=(1, 1))
+    assert onnx_decoder.checkpoint_digest(checkpoint, default_cache) == real(checkpoint) != first
+    assert hashed == [checkpoint]
+    (default_cache / "graphs" / onnx_decoder.DIGESTS_FILE).write_text("{not json")
+    assert onnx_decoder.checkpoint_digest(checkpoint, default_cache) == real(checkpoint)
+    assert onnx_decoder.checkpoint_digest(tmp_path / "missing.th", default_cache) == ""
