@@ -51,6 +51,7 @@ from tqdm import tqdm
 from .codec import ModelUnavailable, TorchCodec
 from .container import MODELS
 from .onnx_decoder import (
+    CANNOT_WRITE_EXIT,
     MODEL_UNAVAILABLE_EXIT,
     OPSET,
     PROBE_STEPS,
@@ -249,13 +250,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         sha = None if args.checkpoint_sha == "-" else args.checkpoint_sha
         artifact = build_artifact(args.model, sha)
-        write_atomically(Path(args.out), artifact.save)
     except ModelUnavailable as exc:
         print(exc)  # the parent reads it from stdout (stderr is the user's progress bar)
         return MODEL_UNAVAILABLE_EXIT
     except (GraphUnusable, OSError) as exc:
         print(exc)
         return 1
+    try:
+        write_atomically(Path(args.out), artifact.save)
+    except OSError as exc:  # full, read-only: the parent keeps the graph in memory instead
+        print(exc)
+        return CANNOT_WRITE_EXIT
     return 0
 
 

@@ -51,6 +51,7 @@ PROBE_STEPS = 8  # code steps of the probe every graph must decode like encodec
 MIN_SNR_DB = 95.0  # the probe's least signal-to-error ratio against encodec's decode
 EXPORT_TIMEOUT_S = 900  # a child that exports for longer than this is stuck
 MODEL_UNAVAILABLE_EXIT = 3  # how the exporting child says the model cannot be loaded
+CANNOT_WRITE_EXIT = 4  # and that it exported the graph but could not write it
 
 
 class GraphUnusable(Exception):
@@ -327,7 +328,8 @@ def build(name: str, sha: str, path: Path | None) -> Artifact:
 
 
 def _export(name: str, sha: str, out: Path, required: bool = False) -> bool:
-    """Run ``python -m ecdcfs.graph`` for ``out``; False if only saving it failed."""
+    """Run ``python -m ecdcfs.graph`` for ``out``; False if only saving it failed (unless
+    ``required``: then that fails too)."""
     if not required:
         try:
             out.parent.mkdir(parents=True, exist_ok=True)
@@ -355,6 +357,8 @@ def _export(name: str, sha: str, out: Path, required: bool = False) -> bool:
     message = done.stdout.decode(errors="replace").strip() or f"exit status {done.returncode}"
     if done.returncode == MODEL_UNAVAILABLE_EXIT:
         raise ModelUnavailable(message)
+    if done.returncode == CANNOT_WRITE_EXIT and not required:
+        return False
     if done.returncode != 0:
         raise GraphUnusable(f"exporting the decoder graph of {name} failed: {message}")
     return True

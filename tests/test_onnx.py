@@ -429,3 +429,38 @@ def test_a_checkpoints_digest_is_remembered_until_the_file_changes(
     (default_cache / "graphs" / onnx_decoder.DIGESTS_FILE).write_text("{not json")
     assert onnx_decoder.checkpoint_digest(checkpoint, default_cache) == real(checkpoint)
     assert onnx_decoder.checkpoint_digest(tmp_path / "missing.th", default_cache) == ""
+
+
+def test_a_graph_that_cannot_be_written_is_kept_in_memory(codecs, tmp_path, monkeypatch, caplog):
+    """The child exports, fails to write (a full disk: exit CANNOT_WRITE_EXIT), and the
+    parent exports again into a scratch dir and keeps the graph in memory."""
+    from ecdcfs import graph
+
+    spec = MODELS["encodec_24khz"]
+    real_sha = onnx_decoder.file_digest(
+        onnx_decoder.checkpoint_dir() / onnx_decoder.CHECKPOINTS[spec.name]
+    )
+    out = tmp_path / "not-a-dir"
+    out.write_bytes(b"")
+    assert graph.main([spec.name, real_sha, str(out / "graph.npz")]) == (
+        onnx_decoder.CANNOT_WRITE_EXIT
+    )
+    monkeypatch.setattr(onnx_decoder, "_unsaved", {})
+    real_run = subprocess.run
+    calls = []
+
+    def full_disk_once(command, **kwargs):
+        calls.append(command[-1])
+        if len(calls) == 1:
+            return subprocess.CompletedProcess(command, onnx_decoder.CANNOT_WRITE_EXIT, b"", b"")
+        return real_run(command, **kwargs)
+
+    monkeypatch.setattr(onnx_decoder.subprocess, "run", full_disk_once)
+    caplog.set_level(logging.INFO, logger=LOGGER)
+    decoder = load_onnx_decoder(spec, tmp_path / "cache", Interrupts())
+    (warning,) = warnings_of(caplog)
+    assert "keeping it in memory" in warning and len(calls) == 2
+    assert not list((tmp_path / "cache").rglob("*.npz"))
+    frame = real_frame("encodec_24khz", 6, 75)
+    expected = codecs["encodec_24khz"][1].decode_frame(frame).audio
+    assert decoder.decode_frame(frame).audio.tobytes() == expected.tobytes()
