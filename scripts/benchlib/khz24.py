@@ -110,7 +110,7 @@ def codes_24khz(data: bytes, start: int, stop: int):
 
 def decode_24khz(codec, codes) -> tuple[float, object]:
     """(seconds, float32 audio) of one warm in-process decode of ``codes`` in one call of
-    ``Codec.decode_frame`` (the model's ``_decode_frame``, as encodec decodes a 24 kHz
+    ``TorchCodec.decode_frame`` (the model's ``_decode_frame``, as encodec decodes a 24 kHz
     file), in the worker thread the floors use."""
     from ecdcfs.container import EncodedFrame
 
