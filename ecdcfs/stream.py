@@ -132,7 +132,9 @@ APPLIES = {
     "-n": ("encode",),
     "-s": ("encode",),
     "-t": ("encode",),
+    "--exact": ("decode",),
 }
+FLAG_OPTIONS = ("--exact",)  # options without a value, ignored like the others elsewhere
 
 
 class UsageError(Exception):
@@ -170,8 +172,8 @@ def parse_args(argv: list[str]) -> Args:
             args.help = True
         elif token == "--version":
             args.version = True
-        elif token == "--exact":
-            args.exact = True
+        elif token in FLAG_OPTIONS:
+            values[token] = ""
         elif token in MODES:
             if token not in modes:
                 modes.append(token)
@@ -206,6 +208,7 @@ def parse_args(argv: list[str]) -> Args:
     args.ignored = tuple(k for k in values if args.mode not in APPLIES[k])
     for key in args.ignored:
         del values[key]
+    args.exact = "--exact" in values
     if "-g" in values:
         args.gpu = _int(values["-g"], "-g")
     if "-ss" in values:

@@ -49,7 +49,8 @@ def on_cpu(args: tuple[str, ...]) -> list[str]:
     test picks a device (or ``--default``: the default decoder)."""
     if "--default" in args:
         return [a for a in args if a != "--default"]
-    return list(args) if "-g" in args else ["-g", "-1", "--exact", *args]
+    exact = ["--exact"] if "-d" in args else []  # it applies to -d only
+    return list(args) if "-g" in args else ["-g", "-1", *exact, *args]
 
 
 def cli(*args: str, input: bytes | None = None, env: dict | None = None, cwd=None):
@@ -190,6 +191,9 @@ def test_option_of_another_mode_is_ignored_with_a_warning(files):
     rc, out, err = run("-ss", "1", "-i", str(files["v0"]))
     assert rc == 0 and out.startswith(b"Version: 0\n")
     assert err == "ecdc-stream: warning: -ss does not apply to -i; ignored\n"
+    rc, out, err = run("--exact", "-i", str(files["v0"]))
+    assert rc == 0 and out.startswith(b"Version: 0\n")
+    assert err == "ecdc-stream: warning: --exact does not apply to -i; ignored\n"
 
 
 def test_pcm_is_not_written_to_a_terminal(files):
