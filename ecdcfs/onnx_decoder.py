@@ -205,10 +205,9 @@ class OnnxDecoder:
 
     def __init__(self, spec: ModelSpec, artifact: Artifact, interrupts: Interrupts) -> None:
         self.spec = spec
-        self.artifact = artifact
         self.session = artifact.check()
+        self.artifact = dataclasses.replace(artifact, graph=b"")  # the session holds it now
         self.interrupts = interrupts
-        artifact.graph = b""  # the session holds the graph now
 
     def decode_frame(self, frame: EncodedFrame) -> DecodedFrame:
         """Decode one frame's codes ``[codebooks, steps]`` (and scale)."""
@@ -303,7 +302,7 @@ def build(name: str, sha: str, path: Path | None) -> Artifact:
     """
     kept = _unsaved.get((name, sha)) if sha else None
     if kept is not None:
-        return dataclasses.replace(kept)
+        return kept
     log.info("building the decoder graph of %s (once per checkpoint, ~10 s)", name)
     if path is not None and _export(name, sha, path):
         _drop_stale(path)
@@ -323,7 +322,7 @@ def build(name: str, sha: str, path: Path | None) -> Artifact:
             name,
             path.parent,
         )
-    _unsaved[name, artifact.checkpoint_sha] = dataclasses.replace(artifact)
+    _unsaved[name, artifact.checkpoint_sha] = artifact
     return artifact
 
 
