@@ -111,11 +111,7 @@ def files(torch_home, tmp_path_factory) -> dict[str, Path]:
         "v193_44k": synth.to_v193(v0, 44_100, name=NAME),
         "v0_24k": synth.make_ecdc("encodec_24khz", 72_000, kbps=1.5),
     }
-    paths = {}
-    for key, data in made.items():
-        paths[key] = folder / f"{key}.ecdc"
-        paths[key].write_bytes(data)
-    return paths
+    return {key: synth.write(folder, f"{key}.ecdc", data) for key, data in made.items()}
 
 
 @pytest.fixture(autouse=True)

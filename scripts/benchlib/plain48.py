@@ -230,7 +230,7 @@ def copy_files(f: Files, mount: Mount, names: list[str], prefix: str = "") -> Co
     c = Copies(floors=[floor_decode(f.codec, f.audios[names[0]])])
     log(f"floor: {sum(c.floors[0]):.2f} s for {f.frame_count} frames")
     for name in names:
-        if not drop_caches():
+        if not drop_caches() and not c.notes:
             c.notes.append("could not drop the page cache (not root?); files were never read")
         wait_idle(mount.pid)
         before = len(mount.decoded())
