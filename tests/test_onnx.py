@@ -464,3 +464,25 @@ def test_a_graph_that_cannot_be_written_is_kept_in_memory(codecs, tmp_path, monk
     frame = real_frame("encodec_24khz", 6, 75)
     expected = codecs["encodec_24khz"][1].decode_frame(frame).audio
     assert decoder.decode_frame(frame).audio.tobytes() == expected.tobytes()
+
+
+# Every 48 kHz frame length, and 24 kHz lengths across the chunk grid with its edges.
+SWEEP = {
+    "encodec_48khz": range(1, 151),
+    "encodec_24khz": sorted({*range(1, 451, 23), 74, 75, 76, 374, 375, 376, 449, 450}),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_one_graph_decodes_every_length_to_its_hop_multiple(codecs, name):
+    """The graph is traced at 8 steps: every other length must come out whole, and close
+    to encodec (checked against it at every 10th length and the largest)."""
+    exact, onnx = codecs[name]
+    rng = np.random.default_rng(11)
+    lengths = list(SWEEP[name])
+    for i, steps in enumerate(lengths):
+        frame = EncodedFrame(rng.integers(0, 1024, (2, steps)), None)
+        audio = onnx.decode_frame(frame).audio
+        assert audio.shape == (MODELS[name].channels, steps * 320), steps
+        if i % 10 == 0 or steps == lengths[-1]:
+            assert_close(exact.decode_frame(frame).audio, audio)
