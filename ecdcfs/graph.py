@@ -14,11 +14,16 @@ other length to 150 steps' worth and fails; the decoder's convolutions all have 
 so that padding is 0 and is left out here, and ``SConvTranspose1d``'s trimming becomes a
 slice relative to the end. The first convolution's reflect padding branches on the input
 length (zeros first when the input is shorter than the padding: 1 to 3 steps at 48 kHz, 1
-to 6 at 24 kHz), so it runs outside the graph. ONNX's GroupNorm (InstanceNormalization)
-sums its statistics in float32, which cost 48 kHz frames ~20 dB (101 dB SNR against
-encodec at 150 steps); the graph takes them in float64 (120 dB). ``torch.export``
-(``dynamo=True``) exports this module too, but bakes the LSTM's length in: any other step
-count fails in a Reshape.
+to 6 at 24 kHz), so it runs outside the graph. ``torch.export`` (``dynamo=True``) exports
+this module too, but bakes the LSTM's length in: any other step count fails in a Reshape.
+
+What makes it fast and thread-count-independent (measured on 48 kHz frames, one thread:
+130 ms a frame before, 93-100 ms after): every convolution is a ``1 x k`` 2-D one, so ONNX
+Runtime runs it with its NCHWc kernels, and the transposed convolutions are plain ones per
+output phase (:class:`_ConvTranspose`); ELU is built from Exp, Min and Max (ONNX Runtime's
+Elu is slower and its samples change with the thread count); GroupNorm's statistics are
+per-channel float32 sums added up in float64 (whole-tensor float32 sums cost ~20 dB, a
+float64 pass over every sample ~30 ms a frame).
 """
 
 from __future__ import annotations
@@ -37,12 +42,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from encodec.modules.conv import (
-    NormConv1d,
-    NormConvTranspose1d,
-    SConv1d,
-    SConvTranspose1d,
-)
+from encodec.modules.conv import SConv1d, SConvTranspose1d
+from encodec.modules.lstm import SLSTM
 from encodec.modules.seanet import SEANetResnetBlock
 from torch import nn
 from torch.nn import functional as F
@@ -66,36 +67,81 @@ log = logging.getLogger(__name__)
 PR_SET_PDEATHSIG = 1  # prctl(2): the signal this process gets when its parent exits
 
 
+def effective_weight(conv: nn.Module) -> torch.Tensor:
+    """A convolution's weight as its forward uses it (weight_norm sets it in a pre-hook)."""
+    with torch.no_grad():
+        conv(torch.zeros(1, conv.in_channels, conv.kernel_size[0] * conv.dilation[0]))
+    return conv.weight.detach().clone()
+
+
+def constant(tensor: torch.Tensor) -> nn.Parameter:
+    """``tensor`` as a frozen parameter (exported as an initializer)."""
+    return nn.Parameter(tensor.detach().clone().contiguous(), requires_grad=False)
+
+
 class _Conv(nn.Module):
-    """encodec's ``SConv1d`` with its padding as constants (stride 1: no extra padding)."""
+    """encodec's ``SConv1d`` (and its norm) as a ``1 x k`` 2-D convolution; its padding
+    as constants (stride 1: no extra padding)."""
 
     def __init__(self, layer: SConv1d, padded_outside: bool = False) -> None:
         super().__init__()
-        self.conv = exportable(layer.conv)
+        conv = layer.conv.conv
+        if conv.stride[0] != 1 or conv.groups != 1:
+            raise GraphUnusable("a strided or grouped convolution")
+        self.weight = constant(effective_weight(conv)[:, :, None, :])
+        self.bias = None if conv.bias is None else constant(conv.bias)
+        self.dilation = conv.dilation[0]
         self.padding = (0, 0) if padded_outside else conv_padding(layer)
         self.mode = layer.pad_mode
+        self.norm = exportable(layer.conv.norm)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Pad, then convolve (and normalise) with encodec's layer."""
+        """Pad, convolve, normalise: ``[1, C, 1, T]`` -> ``[1, C', 1, T']``."""
         if any(self.padding):
-            x = F.pad(x, self.padding, self.mode)
-        return self.conv(x)
+            x = F.pad(x, (*self.padding, 0, 0), self.mode)
+        return self.norm(F.conv2d(x, self.weight, self.bias, dilation=(1, self.dilation)))
 
 
 class _ConvTranspose(nn.Module):
-    """encodec's ``SConvTranspose1d``, trimming with a slice relative to the end."""
+    """encodec's ``SConvTranspose1d`` (and its norm) as one 2-D convolution per output phase.
+
+    Output sample ``q * stride + p`` of a transposed convolution is a plain convolution of
+    the input with kernel taps ``p, p + stride, ...`` reversed, so ``stride`` phases of
+    ``ceil(kernel / stride)`` taps, interleaved, give the same samples; unlike
+    ConvTranspose, Conv gets ONNX Runtime's fast NCHWc kernels. The phases produce up to
+    ``stride - 1`` samples past the transposed convolution's length: cut before the norm,
+    which encodec applies to the untrimmed output; its trimming is a slice from the end.
+    """
 
     def __init__(self, layer: SConvTranspose1d) -> None:
         super().__init__()
-        self.convtr = exportable(layer.convtr)
         conv = layer.convtr.convtr
-        total = conv.kernel_size[0] - conv.stride[0]
+        if conv.padding[0] or conv.output_padding[0] or conv.dilation[0] != 1 or conv.groups != 1:
+            raise GraphUnusable("a transposed convolution with padding, dilation or groups")
+        weight = effective_weight(conv)  # [in, out, kernel]
+        kernel, self.stride = conv.kernel_size[0], conv.stride[0]
+        self.taps = -(-kernel // self.stride)
+        self.extra = self.taps * self.stride - kernel
+        weight = F.pad(weight, (0, self.extra)).reshape(*weight.shape[:2], self.taps, self.stride)
+        # phase weights [out * stride, in, 1, taps]: tap m reads input step q - (taps - 1 - m)
+        phases = weight.flip(2).permute(1, 3, 0, 2).reshape(-1, weight.shape[0], 1, self.taps)
+        self.weight = constant(phases)
+        bias = None if conv.bias is None else conv.bias.repeat_interleave(self.stride)
+        self.bias = None if bias is None else constant(bias)
+        self.norm = exportable(layer.convtr.norm)
+        total = kernel - self.stride
         right = math.ceil(total * layer.trim_right_ratio) if layer.causal else total // 2
         self.left, self.right = total - right, right
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """Transposed convolution, then drop its fixed padding (as encodec's ``unpad1d``)."""
-        y = self.convtr(x)
+        """``[1, C, 1, T]`` -> ``[1, C', 1, T * stride]``, trimmed like encodec's ``unpad1d``."""
+        y = F.conv2d(F.pad(x, (self.taps - 1, self.taps - 1)), self.weight, self.bias)
+        batch, channels, _, steps = y.shape
+        y = y.reshape(batch, channels // self.stride, self.stride, steps)
+        y = y.transpose(2, 3).reshape(batch, channels // self.stride, 1, steps * self.stride)
+        if self.extra:
+            y = y[..., : y.shape[-1] - self.extra]
+        y = self.norm(y)
         return y[..., self.left : y.shape[-1] - self.right]
 
 
@@ -111,21 +157,46 @@ class _Residual(nn.Module):
         return self.shortcut(x) + self.block(x)
 
 
+class _LSTM(nn.Module):
+    """encodec's ``SLSTM`` on the 2-D layout."""
+
+    def __init__(self, layer: SLSTM) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """``[1, C, 1, T]`` through encodec's LSTM and skip."""
+        return self.layer(x[:, :, 0]).unsqueeze(2)
+
+
+class _Elu(nn.Module):
+    """ELU (alpha 1) as ``max(x, exp(min(x, 0)) - 1)``: ``exp(x) - 1 >= x``, so the max
+    picks ``x`` above 0 and ``exp(x) - 1`` below. ONNX Runtime's own Elu is 3x slower and
+    its samples depend on the thread count; Exp, Min and Max do not (both measured)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Elementwise ELU."""
+        return torch.maximum(x, torch.exp(torch.clamp(x, max=0.0)) - 1.0)
+
+
 class _GroupNorm(nn.Module):
-    """``GroupNorm(1, C)`` (encodec's time_group_norm) with its statistics in float64."""
+    """``GroupNorm(1, C)`` (encodec's time_group_norm): its statistics as per-channel
+    float32 sums added up in float64 (whole-tensor float32 sums cost 48 kHz frames ~20 dB,
+    and a float64 pass over every sample ~30 ms a frame)."""
 
     def __init__(self, norm: nn.GroupNorm) -> None:
         super().__init__()
         self.norm = norm
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """torch's formula: ``x * scale + bias``, per channel."""
-        wide = x.double()
-        mean = wide.mean(dim=(1, 2), keepdim=True)
-        variance = ((wide - mean) ** 2).mean(dim=(1, 2), keepdim=True)
-        rstd = (variance + self.norm.eps).rsqrt().float()
-        scale = rstd * self.norm.weight[:, None]
-        return x * scale + (self.norm.bias[:, None] - scale * mean.float())
+        """torch's formula, ``x * scale + bias`` per channel, on ``[1, C, 1, T]``."""
+        count = x.shape[1] * x.shape[3]
+        mean = x.sum(dim=(2, 3), keepdim=True).double().sum(dim=1, keepdim=True) / count
+        centred = x - mean.float()
+        squares = (centred * centred).sum(dim=(2, 3), keepdim=True)
+        variance = squares.double().sum(dim=1, keepdim=True) / count
+        scale = (variance + self.norm.eps).rsqrt().float() * self.norm.weight[:, None, None]
+        return x * scale + (self.norm.bias[:, None, None] - scale * mean.float())
 
 
 def conv_padding(layer: SConv1d) -> tuple[int, int]:
@@ -138,10 +209,10 @@ def conv_padding(layer: SConv1d) -> tuple[int, int]:
 
 
 def exportable(module: nn.Module) -> nn.Module:
-    """``module`` with encodec's length-dependent layers replaced by traceable ones.
+    """``module`` as traceable layers on the 2-D ``[1, C, 1, T]`` layout.
 
-    The replacements hold encodec's own submodules (and so its weights); other modules are
-    returned as they are.
+    The replacements hold encodec's own submodules or weights; a module without one is
+    refused rather than exported in a form nobody checked.
     """
     if isinstance(module, SConv1d):
         return _Conv(module)
@@ -149,15 +220,32 @@ def exportable(module: nn.Module) -> nn.Module:
         return _ConvTranspose(module)
     if isinstance(module, SEANetResnetBlock):
         return _Residual(module)
+    if isinstance(module, SLSTM):
+        return _LSTM(module)
     if isinstance(module, nn.GroupNorm) and module.num_groups == 1:
         return _GroupNorm(module)
+    if isinstance(module, nn.ELU):
+        if module.alpha != 1.0:
+            raise GraphUnusable(f"ELU with alpha {module.alpha}")
+        return _Elu()
     if isinstance(module, nn.Sequential):
         return nn.Sequential(*map(exportable, module))
-    if isinstance(module, NormConv1d):
-        return nn.Sequential(module.conv, exportable(module.norm))
-    if isinstance(module, NormConvTranspose1d):
-        return nn.Sequential(module.convtr, exportable(module.norm))
-    return module
+    if isinstance(module, nn.Identity):
+        return module
+    raise GraphUnusable(f"no exportable form of {type(module).__name__}")
+
+
+class _Decoder(nn.Module):
+    """The decoder on the 2-D layout, from the padded embedding: ``[1, D, T]`` -> audio."""
+
+    def __init__(self, decoder: nn.Module) -> None:
+        super().__init__()
+        first, *rest = decoder.model
+        self.layers = nn.Sequential(_Conv(first, padded_outside=True), *map(exportable, rest))
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        """Embedding ``[1, D, T + padding]`` -> audio ``[1, channels, T * hop]``."""
+        return self.layers(emb.unsqueeze(2))[:, :, 0]
 
 
 def export_graph(decoder: nn.Module) -> bytes:
@@ -166,9 +254,8 @@ def export_graph(decoder: nn.Module) -> bytes:
     Input ``emb``: float32 ``[1, dimension, steps + first conv's padding]``; output
     ``audio``: float32 ``[1, channels, steps * hop]``.
     """
-    first, *rest = decoder.model
-    graph = nn.Sequential(_Conv(first, padded_outside=True), *map(exportable, rest)).eval()
-    left, right = conv_padding(first)
+    graph = _Decoder(decoder).eval()
+    left, right = conv_padding(decoder.model[0])
     example = torch.zeros(1, decoder.dimension, PROBE_STEPS + left + right)
     buffer = io.BytesIO()
     with torch.no_grad(), warnings.catch_warnings():

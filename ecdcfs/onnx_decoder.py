@@ -2,18 +2,20 @@
 
 Each model's decoder is exported from the user's own checkpoint once (by a child process
 that imports torch: :mod:`ecdcfs.graph`) into an :class:`Artifact` kept in
-``<cache dir>/graphs/`` under the checkpoint's content hash and the onnxruntime version:
-new weights or another onnxruntime mean a new graph. The artifact holds the graph, the
+``<cache dir>/graphs/`` under the checkpoint's content hash, the graph's format and the
+onnxruntime version: new weights, a new ecdcfs graph or another onnxruntime mean a new
+graph. The artifact holds the graph, the
 codebooks (the quantizer's decode is a sum of codebook rows, done here in numpy, in
 encodec's order, so one graph serves every code count) and a probe: a few code steps with
 encodec's own decode of them. Every artifact decodes its probe before it is used; one that
 is truncated, corrupt or from something else is rebuilt with one warning, and a cache dir
 that cannot be written keeps the graph in memory.
 
-Each decode runs on one ONNX Runtime thread, whatever the machine: a frame's samples depend
-on the thread count (measured: with 2 to 4 threads some frames' samples change), so this is
-what makes the same offset give the same bytes on every mount. Parallelism comes from the
-scheduler running several decodes at once on the one session instead.
+The graph's samples do not depend on ONNX Runtime's thread count (tested with 1 to 4), so
+the same offset gives the same bytes on every mount and machine. Each decode runs on one
+thread all the same: two one-thread decodes at once do more work than one two-thread decode
+(measured on 2 cores: 53-57 against 70 ms a 48 kHz frame), so parallelism comes from the
+scheduler running several decodes at once on the one session.
 """
 
 from __future__ import annotations
@@ -45,7 +47,8 @@ from .settings import DIGESTS_FILE, GRAPH_SUFFIX, checkpoint_dir, graph_dir, wri
 
 log = logging.getLogger(__name__)
 
-THREADS = 1  # ONNX Runtime threads per decode: fixed, because the samples depend on it
+THREADS = 1  # ONNX Runtime threads per decode (the scheduler runs decodes side by side)
+GRAPH_FORMAT = 2  # what ecdcfs.graph exports: a new format means new graph files
 OPSET = 17
 PROBE_STEPS = 8  # code steps of the probe every graph must decode like encodec
 MIN_SNR_DB = 95.0  # the probe's least signal-to-error ratio against encodec's decode
@@ -67,10 +70,10 @@ def file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
-def new_session(graph: bytes) -> ort.InferenceSession:
-    """An ONNX Runtime CPU session for ``graph``, with fixed threads and optimizations."""
+def new_session(graph: bytes, threads: int = THREADS) -> ort.InferenceSession:
+    """An ONNX Runtime CPU session for ``graph`` on ``threads`` intra-op threads."""
     options = ort.SessionOptions()
-    options.intra_op_num_threads = THREADS
+    options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -230,7 +233,7 @@ class OnnxDecoder:
 
 def artifact_path(cache_dir: Path, name: str, checkpoint_sha: str) -> Path:
     """Where the artifact of model ``name`` from the checkpoint ``checkpoint_sha`` lives."""
-    file_name = f"{name}-{checkpoint_sha[:16]}-ort{ort.__version__}{GRAPH_SUFFIX}"
+    file_name = f"{name}-{checkpoint_sha[:16]}-g{GRAPH_FORMAT}-ort{ort.__version__}{GRAPH_SUFFIX}"
     return graph_dir(cache_dir) / file_name
 
 

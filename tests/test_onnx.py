@@ -160,9 +160,28 @@ def test_same_bytes_whatever_the_order_concurrency_or_session(codecs, graph_cach
     other = load_onnx_decoder(MODELS["encodec_48khz"], graph_cache, Interrupts())  # a remount
     elsewhere = [d.audio.tobytes() for d in other.decode_frames(frames)]
     assert alone == reversed_ == [concurrent[i] for i in range(len(frames))] == elsewhere
-    # The thread count changes some frames' samples: it is fixed.
+    # One thread a decode: decodes run side by side instead.
     threads_used = [d.session.get_session_options().intra_op_num_threads for d in (onnx, other)]
     assert threads_used == [onnx_decoder.THREADS] * 2
+
+
+THREAD_SWEEP = {
+    "encodec_48khz": [*range(1, 151, 7), 149, 150],
+    "encodec_24khz": [*range(1, 451, 37), 449, 450],
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_same_bytes_whatever_the_intra_op_thread_count(graph_cache, name):
+    """However ONNX Runtime splits a decode between threads, its samples stay the same."""
+    artifact = Artifact.load(graph_of(graph_cache, name))
+    sessions = [onnx_decoder.new_session(artifact.graph, threads) for threads in (1, 2, 3, 4)]
+    rng = np.random.default_rng(5)
+    for steps in THREAD_SWEEP[name]:
+        codes = rng.integers(0, 1024, (MODELS[name].max_codebooks, steps))
+        one, *more = (onnx_decoder.decode_codes(s, artifact, codes) for s in sessions)
+        for threads, audio in zip((2, 3, 4), more, strict=True):
+            assert np.array_equal(audio, one), (steps, threads)
 
 
 def test_an_interrupted_decode_raises_and_the_next_one_is_whole(codecs):
@@ -274,12 +293,17 @@ def test_no_cache_dir_exports_the_same_graph_in_memory(codecs, monkeypatch, capl
 def test_saving_a_graph_deletes_the_stale_ones_of_its_model(default_cache):
     current = graph_of(default_cache, "encodec_24khz")
     current.unlink()
-    stale = default_cache / "graphs" / "encodec_24khz-0123456789abcdef-ort0.0.npz"
+    stale = [
+        default_cache / "graphs" / "encodec_24khz-0123456789abcdef-ort0.0.npz",
+        current.with_name(current.name.replace(f"-g{onnx_decoder.GRAPH_FORMAT}-", "-")),
+        current.with_name(current.name.replace(f"-g{onnx_decoder.GRAPH_FORMAT}-", "-g1-")),
+    ]
     other_model = default_cache / "graphs" / "encodec_48khz-0123456789abcdef-ort0.0.npz"
-    stale.write_bytes(b"old")
-    other_model.write_bytes(b"old")
+    for path in [*stale, other_model]:
+        path.write_bytes(b"old")
     load_onnx_decoder(MODELS["encodec_24khz"], default_cache, Interrupts())
-    assert current.exists() and not stale.exists() and other_model.exists()
+    assert current.exists() and other_model.exists()
+    assert not any(path.exists() for path in stale)
 
 
 def test_failed_export_decodes_with_torch_after_one_warning(codecs, tmp_path, monkeypatch, caplog):
