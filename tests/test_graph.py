@@ -37,32 +37,32 @@ def randomised(layer: nn.Module) -> nn.Module:
     return layer.eval()
 
 
+def assert_like_encodec(layer: nn.Module, lengths: tuple[int, ...]) -> None:
+    """The graph's form of encodec's ``layer`` gives its samples at each input length."""
+    for length in lengths:
+        x = torch.randn(1, 6, length)
+        with torch.no_grad():
+            expected = layer(x)
+        actual = as_2d(graph.exportable(layer), x)
+        assert actual.shape == expected.shape
+        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize(("norm", "causal"), STYLES)
 @pytest.mark.parametrize(
     ("kernel", "stride"), [(16, 8), (10, 5), (8, 4), (4, 2), (5, 2), (3, 3), (7, 3), (2, 1)]
 )
 def test_transposed_convolution_is_encodecs(norm, causal, kernel, stride):
     layer = randomised(SConvTranspose1d(6, 5, kernel, stride, causal=causal, norm=norm))
-    for length in (1, 2, 7, 40):
-        x = torch.randn(1, 6, length)
-        with torch.no_grad():
-            expected = layer(x)
-        actual = as_2d(graph.exportable(layer), x)
-        assert actual.shape == expected.shape
-        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    assert_like_encodec(layer, (1, 2, 7, 40))
 
 
 @pytest.mark.parametrize(("norm", "causal"), STYLES)
 @pytest.mark.parametrize(("kernel", "dilation"), [(7, 1), (3, 1), (3, 3), (1, 1), (2, 2)])
 def test_convolution_is_encodecs(norm, causal, kernel, dilation):
     layer = randomised(SConv1d(6, 5, kernel, dilation=dilation, causal=causal, norm=norm))
-    for length in (7, 9, 40):  # inside the decoder, always longer than the reflect padding
-        x = torch.randn(1, 6, length)
-        with torch.no_grad():
-            expected = layer(x)
-        actual = as_2d(graph.exportable(layer), x)
-        assert actual.shape == expected.shape
-        torch.testing.assert_close(actual, expected, rtol=1e-5, atol=1e-5)
+    # inside the decoder, inputs are always longer than the reflect padding
+    assert_like_encodec(layer, (7, 9, 40))
 
 
 def test_group_norm_is_torchs_with_a_large_mean():
