@@ -87,7 +87,7 @@ def warm_vector_math() -> None:
 
     Measured (torch 2.14.1, this 2-core AVX-512 VM): until a process has run a vectorised
     pow, torch's vectorised ELU (Sleef's expm1, like pow picked at run time) takes ~6x as
-    long, ~40 of a 48 kHz frame's ~140 ms; after it, the frame takes ~100 ms, with the
+    long, ~40 ms of a 48 kHz frame's ~140; after it, the frame takes ~100 ms, with the
     same samples bit for bit (tested). 64 floats: fewer would run on the scalar path.
     """
     import torch

@@ -18,12 +18,14 @@ to 6 at 24 kHz), so it runs outside the graph. ``torch.export`` (``dynamo=True``
 this module too, but bakes the LSTM's length in: any other step count fails in a Reshape.
 
 What makes it fast and thread-count-independent (measured on 48 kHz frames, one thread:
-130 ms a frame before, 93-100 ms after): every convolution is a ``1 x k`` 2-D one, so ONNX
+130-138 ms a frame before, 93-100 ms after): every convolution is a ``1 x k`` 2-D one, so ONNX
 Runtime runs it with its NCHWc kernels, and the transposed convolutions are plain ones per
 output phase (:class:`_ConvTranspose`); ELU is built from Exp, Min and Max (ONNX Runtime's
 Elu is slower and its samples change with the thread count); GroupNorm's statistics are
 per-channel float32 sums added up in float64 (whole-tensor float32 sums cost ~20 dB, a
 float64 pass over every sample ~30 ms a frame).
+
+Changing what is exported: bump ``onnx_decoder.GRAPH_FORMAT``, so cached graphs are rebuilt.
 """
 
 from __future__ import annotations
@@ -74,22 +76,24 @@ def effective_weight(conv: nn.Module) -> torch.Tensor:
     return conv.weight.detach().clone()
 
 
-def constant(tensor: torch.Tensor) -> nn.Parameter:
-    """``tensor`` as a frozen parameter (exported as an initializer)."""
+def frozen(tensor: torch.Tensor) -> nn.Parameter:
+    """``tensor`` as a parameter without gradient (exported as an initializer)."""
     return nn.Parameter(tensor.detach().clone().contiguous(), requires_grad=False)
 
 
 class _Conv(nn.Module):
     """encodec's ``SConv1d`` (and its norm) as a ``1 x k`` 2-D convolution; its padding
-    as constants (stride 1: no extra padding)."""
+    as constants (stride 1: no extra padding). Its input must be longer than the reflect
+    padding (always, inside the decoder; encodec's zero-padding of shorter inputs is done
+    outside, for the first convolution only)."""
 
     def __init__(self, layer: SConv1d, padded_outside: bool = False) -> None:
         super().__init__()
         conv = layer.conv.conv
         if conv.stride[0] != 1 or conv.groups != 1:
             raise GraphUnusable("a strided or grouped convolution")
-        self.weight = constant(effective_weight(conv)[:, :, None, :])
-        self.bias = None if conv.bias is None else constant(conv.bias)
+        self.weight = frozen(effective_weight(conv)[:, :, None, :])
+        self.bias = None if conv.bias is None else frozen(conv.bias)
         self.dilation = conv.dilation[0]
         self.padding = (0, 0) if padded_outside else conv_padding(layer)
         self.mode = layer.pad_mode
@@ -116,18 +120,22 @@ class _ConvTranspose(nn.Module):
     def __init__(self, layer: SConvTranspose1d) -> None:
         super().__init__()
         conv = layer.convtr.convtr
+        kernel, self.stride = conv.kernel_size[0], conv.stride[0]
         if conv.padding[0] or conv.output_padding[0] or conv.dilation[0] != 1 or conv.groups != 1:
             raise GraphUnusable("a transposed convolution with padding, dilation or groups")
+        if kernel < self.stride:  # encodec's unpad1d refuses it too
+            raise GraphUnusable("a transposed convolution with a kernel shorter than its stride")
         weight = effective_weight(conv)  # [in, out, kernel]
-        kernel, self.stride = conv.kernel_size[0], conv.stride[0]
         self.taps = -(-kernel // self.stride)
-        self.extra = self.taps * self.stride - kernel
-        weight = F.pad(weight, (0, self.extra)).reshape(*weight.shape[:2], self.taps, self.stride)
+        # samples the phases give past the transposed convolution's (T - 1) * stride + kernel
+        self.overhang = self.taps * self.stride - kernel
+        weight = F.pad(weight, (0, self.overhang))
+        weight = weight.reshape(*weight.shape[:2], self.taps, self.stride)
         # phase weights [out * stride, in, 1, taps]: tap m reads input step q - (taps - 1 - m)
         phases = weight.flip(2).permute(1, 3, 0, 2).reshape(-1, weight.shape[0], 1, self.taps)
-        self.weight = constant(phases)
+        self.weight = frozen(phases)
         bias = None if conv.bias is None else conv.bias.repeat_interleave(self.stride)
-        self.bias = None if bias is None else constant(bias)
+        self.bias = None if bias is None else frozen(bias)
         self.norm = exportable(layer.convtr.norm)
         total = kernel - self.stride
         right = math.ceil(total * layer.trim_right_ratio) if layer.causal else total // 2
@@ -139,8 +147,8 @@ class _ConvTranspose(nn.Module):
         batch, channels, _, steps = y.shape
         y = y.reshape(batch, channels // self.stride, self.stride, steps)
         y = y.transpose(2, 3).reshape(batch, channels // self.stride, 1, steps * self.stride)
-        if self.extra:
-            y = y[..., : y.shape[-1] - self.extra]
+        if self.overhang:
+            y = y[..., : y.shape[-1] - self.overhang]
         y = self.norm(y)
         return y[..., self.left : y.shape[-1] - self.right]
 
@@ -222,7 +230,7 @@ def exportable(module: nn.Module) -> nn.Module:
         return _Residual(module)
     if isinstance(module, SLSTM):
         return _LSTM(module)
-    if isinstance(module, nn.GroupNorm) and module.num_groups == 1:
+    if isinstance(module, nn.GroupNorm) and module.num_groups == 1 and module.affine:
         return _GroupNorm(module)
     if isinstance(module, nn.ELU):
         if module.alpha != 1.0:

@@ -12,7 +12,8 @@ is truncated, corrupt or from something else is rebuilt with one warning, and a 
 that cannot be written keeps the graph in memory.
 
 The graph's samples do not depend on ONNX Runtime's thread count (tested with 1 to 4), so
-the same offset gives the same bytes on every mount and machine. Each decode runs on one
+the same offset gives the same bytes on every mount of a machine (another CPU may get
+other kernels from ONNX Runtime, within the same 2 LSB of encodec). Each decode runs on one
 thread all the same: two one-thread decodes at once do more work than one two-thread decode
 (measured on 2 cores: 53-57 against 70 ms a 48 kHz frame), so parallelism comes from the
 scheduler running several decodes at once on the one session.

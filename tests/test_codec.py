@@ -8,8 +8,8 @@ import sys
 
 
 def test_warming_torchs_vector_math_keeps_elus_samples_bit_for_bit():
-    """The warm-up that keeps torch's ELU fast (see ``codec.warm_vector_math``) runs in a
-    fresh process, where the slow path is still taken: the samples must not change."""
+    """The warm-up that keeps torch's ELU fast (see ``codec.warm_vector_math``), in a fresh
+    process that has not run it yet: ELU's samples are the same before and after."""
     script = (
         "import torch\n"
         "from ecdcfs.codec import warm_vector_math\n"

@@ -88,3 +88,31 @@ def test_elu_is_torchs_within_one_ulp_of_one():
 def test_elu_other_than_alpha_one_is_refused():
     with pytest.raises(graph.GraphUnusable, match="alpha"):
         graph.exportable(nn.ELU(alpha=0.5))
+
+
+@pytest.mark.parametrize("trim_right_ratio", [0.0, 0.5])
+def test_causal_transposed_convolution_trims_like_encodec(trim_right_ratio):
+    layer = SConvTranspose1d(6, 5, 10, 4, causal=True, trim_right_ratio=trim_right_ratio)
+    assert_like_encodec(randomised(layer), (1, 3, 40))
+
+
+def test_layers_without_bias_are_encodecs():
+    assert_like_encodec(randomised(SConv1d(6, 5, 3, bias=False)), (7, 40))
+    transposed = SConvTranspose1d(6, 5, 8, 4)  # which has no bias option: drop it
+    transposed.convtr.convtr.bias = None
+    assert_like_encodec(randomised(transposed), (1, 40))
+
+
+@pytest.mark.parametrize(
+    "layer",
+    [
+        SConvTranspose1d(6, 5, 2, 3),  # kernel shorter than the stride
+        nn.GroupNorm(1, 4, affine=False),
+        nn.GroupNorm(2, 4),
+        SConv1d(6, 5, 3, norm="layer_norm"),
+    ],
+    ids=["short-kernel", "group-norm-without-affine", "two-groups", "layer-norm"],
+)
+def test_layers_without_a_checked_form_are_refused(layer):
+    with pytest.raises(graph.GraphUnusable):
+        graph.exportable(layer)
