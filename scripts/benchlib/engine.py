@@ -151,11 +151,12 @@ def float_snr(audio, cache: Path) -> float:
 def compare_rows(default_wav: Path, exact_wav: Path, data_bytes: int, snr: float) -> list[Row]:
     """13: the default decoder's output against --exact's, for the same audio: ``snr`` of
     the float samples, then the PCM of the two cps."""
+    from ecdcfs.onnx_decoder import snr_db
+
     default = np.frombuffer(default_wav.read_bytes()[-data_bytes:], "<i2").astype(np.float64)
     exact = np.frombuffer(exact_wav.read_bytes()[-data_bytes:], "<i2").astype(np.float64)
     error = default - exact
-    noise = float(np.sum(error**2))
-    pcm_snr = float("inf") if noise == 0 else 10 * np.log10(float(np.sum(exact**2)) / noise)
+    pcm_snr = snr_db(exact, default)
     lsb = int(np.abs(error).max())
     share = float(np.mean(error != 0))
     return [
