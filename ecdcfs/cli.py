@@ -73,16 +73,17 @@ EPILOG = """\
 
 cache directory:
   --cache-dir (default $XDG_CACHE_HOME/ecdcfs) holds each model's decoder graph (graphs/,
-  ~30 MB a model, built once per checkpoint and onnxruntime; never evicted, since
-  rebuilding one costs a torch import and an export) and the code indexes of LM-coded
-  files, at most --cache-dir-mb MiB of them (least recently used deleted first). A cache
-  directory that cannot be written (read-only, full) only costs persistence. ecdcfs
-  --clear-cache [--cache-dir DIR] deletes the indexes and graphs (nothing else) and exits.
+  ~40 MB a model, built once per checkpoint, graph format and onnxruntime; never evicted,
+  since rebuilding one costs a torch import and an export) and the code indexes of
+  LM-coded files, at most --cache-dir-mb MiB of them (least recently used deleted first).
+  A cache directory that cannot be written (read-only, full) only costs persistence.
+  ecdcfs --clear-cache [--cache-dir DIR] deletes the indexes and graphs (nothing else) and
+  exits.
 
 decoding:
   Listing never decodes. By default frames decode on ONNX Runtime, several at once, with
   each model's decoder graph exported once from its checkpoint into the cache dir (a child
-  process imports torch for that, ~10 s); a daemon serving plain files with their graphs
+  process imports torch for that, ~3 s a model); a daemon serving plain files with their graphs
   cached never imports torch. --exact decodes with encodec's own PyTorch model, bit for
   bit; a GPU (--device cuda) decodes with torch too; LM-coded files need torch for their
   LM. The decoders load in the daemon once it has started: in the background right away

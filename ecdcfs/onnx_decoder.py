@@ -307,7 +307,7 @@ def build(name: str, sha: str, path: Path | None) -> Artifact:
     kept = _unsaved.get((name, sha)) if sha else None
     if kept is not None:
         return kept
-    log.info("building the decoder graph of %s (once per checkpoint, ~10 s)", name)
+    log.info("building the decoder graph of %s (once per checkpoint, ~3 s)", name)
     if path is not None and _export(name, sha, path):
         _drop_stale(path)
         log.info("saved the decoder graph %s", path)
@@ -376,7 +376,8 @@ def _one_export(name: str) -> threading.Lock:
 
 
 def _drop_stale(path: Path) -> None:
-    """Delete ``path``'s siblings of the same model (another checkpoint or onnxruntime)."""
+    """Delete ``path``'s siblings of the same model (another checkpoint, graph format or
+    onnxruntime)."""
     model = path.name.split("-", 1)[0]
     for stale in path.parent.glob(f"{model}-*{GRAPH_SUFFIX}"):
         if stale != path:
