@@ -1,11 +1,15 @@
 """Decoded units, each decoded once: a byte-bounded LRU cache in front of decode workers.
 
 Readers ask for units (48 kHz frames, 24 kHz chunks: see :mod:`ecdcfs.units`) they need now
-(urgent) or will need soon (read-ahead). Urgent work always runs first, and never waits
-behind read-ahead: when every worker is busy, the read-ahead decode that started last is
-interrupted (:mod:`ecdcfs.interrupts`) and queued again. A request for a unit that is
-cached or already being decoded shares that result, so two readers never decode the same
-unit twice.
+(urgent) or will need soon (read-ahead). Urgent work always runs first, and a unit wanted
+before its decode started (a seek, a cold read) decodes *alone*: every read-ahead decode in
+flight is interrupted (:mod:`ecdcfs.interrupts`) and queued again, and no read-ahead starts
+until it is done. Decodes side by side slow each other down (memory bandwidth, shared
+caches): measured on 2 cores, a seek while playing took 117-150 ms beside the new window's
+read-ahead and 96-121 ms alone. Read-ahead already decoding when a reader comes to need it
+just becomes urgent; it and the read-ahead beside it go on, so sequential reads keep every
+worker busy. A request for a unit that is cached or already being decoded shares that
+result, so two readers never decode the same unit twice.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ class _Job:
     batch: Batch | None = None
     future: Future = field(default_factory=Future)
     started: bool = False
+    pressing: bool = False  # wanted now before its decode started: it decodes alone
     stopping: str | None = None  # interrupted while running: "requeue" it, or "drop" it
 
 
@@ -82,7 +87,6 @@ class DecodeScheduler:
         self._closed = False
         self._interrupts = interrupts
         self._running: dict[int, list[_Job]] = {}  # worker thread -> the jobs it decodes
-        self._idle = 0  # workers waiting for a job
         self._workers = [
             threading.Thread(target=self._run, name=f"ecdcfs-decoder-{n}", daemon=True)
             for n in range(workers)
@@ -106,13 +110,14 @@ class DecodeScheduler:
                 return done
             job = self._jobs.get(key)
             if job is None:
-                job = self._jobs[key] = _Job(key, produce, urgent, batch)
+                job = self._jobs[key] = _Job(key, produce, urgent, batch, pressing=urgent)
                 self._push(job)
             elif urgent and not job.urgent:
                 job.urgent = True
                 if job.stopping == "drop":
                     job.stopping = "requeue"  # wanted after all: decode it again at once
                 if not job.started:
+                    job.pressing = True
                     self._push(job)  # the stale read-ahead entry is skipped when popped
             if urgent:
                 self._make_room()
@@ -135,19 +140,14 @@ class DecodeScheduler:
                     self._interrupt(thread, job, "drop")
 
     def _make_room(self) -> None:
-        """Interrupt read-ahead decodes (latest started first) while queued urgent jobs
-        outnumber the workers that are free or about to be."""
+        """Interrupt every read-ahead decode while a pressing job waits to start."""
         if self._interrupts is None:
             return
-        waiting = sum(1 for job in self._jobs.values() if job.urgent and not job.started)
-        freeing = sum(1 for jobs in self._running.values() if jobs[0].stopping)
-        victims = [
-            (thread, jobs[0])
-            for thread, jobs in reversed(self._running.items())  # latest started first
-            if len(jobs) == 1 and not jobs[0].urgent and not jobs[0].stopping
-        ]
-        for thread, job in victims[: max(0, waiting - self._idle - freeing)]:
-            self._interrupt(thread, job, "requeue")
+        if not any(job.pressing and not job.started for job in self._jobs.values()):
+            return
+        for thread, jobs in self._running.items():
+            if len(jobs) == 1 and not jobs[0].urgent and not jobs[0].stopping:
+                self._interrupt(thread, jobs[0], "requeue")
 
     def _interrupt(self, thread: int, job: _Job, then: str) -> None:
         """Stop ``thread``'s decode of ``job`` (lock held); ``then``: "requeue" or "drop"."""
@@ -175,10 +175,8 @@ class DecodeScheduler:
         """The next job (with its batch companions) for worker ``thread``; None at close."""
         with self._lock:
             while True:
-                self._idle += 1
-                while not self._queue and not self._closed:
+                while not self._startable() and not self._closed:
                     self._wakeup.wait()
-                self._idle -= 1
                 if self._closed:
                     return None
                 _, _, job = heapq.heappop(self._queue)
@@ -186,6 +184,16 @@ class DecodeScheduler:
                     job.started = True
                     jobs = self._running[thread] = [job, *self._companions(job)]
                     return jobs
+
+    def _startable(self) -> bool:
+        """Whether a worker may pop the queue's first entry: read-ahead waits while a
+        pressing job is queued or decoding (stale entries are popped and skipped)."""
+        if not self._queue:
+            return False
+        priority, _, job = self._queue[0]
+        if priority == URGENT or job.started or job.future.cancelled():
+            return True
+        return not any(other.pressing for other in self._jobs.values())
 
     def _companions(self, job: _Job) -> list[_Job]:
         """Queued jobs that can share ``job``'s decode call, waiting ones first."""
@@ -254,7 +262,9 @@ class DecodeScheduler:
             log.debug("interrupted unit %s (%s)", job.key, stopping)
             if stopping == "requeue":
                 job.started = False
+                job.pressing = job.urgent  # needed while it was being stopped
                 self._push(job)
+                self._make_room()
             else:
                 del self._jobs[job.key]
                 job.future.cancel()
@@ -264,6 +274,7 @@ class DecodeScheduler:
         if isinstance(outcome, BaseException):
             with self._lock:
                 del self._jobs[job.key]
+                self._wakeup.notify_all()
             job.future.set_exception(outcome)
             return
         log.debug("decoded unit %s in %.3f s", job.key, seconds)
@@ -272,4 +283,5 @@ class DecodeScheduler:
             if outcome.nbytes <= self.capacity_bytes:
                 self._cache[job.key] = outcome
             del self._jobs[job.key]
+            self._wakeup.notify_all()
         job.future.set_result(outcome)

@@ -1,5 +1,6 @@
-"""The frame scheduler: decoded once, urgent first and never behind read-ahead (interrupted
-when every worker is busy), GPU-style batches that keep errors apart."""
+"""The frame scheduler: decoded once, urgent first and never behind or beside read-ahead
+(interrupted, and held back, while a unit wanted now decodes), GPU-style batches that keep
+errors apart."""
 
 from __future__ import annotations
 
@@ -129,33 +130,76 @@ def two_workers():
     scheduler.close()
 
 
-def test_urgent_work_interrupts_the_latest_read_ahead_and_requeues_it(two_workers):
+def test_urgent_work_decodes_alone_every_read_ahead_is_interrupted_and_requeued(two_workers):
     scheduler, interrupts = two_workers
     early, late = StoppableWork(interrupts, 1), StoppableWork(interrupts, 2)
     early_future = scheduler.request("early", early, urgent=False)
     assert early.running.wait(10)
     late_future = scheduler.request("late", late, urgent=False)
     assert late.running.wait(10)
-    urgent = scheduler.request("urgent", lambda: frame(3))
-    assert urgent.result(10).audio[0, 0] == 3  # it did not wait for either read-ahead
-    assert not early_future.done() and early.calls == 1  # the earlier one kept running
-    assert scheduler.interrupted_count == 1
-    assert wait_for(lambda: late.calls == 2)  # queued again, and restarted
+    urgent = StoppableWork(interrupts, 3)
+    urgent_future = scheduler.request("urgent", urgent)
+    assert urgent.running.wait(10)
+    assert wait_for(lambda: scheduler.interrupted_count == 2)  # both, not only one
+    time.sleep(0.2)
+    assert early.calls == late.calls == 1  # queued again, but not started beside it
+    urgent.release.set()
+    assert urgent_future.result(10).audio[0, 0] == 3
+    assert wait_for(lambda: early.calls == late.calls == 2)  # restarted once it is done
     early.release.set()
     late.release.set()
     assert early_future.result(10).audio[0, 0] == 1
     assert late_future.result(10).audio[0, 0] == 2
 
 
-def test_urgent_work_with_a_free_worker_interrupts_nothing(two_workers):
+def test_urgent_work_decodes_alone_even_with_a_free_worker(two_workers):
     scheduler, interrupts = two_workers
     ahead = StoppableWork(interrupts, 1)
     future = scheduler.request("ahead", ahead, urgent=False)
     assert ahead.running.wait(10)
     assert scheduler.request("urgent", lambda: frame(3)).result(10).audio[0, 0] == 3
+    assert scheduler.interrupted_count == 1
+    assert wait_for(lambda: ahead.calls == 2)
     ahead.release.set()
     assert future.result(10).audio[0, 0] == 1
-    assert ahead.calls == 1 and scheduler.interrupted_count == 0
+
+
+def test_read_ahead_waits_while_urgent_work_decodes(two_workers):
+    scheduler, interrupts = two_workers
+    urgent, ahead = StoppableWork(interrupts, 1), StoppableWork(interrupts, 2)
+    urgent_future = scheduler.request("urgent", urgent)
+    assert urgent.running.wait(10)
+    ahead_future = scheduler.request("ahead", ahead, urgent=False)
+    assert not ahead.running.wait(0.2)  # a worker is free, and it still waits
+    other = scheduler.request("other", lambda: frame(3))  # urgent work does not wait
+    assert other.result(10).audio[0, 0] == 3
+    assert not ahead.running.is_set()
+    urgent.release.set()
+    assert urgent_future.result(10).audio[0, 0] == 1
+    assert ahead.running.wait(10)
+    ahead.release.set()
+    assert ahead_future.result(10).audio[0, 0] == 2
+    assert scheduler.interrupted_count == 0
+
+
+def test_needing_running_read_ahead_interrupts_nothing(two_workers):
+    # Sequential reads: the reader catches up with read-ahead in flight, which becomes
+    # urgent; the next read-ahead beside it keeps decoding.
+    scheduler, interrupts = two_workers
+    first, second = StoppableWork(interrupts, 1), StoppableWork(interrupts, 2)
+    scheduler.request("first", first, urgent=False)
+    scheduler.request("second", second, urgent=False)
+    assert first.running.wait(10) and second.running.wait(10)
+    needed = scheduler.request("first", first)
+    first.release.set()
+    assert needed.result(10).audio[0, 0] == 1
+    second.release.set()
+    assert scheduler.request("second", second).result(10).audio[0, 0] == 2
+    assert scheduler.interrupted_count == 0 and first.calls == second.calls == 1
+    follow = StoppableWork(interrupts, 4)  # read-ahead queued after it starts at once
+    scheduler.request("follow", follow, urgent=False)
+    assert follow.running.wait(10)
+    follow.release.set()
 
 
 def test_cancelling_running_read_ahead_stops_it_and_drops_it(two_workers):
