@@ -67,8 +67,8 @@ class DecodeScheduler:
     """Cache of decoded units plus the ``workers`` threads that fill it.
 
     A unit's samples never depend on how many workers there are (each decoder makes its
-    decodes deterministic on its own); ``interrupts`` (None: never) stops a worker's
-    read-ahead decode when urgent work would wait for it.
+    decodes deterministic on its own); ``interrupts`` (None: never) stops the read-ahead
+    decodes in flight when a unit wanted now is to decode alone (see the module docstring).
     """
 
     def __init__(
