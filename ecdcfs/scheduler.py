@@ -1,15 +1,17 @@
 """Decoded units, each decoded once: a byte-bounded LRU cache in front of decode workers.
 
 Readers ask for units (48 kHz frames, 24 kHz chunks: see :mod:`ecdcfs.units`) they need now
-(urgent) or will need soon (read-ahead). Urgent work always runs first, and a unit wanted
-before its decode started (a seek, a cold read) decodes *alone*: every read-ahead decode in
-flight is interrupted (:mod:`ecdcfs.interrupts`) and queued again, and no read-ahead starts
-until it is done. Decodes side by side slow each other down (memory bandwidth, shared
-caches): measured on 2 cores, a seek while playing took 117-150 ms beside the new window's
-read-ahead and 96-121 ms alone. Read-ahead already decoding when a reader comes to need it
-just becomes urgent; it and the read-ahead beside it go on, so sequential reads keep every
-worker busy. A request for a unit that is cached or already being decoded shares that
-result, so two readers never decode the same unit twice.
+(urgent) or will need soon (read-ahead). Urgent work always runs first and never waits
+behind read-ahead: read-ahead decodes in flight are interrupted (:mod:`ecdcfs.interrupts`)
+and queued again in their old places. A unit nobody had asked for yet (a seek, a cold read)
+decodes *alone*: every read-ahead decode in flight is interrupted, and no read-ahead starts
+until it is done, since decodes side by side slow each other down (memory bandwidth, shared
+caches; measured on 2 cores, a seek while playing took 117-150 ms beside the new window's
+read-ahead and 96-121 ms alone). Read-ahead that a reader catches up with just becomes
+urgent: if it is queued, the read-ahead that started last makes room for it when no worker
+is free; if it is decoding, nothing is stopped, so sequential reads keep every worker busy.
+A request for a unit that is cached or already being decoded shares that result, so two
+readers never decode the same unit twice.
 """
 
 from __future__ import annotations
@@ -59,7 +61,8 @@ class _Job:
     batch: Batch | None = None
     future: Future = field(default_factory=Future)
     started: bool = False
-    pressing: bool = False  # wanted now before its decode started: it decodes alone
+    pressing: bool = False  # wanted now, and nobody had asked for it: it decodes alone
+    order: int | None = None  # its place in the queue, kept when it is queued again
     stopping: str | None = None  # interrupted while running: "requeue" it, or "drop" it
 
 
@@ -77,7 +80,7 @@ class DecodeScheduler:
         self.capacity_bytes = capacity_bytes
         self.workers = workers
         self.decoded_count = 0  # units produced since start (for benchmarks and tests)
-        self.interrupted_count = 0  # read-ahead decodes interrupted (for tests)
+        self.interrupted_count = 0  # interruptions of read-ahead decodes asked for (for tests)
         self._cache: LRUCache = LRUCache(maxsize=capacity_bytes, getsizeof=lambda f: f.nbytes)
         self._jobs: dict[Hashable, _Job] = {}
         self._queue: list[tuple[int, int, _Job]] = []
@@ -87,6 +90,7 @@ class DecodeScheduler:
         self._closed = False
         self._interrupts = interrupts
         self._running: dict[int, list[_Job]] = {}  # worker thread -> the jobs it decodes
+        self._idle = 0  # workers waiting for a job
         self._workers = [
             threading.Thread(target=self._run, name=f"ecdcfs-decoder-{n}", daemon=True)
             for n in range(workers)
@@ -117,7 +121,6 @@ class DecodeScheduler:
                 if job.stopping == "drop":
                     job.stopping = "requeue"  # wanted after all: decode it again at once
                 if not job.started:
-                    job.pressing = True
                     self._push(job)  # the stale read-ahead entry is skipped when popped
             if urgent:
                 self._make_room()
@@ -140,14 +143,22 @@ class DecodeScheduler:
                     self._interrupt(thread, job, "drop")
 
     def _make_room(self) -> None:
-        """Interrupt every read-ahead decode while a pressing job waits to start."""
+        """Interrupt read-ahead decodes: all of them while a pressing job waits to start,
+        else the latest started while waiting urgent jobs outnumber the workers that are
+        free or about to be."""
         if self._interrupts is None:
             return
-        if not any(job.pressing and not job.started for job in self._jobs.values()):
-            return
-        for thread, jobs in self._running.items():
-            if len(jobs) == 1 and not jobs[0].urgent and not jobs[0].stopping:
-                self._interrupt(thread, jobs[0], "requeue")
+        waiting = [job for job in self._jobs.values() if job.urgent and not job.started]
+        victims = [
+            (thread, jobs[0])
+            for thread, jobs in reversed(self._running.items())  # latest started first
+            if len(jobs) == 1 and not jobs[0].urgent and not jobs[0].stopping
+        ]
+        if not any(job.pressing for job in waiting):
+            freeing = sum(1 for jobs in self._running.values() if jobs[0].stopping)
+            victims = victims[: max(0, len(waiting) - self._idle - freeing)]
+        for thread, job in victims:
+            self._interrupt(thread, job, "requeue")
 
     def _interrupt(self, thread: int, job: _Job, then: str) -> None:
         """Stop ``thread``'s decode of ``job`` (lock held); ``then``: "requeue" or "drop"."""
@@ -168,18 +179,23 @@ class DecodeScheduler:
             worker.join(timeout=30)
 
     def _push(self, job: _Job) -> None:
-        heapq.heappush(self._queue, (URGENT if job.urgent else READ_AHEAD, next(self._order), job))
+        if job.order is None:
+            job.order = next(self._order)
+        priority = URGENT if job.urgent else READ_AHEAD
+        heapq.heappush(self._queue, (priority, job.order, next(self._order), job))
         self._wakeup.notify()
 
     def _next_jobs(self, thread: int) -> list[_Job] | None:
         """The next job (with its batch companions) for worker ``thread``; None at close."""
         with self._lock:
             while True:
+                self._idle += 1
                 while not self._startable() and not self._closed:
                     self._wakeup.wait()
+                self._idle -= 1
                 if self._closed:
                     return None
-                _, _, job = heapq.heappop(self._queue)
+                *_, job = heapq.heappop(self._queue)
                 if not job.started and not job.future.cancelled():
                     job.started = True
                     jobs = self._running[thread] = [job, *self._companions(job)]
@@ -190,7 +206,7 @@ class DecodeScheduler:
         pressing job is queued or decoding (stale entries are popped and skipped)."""
         if not self._queue:
             return False
-        priority, _, job = self._queue[0]
+        priority, *_, job = self._queue[0]
         if priority == URGENT or job.started or job.future.cancelled():
             return True
         return not any(other.pressing for other in self._jobs.values())
@@ -241,13 +257,35 @@ class DecodeScheduler:
     def _run(self) -> None:
         thread = threading.get_ident()
         while (jobs := self._next_jobs(thread)) is not None:
-            started = time.perf_counter()
-            outcomes = self._produce(jobs)
-            elapsed = time.perf_counter() - started
-            if self._settle_interrupted(thread, jobs[0], outcomes[0]):
-                continue
-            for done, outcome in zip(jobs, outcomes, strict=True):
-                self._finish(done, outcome, elapsed / len(jobs))
+            try:
+                self._decode(thread, jobs)
+            except Exception as exc:  # a decoder's bug: fail its readers, keep the worker
+                log.exception("decoding units %s failed", [job.key for job in jobs])
+                self._abandon(thread, jobs, exc)
+
+    def _decode(self, thread: int, jobs: list[_Job]) -> None:
+        """Decode ``jobs`` on worker ``thread`` and hand each reader its outcome."""
+        started = time.perf_counter()
+        outcomes = self._produce(jobs)
+        elapsed = time.perf_counter() - started
+        if self._settle_interrupted(thread, jobs[0], outcomes[0]):
+            return
+        for done, outcome in zip(jobs, outcomes, strict=True):
+            self._finish(done, outcome, elapsed / len(jobs))
+
+    def _abandon(self, thread: int, jobs: list[_Job], exc: Exception) -> None:
+        """Fail the jobs of a decode that went wrong outside the decoder's own calls."""
+        with self._lock:
+            self._running.pop(thread, None)
+            if self._interrupts is not None:
+                self._interrupts.clear(thread)
+            for job in jobs:
+                if self._jobs.get(job.key) is job:
+                    del self._jobs[job.key]
+            self._wakeup.notify_all()
+        for job in jobs:
+            if not job.future.done():
+                job.future.set_exception(exc)
 
     def _settle_interrupted(self, thread: int, job: _Job, outcome: Decoded | BaseException) -> bool:
         """Free worker ``thread``; True if ``job`` failed because it was interrupted (it is
@@ -264,7 +302,8 @@ class DecodeScheduler:
                 job.started = False
                 job.pressing = job.urgent  # needed while it was being stopped
                 self._push(job)
-                self._make_room()
+                if job.pressing:
+                    self._make_room()
             else:
                 del self._jobs[job.key]
                 job.future.cancel()

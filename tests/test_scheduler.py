@@ -258,3 +258,86 @@ def test_without_interrupts_running_read_ahead_finishes_and_is_cached(scheduler)
     scheduler.cancel("ahead")  # a seek: nothing to stop it with
     release.set()
     assert future.result(10).audio[0, 0] == 7 and wait_for(lambda: scheduler.is_cached("ahead"))
+
+
+def test_queued_read_ahead_a_reader_needs_is_not_pressing(two_workers):
+    # Two readers: each catches up with its own queued read-ahead. That frees a worker
+    # (the latest read-ahead is interrupted), but holds nothing back for good.
+    scheduler, interrupts = two_workers
+    first, second = StoppableWork(interrupts, 1), StoppableWork(interrupts, 2)
+    queued = StoppableWork(interrupts, 3)
+    scheduler.request("first", first, urgent=False)
+    assert first.running.wait(10)
+    scheduler.request("second", second, urgent=False)
+    assert second.running.wait(10)
+    scheduler.request("queued", queued, urgent=False)
+    needed = scheduler.request("queued", queued)
+    assert queued.running.wait(10)
+    assert scheduler.interrupted_count == 1 and first.calls == 1  # only "second" stopped
+    queued.release.set()
+    assert needed.result(10).audio[0, 0] == 3
+    assert wait_for(lambda: second.calls == 2)  # restarted: nothing pressing is left
+    first.release.set()
+    second.release.set()
+
+
+def test_interrupted_read_ahead_resumes_before_later_read_ahead(two_workers):
+    scheduler, interrupts = two_workers
+    ahead = {n: StoppableWork(interrupts, n) for n in (1, 2, 3, 4)}
+    for n, work in ahead.items():
+        scheduler.request(n, work, urgent=False)
+    assert ahead[1].running.wait(10) and ahead[2].running.wait(10)
+    assert scheduler.request("seek", lambda: frame(9)).result(10).audio[0, 0] == 9
+    assert wait_for(lambda: ahead[1].calls == ahead[2].calls == 2)  # in their old places
+    assert ahead[3].calls == ahead[4].calls == 0
+    for work in ahead.values():
+        work.release.set()
+
+
+def test_read_ahead_needed_while_being_stopped_decodes_alone(two_workers):
+    scheduler, interrupts = two_workers
+    wanted, other = StoppableWork(interrupts, 1), StoppableWork(interrupts, 2)
+    scheduler.request("wanted", wanted, urgent=False)
+    assert wanted.running.wait(10)
+    scheduler.request("other", other, urgent=False)
+    assert other.running.wait(10)
+    scheduler.cancel("wanted")  # a seek's cancel and another reader's read, back to back
+    future = scheduler.request("wanted", wanted)  # (either before or after it has stopped)
+    assert wait_for(lambda: wanted.calls == 2)  # decoded again at once
+    assert wait_for(lambda: scheduler.interrupted_count == 2)  # and "other" made room
+    time.sleep(0.2)
+    assert other.calls == 1  # held back while it decodes
+    wanted.release.set()
+    assert future.result(10).audio[0, 0] == 1
+    assert wait_for(lambda: other.calls == 2)
+    other.release.set()
+
+
+def test_a_failed_urgent_decode_releases_the_read_ahead_it_held_back(two_workers):
+    scheduler, interrupts = two_workers
+    urgent = StoppableWork(interrupts, 1)
+    failing = scheduler.request("urgent", urgent)
+    assert urgent.running.wait(10)
+    ahead = [StoppableWork(interrupts, n) for n in (2, 3)]
+    for n, work in enumerate(ahead):
+        scheduler.request(n, work, urgent=False)
+    interrupts.interrupt(next(iter(scheduler._running)))  # its decode raises
+    with pytest.raises(RuntimeError):
+        failing.result(10)
+    assert all(work.running.wait(10) for work in ahead)  # both workers, not one
+    for work in ahead:
+        work.release.set()
+
+
+def test_a_decoder_bug_fails_its_readers_and_keeps_the_worker(scheduler):
+    def wrong_batch(inputs: list) -> list:
+        return []  # fewer units than jobs
+
+    batch = Batch("group", 2, lambda: 0.0, wrong_batch)
+    release = block_worker(scheduler)
+    futures = [scheduler.request(n, lambda: frame(0), batch=batch) for n in range(2)]
+    release.set()
+    for future in futures:
+        with pytest.raises(ValueError):
+            future.result(10)
+    assert scheduler.request("next", lambda: frame(5)).result(10).audio[0, 0] == 5
