@@ -83,7 +83,7 @@ class DecodeScheduler:
         self.interrupted_count = 0  # interruptions of read-ahead decodes asked for (for tests)
         self._cache: LRUCache = LRUCache(maxsize=capacity_bytes, getsizeof=lambda f: f.nbytes)
         self._jobs: dict[Hashable, _Job] = {}
-        self._queue: list[tuple[int, int, _Job]] = []
+        self._queue: list[tuple[int, int, int, _Job]] = []  # (priority, place, push, job)
         self._order = itertools.count()
         self._lock = threading.Lock()
         self._wakeup = threading.Condition(self._lock)

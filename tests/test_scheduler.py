@@ -122,6 +122,17 @@ def wait_for(condition, timeout: float = 10) -> bool:
     return condition()
 
 
+def running_read_ahead(scheduler, interrupts, *keys) -> list[StoppableWork]:
+    """Read-ahead decodes of ``keys``, started one after the other and running."""
+    works = []
+    for value, key in enumerate(keys, 1):
+        work = StoppableWork(interrupts, value)
+        scheduler.request(key, work, urgent=False)
+        assert work.running.wait(10)
+        works.append(work)
+    return works
+
+
 @pytest.fixture
 def two_workers():
     interrupts = Interrupts()
@@ -132,11 +143,7 @@ def two_workers():
 
 def test_urgent_work_decodes_alone_every_read_ahead_is_interrupted_and_requeued(two_workers):
     scheduler, interrupts = two_workers
-    early, late = StoppableWork(interrupts, 1), StoppableWork(interrupts, 2)
-    early_future = scheduler.request("early", early, urgent=False)
-    assert early.running.wait(10)
-    late_future = scheduler.request("late", late, urgent=False)
-    assert late.running.wait(10)
+    early, late = running_read_ahead(scheduler, interrupts, "early", "late")
     urgent = StoppableWork(interrupts, 3)
     urgent_future = scheduler.request("urgent", urgent)
     assert urgent.running.wait(10)
@@ -148,8 +155,8 @@ def test_urgent_work_decodes_alone_every_read_ahead_is_interrupted_and_requeued(
     assert wait_for(lambda: early.calls == late.calls == 2)  # restarted once it is done
     early.release.set()
     late.release.set()
-    assert early_future.result(10).audio[0, 0] == 1
-    assert late_future.result(10).audio[0, 0] == 2
+    assert scheduler.request("early", early).result(10).audio[0, 0] == 1
+    assert scheduler.request("late", late).result(10).audio[0, 0] == 2
 
 
 def test_urgent_work_decodes_alone_even_with_a_free_worker(two_workers):
@@ -186,10 +193,7 @@ def test_needing_running_read_ahead_interrupts_nothing(two_workers):
     # Sequential reads: the reader catches up with read-ahead in flight, which becomes
     # urgent; the next read-ahead beside it keeps decoding.
     scheduler, interrupts = two_workers
-    first, second = StoppableWork(interrupts, 1), StoppableWork(interrupts, 2)
-    scheduler.request("first", first, urgent=False)
-    scheduler.request("second", second, urgent=False)
-    assert first.running.wait(10) and second.running.wait(10)
+    first, second = running_read_ahead(scheduler, interrupts, "first", "second")
     needed = scheduler.request("first", first)
     first.release.set()
     assert needed.result(10).audio[0, 0] == 1
@@ -217,10 +221,7 @@ def test_cancelling_running_read_ahead_stops_it_and_drops_it(two_workers):
 
 def test_read_ahead_that_becomes_urgent_while_running_is_never_interrupted(two_workers):
     scheduler, interrupts = two_workers
-    first, second = StoppableWork(interrupts, 1), StoppableWork(interrupts, 2)
-    scheduler.request("first", first, urgent=False)
-    scheduler.request("second", second, urgent=False)
-    assert first.running.wait(10) and second.running.wait(10)
+    first, second = running_read_ahead(scheduler, interrupts, "first", "second")
     needed = scheduler.request("second", second)  # a reader now waits for it
     scheduler.cancel("second")  # and a cancel from another reader's window is ignored
     urgent = scheduler.request("urgent", lambda: frame(3))
@@ -264,12 +265,8 @@ def test_queued_read_ahead_a_reader_needs_is_not_pressing(two_workers):
     # Two readers: each catches up with its own queued read-ahead. That frees a worker
     # (the latest read-ahead is interrupted), but holds nothing back for good.
     scheduler, interrupts = two_workers
-    first, second = StoppableWork(interrupts, 1), StoppableWork(interrupts, 2)
+    first, second = running_read_ahead(scheduler, interrupts, "first", "second")
     queued = StoppableWork(interrupts, 3)
-    scheduler.request("first", first, urgent=False)
-    assert first.running.wait(10)
-    scheduler.request("second", second, urgent=False)
-    assert second.running.wait(10)
     scheduler.request("queued", queued, urgent=False)
     needed = scheduler.request("queued", queued)
     assert queued.running.wait(10)
@@ -296,11 +293,7 @@ def test_interrupted_read_ahead_resumes_before_later_read_ahead(two_workers):
 
 def test_read_ahead_needed_while_being_stopped_decodes_alone(two_workers):
     scheduler, interrupts = two_workers
-    wanted, other = StoppableWork(interrupts, 1), StoppableWork(interrupts, 2)
-    scheduler.request("wanted", wanted, urgent=False)
-    assert wanted.running.wait(10)
-    scheduler.request("other", other, urgent=False)
-    assert other.running.wait(10)
+    wanted, other = running_read_ahead(scheduler, interrupts, "wanted", "other")
     scheduler.cancel("wanted")  # a seek's cancel and another reader's read, back to back
     future = scheduler.request("wanted", wanted)  # (either before or after it has stopped)
     assert wait_for(lambda: wanted.calls == 2)  # decoded again at once
