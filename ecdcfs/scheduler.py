@@ -28,6 +28,7 @@ from typing import Any, Protocol
 
 from cachetools import LRUCache
 
+from .container import EcdcError
 from .interrupts import Interrupts
 
 log = logging.getLogger(__name__)
@@ -64,6 +65,17 @@ class _Job:
     pressing: bool = False  # wanted now, and nobody had asked for it: it decodes alone
     order: int | None = None  # its place in the queue, kept when it is queued again
     stopping: str | None = None  # interrupted while running: "requeue" it, or "drop" it
+
+
+def _shutting_down() -> EcdcError:
+    return EcdcError("the decoder is shutting down")
+
+
+def _failed(exc: BaseException) -> Future:
+    """A future that has already failed with ``exc``."""
+    future: Future = Future()
+    future.set_exception(exc)
+    return future
 
 
 class DecodeScheduler:
@@ -105,8 +117,11 @@ class DecodeScheduler:
         urgent: bool = True,
         batch: Batch | None = None,
     ) -> Future:
-        """A future for unit ``key``, decoding it with ``produce`` unless cached or queued."""
+        """A future for unit ``key``, decoding it with ``produce`` unless cached or queued
+        (after :meth:`close`, one that fails)."""
         with self._lock:
+            if self._closed:
+                return _failed(_shutting_down())
             cached = self._cache.get(key)
             if cached is not None:
                 done: Future = Future()
@@ -172,9 +187,16 @@ class DecodeScheduler:
             return key in self._cache
 
     def close(self) -> None:
+        """Fail the queued units at once, let the workers finish their decodes, stop them."""
         with self._lock:
             self._closed = True
+            queued = [job for job in self._jobs.values() if not job.started]
+            for job in queued:
+                del self._jobs[job.key]
             self._wakeup.notify_all()
+        for job in queued:
+            if not job.future.done():
+                job.future.set_exception(_shutting_down())
         for worker in self._workers:
             worker.join(timeout=30)
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from ecdcfs.codec import DecodedFrame
+from ecdcfs.container import EcdcError
 from ecdcfs.interrupts import Interrupts
 from ecdcfs.scheduler import Batch, DecodeScheduler
 
@@ -334,3 +335,17 @@ def test_a_decoder_bug_fails_its_readers_and_keeps_the_worker(scheduler):
         with pytest.raises(ValueError):
             future.result(10)
     assert scheduler.request("next", lambda: frame(5)).result(10).audio[0, 0] == 5
+
+
+def test_closing_fails_queued_work_and_later_requests_instead_of_hanging():
+    scheduler = DecodeScheduler(capacity_bytes=1 << 20)
+    release = block_worker(scheduler)
+    queued = scheduler.request("queued", lambda: frame(1))
+    closing = threading.Thread(target=scheduler.close)
+    closing.start()
+    with pytest.raises(EcdcError, match="shutting down"):
+        queued.result(5)  # at once, not after the running decode
+    release.set()
+    closing.join(30)
+    with pytest.raises(EcdcError, match="shutting down"):
+        scheduler.request("later", lambda: frame(2)).result(5)
