@@ -298,9 +298,7 @@ class DecodeScheduler:
     def _abandon(self, thread: int, jobs: list[_Job], exc: Exception) -> None:
         """Fail the jobs of a decode that went wrong outside the decoder's own calls."""
         with self._lock:
-            self._running.pop(thread, None)
-            if self._interrupts is not None:
-                self._interrupts.clear(thread)
+            self._free(thread)
             for job in jobs:
                 if self._jobs.get(job.key) is job:
                     del self._jobs[job.key]
@@ -309,13 +307,17 @@ class DecodeScheduler:
             if not job.future.done():
                 job.future.set_exception(exc)
 
+    def _free(self, thread: int) -> None:
+        """Worker ``thread`` decodes nothing now (lock held); its next call runs to the end."""
+        self._running.pop(thread, None)
+        if self._interrupts is not None:
+            self._interrupts.clear(thread)
+
     def _settle_interrupted(self, thread: int, job: _Job, outcome: Decoded | BaseException) -> bool:
         """Free worker ``thread``; True if ``job`` failed because it was interrupted (it is
         then queued again or dropped, as the interruption said), False to finish it."""
         with self._lock:
-            del self._running[thread]
-            if self._interrupts is not None:
-                self._interrupts.clear(thread)
+            self._free(thread)
             stopping, job.stopping = job.stopping, None
             if stopping is None or not isinstance(outcome, BaseException):
                 return False  # not interrupted, or it finished first: keep what it made
@@ -327,15 +329,14 @@ class DecodeScheduler:
                 if job.pressing:
                     self._make_room()
             else:
-                del self._jobs[job.key]
+                self._forget(job)
                 job.future.cancel()
             return True
 
     def _finish(self, job: _Job, outcome: Decoded | BaseException, seconds: float) -> None:
         if isinstance(outcome, BaseException):
             with self._lock:
-                del self._jobs[job.key]
-                self._wakeup.notify_all()
+                self._forget(job)
             job.future.set_exception(outcome)
             return
         log.debug("decoded unit %s in %.3f s", job.key, seconds)
@@ -343,6 +344,11 @@ class DecodeScheduler:
             self.decoded_count += 1
             if outcome.nbytes <= self.capacity_bytes:
                 self._cache[job.key] = outcome
-            del self._jobs[job.key]
-            self._wakeup.notify_all()
+            self._forget(job)
         job.future.set_result(outcome)
+
+    def _forget(self, job: _Job) -> None:
+        """Drop finished ``job`` (lock held); read-ahead it held back may start now."""
+        del self._jobs[job.key]
+        if job.pressing:
+            self._wakeup.notify_all()
