@@ -134,8 +134,7 @@ class _ConvTranspose(nn.Module):
         # phase weights [out * stride, in, 1, taps]: tap m reads input step q - (taps - 1 - m)
         phases = weight.flip(2).permute(1, 3, 0, 2).reshape(-1, weight.shape[0], 1, self.taps)
         self.weight = frozen(phases)
-        bias = None if conv.bias is None else conv.bias.repeat_interleave(self.stride)
-        self.bias = None if bias is None else frozen(bias)
+        self.bias = None if conv.bias is None else frozen(conv.bias.repeat_interleave(self.stride))
         self.norm = exportable(layer.convtr.norm)
         total = kernel - self.stride
         right = math.ceil(total * layer.trim_right_ratio) if layer.causal else total // 2
