@@ -300,9 +300,8 @@ class DecodeScheduler:
         with self._lock:
             self._free(thread)
             for job in jobs:
-                if self._jobs.get(job.key) is job:
-                    del self._jobs[job.key]
-            self._wakeup.notify_all()
+                if self._jobs.get(job.key) is job:  # not finished or dropped before the bug
+                    self._forget(job)
         for job in jobs:
             if not job.future.done():
                 job.future.set_exception(exc)
