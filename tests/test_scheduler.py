@@ -337,6 +337,26 @@ def test_a_decoder_bug_fails_its_readers_and_keeps_the_worker(scheduler):
     assert scheduler.request("next", lambda: frame(5)).result(10).audio[0, 0] == 5
 
 
+def test_a_pressing_decode_that_hits_a_bug_releases_the_read_ahead_it_held_back(two_workers):
+    scheduler, interrupts = two_workers
+    release = threading.Event()
+
+    def not_a_frame() -> object:
+        release.wait(10)
+        return object()  # a decoder bug: caching it fails, outside the decoder's call
+
+    failing = scheduler.request("seek", not_a_frame)
+    ahead = StoppableWork(interrupts, 2)
+    ahead_future = scheduler.request("ahead", ahead, urgent=False)
+    assert not ahead.running.wait(0.2)  # held back while the seek decodes
+    release.set()
+    with pytest.raises(AttributeError):
+        failing.result(10)
+    assert ahead.running.wait(10)  # the abandoned seek holds nothing back
+    ahead.release.set()
+    assert ahead_future.result(10).audio[0, 0] == 2
+
+
 def test_closing_fails_queued_work_and_later_requests_instead_of_hanging():
     scheduler = DecodeScheduler(capacity_bytes=1 << 20)
     release = block_worker(scheduler)
