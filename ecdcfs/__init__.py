@@ -11,7 +11,7 @@ import os
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from .audiofile import Engine
+    from .engine import Engine
     from .settings import Settings
     from .wavfile import WavFile
 

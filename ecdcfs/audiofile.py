@@ -8,62 +8,33 @@ equal encodec's decode.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import logging
 import os
 import threading
-from collections.abc import Callable, Collection, Iterator
+from collections.abc import Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .codec import (
-    CHECKPOINTS,
-    LM_CHECKPOINTS,
-    DecodedFrame,
-    FrameDecoder,
-    ModelUnavailable,
-    TorchCodec,
-    default_device,
-)
-from .container import MODELS, EncodedFrame, Header, ModelSpec, read_header
-from .index import CodeIndex, IndexStore, Unit
-from .interrupts import Interrupts
-from .scheduler import Batch, DecodeScheduler
-from .settings import Settings, checkpoint_dir, default_threads
-from .source import ByteSource, MemorySource, as_stream
+from .container import EncodedFrame, Header, read_header
+from .decoder import DecodedFrame
+from .index import CodeIndex, Unit
+from .scheduler import Batch
+from .source import ByteSource
 from .units import CodeSource, decode_units
 from .wav import WavLayout, float_to_pcm16
 
+if TYPE_CHECKING:
+    from .engine import Engine
+
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 # Read-ahead never asks for more than this share of the cache, so it cannot evict itself.
 READ_AHEAD_CACHE_SHARE = 4
 MAX_READ_AHEAD_UNITS = 64
-
-
-def checkpoint_fingerprint(file_name: str) -> tuple:
-    """The checkpoint ``file_name`` as it is now: its path and its size, mtime and inode
-    (None for a missing file). No torch needed."""
-    path = checkpoint_dir() / file_name
-    try:
-        st = os.stat(path)
-    except OSError:
-        return (str(path), None)
-    return (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
-
-
-@dataclass(frozen=True)
-class _Failure:
-    """A model that could not be loaded, and its checkpoint's fingerprint before trying."""
-
-    error: ModelUnavailable
-    fingerprint: tuple
 
 
 def wav_layout(header: Header) -> WavLayout:
@@ -82,155 +53,6 @@ def probe(path: Path) -> WavLayout:
     """WAV layout of an .ecdc file from its header alone (no decoding, no torch)."""
     with open(path, "rb") as f:
         return wav_layout(read_header(f, os.fstat(f.fileno()).st_size))
-
-
-class Engine:
-    """Decoding machinery shared by every open file: frame decoders, unit cache, code indexes.
-
-    Frames decode on ONNX Runtime (:mod:`ecdcfs.onnx_decoder`), several at once, unless
-    the settings ask for encodec's own torch decode (``exact``, or a GPU), one at a time.
-    """
-
-    def __init__(self, settings: Settings | None = None) -> None:
-        self.settings = settings or Settings()
-        self.device = self.settings.device or default_device()
-        self.torch_decodes = self.settings.exact or self.device != "cpu"
-        self.interrupts = Interrupts()
-        self.scheduler = DecodeScheduler(
-            self.settings.cache_mb << 20,
-            workers=1 if self.torch_decodes else self.settings.threads or default_threads(),
-            interrupts=None if self.torch_decodes else self.interrupts,  # torch runs to the end
-        )
-        cap = self.settings.cache_dir_mb
-        self.indexes = IndexStore(
-            self.settings.cache_dir, max_bytes=None if cap is None else cap << 20
-        )
-        self._codecs: dict[str, FrameDecoder] = {}
-        self._lms: dict[str, Any] = {}
-        # Load failures by what failed ("encodec_48khz", "encodec_48khz LM"); see _load.
-        self._failures: dict[str, _Failure] = {}
-        self._codec_lock = threading.Lock()
-
-    def codec(self, spec: ModelSpec) -> FrameDecoder:
-        """The frame decoder for ``spec``, loaded on first use (see :meth:`_load` for failures)."""
-        with self._codec_lock:
-            codec = self._codecs.get(spec.name)
-            if codec is None:
-                load = self._torch_codec if self.torch_decodes else self._onnx_decoder
-                codec = self._load(spec.name, CHECKPOINTS[spec.name], lambda: load(spec))
-                self._codecs[spec.name] = codec
-            return codec
-
-    def _torch_codec(self, spec: ModelSpec) -> TorchCodec:
-        return TorchCodec(spec, self.device)
-
-    def _onnx_decoder(self, spec: ModelSpec) -> FrameDecoder:
-        """The ONNX Runtime decoder; encodec's own on the CPU (one warning) if there can be none."""
-        try:
-            from .onnx_decoder import load_onnx_decoder
-
-            return load_onnx_decoder(spec, self.settings.cache_dir, self.interrupts)
-        except ModelUnavailable:
-            raise
-        except Exception as exc:  # import, export, runtime: none may make files unreadable
-            log.warning(
-                "cannot decode %s with ONNX Runtime (%s): decoding with encodec's torch model",
-                spec.name,
-                exc,
-            )
-            return TorchCodec(spec, "cpu")
-
-    def lm(self, spec: ModelSpec) -> Any:
-        """The language model of ``spec``'s model, for LM-coded files (see :meth:`_load`)."""
-        codec = self.codec(spec)
-        with self._codec_lock:
-            lm = self._lms.get(spec.name)
-            if lm is None:
-                checkpoint = LM_CHECKPOINTS[spec.name]
-                lm = self._load(f"{spec.name} LM", checkpoint, lambda: self._load_lm(spec, codec))
-                self._lms[spec.name] = lm
-            return lm
-
-    @staticmethod
-    def _load_lm(spec: ModelSpec, codec: FrameDecoder) -> Any:
-        """The LM (torch eager, as the encoder ran it), built from encodec's model: the
-        exact decoder's, or one loaded just for this (and dropped after)."""
-        exact = codec if isinstance(codec, TorchCodec) else TorchCodec(spec, "cpu")
-        return exact.lm
-
-    def _load(self, what: str, checkpoint: str, load: Callable[[], T]) -> T:
-        """``load()`` of ``what``, whose checkpoint file is ``checkpoint``; with the lock held.
-
-        A failure is logged once and remembered with the checkpoint's fingerprint: until
-        the file changes (copied in, a partial copy completed) it is raised again without
-        a new attempt, so an offline mount does not try a download at every read.
-        """
-        failure = self._failures.get(what)
-        fingerprint = checkpoint_fingerprint(checkpoint)
-        if failure is not None and failure.fingerprint == fingerprint:
-            raise failure.error
-        try:
-            value = load()
-        except ModelUnavailable as exc:
-            log.error("%s", exc)
-            self._failures[what] = _Failure(exc, fingerprint)
-            raise
-        if self._failures.pop(what, None) is not None:
-            log.info("%s loaded: its checkpoint %s was found", what, checkpoint)
-        return value
-
-    def failure(self, spec: ModelSpec, use_lm: bool) -> str | None:
-        """Why files of ``spec`` (LM-coded if ``use_lm``) cannot be decoded now; loads nothing.
-
-        None if no load failed, or if the checkpoint changed since (the next read tries it).
-        """
-        needed = [(spec.name, CHECKPOINTS[spec.name])]
-        if use_lm:
-            needed.append((f"{spec.name} LM", LM_CHECKPOINTS[spec.name]))
-        for what, checkpoint in needed:
-            failure = self._failures.get(what)  # no lock: it is held while a model loads
-            if failure is not None and failure.fingerprint == checkpoint_fingerprint(checkpoint):
-                return str(failure.error)
-        return None
-
-    def loaded_codec(self, spec: ModelSpec) -> FrameDecoder | None:
-        """The model for ``spec`` if it is already loaded (never loads it)."""
-        with self._codec_lock:
-            return self._codecs.get(spec.name)
-
-    def warm_up(self, names: Collection[str] = tuple(MODELS)) -> None:
-        """Load the models ``names`` whose checkpoints are on disk, so first reads are fast.
-
-        Meant for a background thread right after the daemon forks; it lowers that
-        thread's priority so listings right after mounting stay fast. A model that fails
-        here fails again (once, clearly) at the first read that needs it. (Each model
-        costs memory: ~160 MiB of RSS for the 48 kHz one on ONNX Runtime, ~660 MiB with
-        torch, so load only those the files use.)
-        """
-        with contextlib.suppress(OSError):  # Linux: a thread's nice value is its own
-            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
-        for name in names:
-            spec = MODELS[name]
-            if (checkpoint_dir() / CHECKPOINTS[name]).exists():
-                with contextlib.suppress(ModelUnavailable):
-                    self.codec(spec)
-
-    def open(self, path: Path, data: bytes | None = None) -> AudioFile:
-        """Validate an .ecdc file (its bytes, or read from ``path``) as an :class:`AudioFile`.
-
-        Raises :class:`EcdcError` if the file is unusable.
-        """
-        if data is None:
-            data = Path(path).read_bytes()
-        return self.open_source(str(path), MemorySource(data))
-
-    def open_source(self, name: str, source: ByteSource) -> AudioFile:
-        """An :class:`AudioFile` over any byte source (``name`` is for messages)."""
-        header = read_header(as_stream(source, block=1), source.size)  # exactly the header
-        return AudioFile(self, name, source, header)
-
-    def close(self) -> None:
-        self.scheduler.close()
 
 
 class AudioFile:
@@ -313,11 +135,11 @@ class AudioFile:
 
     def decode(self, index: int) -> DecodedFrame:
         """Decode unit ``index`` now, bypassing the cache (the decode worker calls this)."""
-        return self.units.decode(self.engine.codec(self.header.model), index, self._code_source())
+        return self.units.decode(self.engine.decoder(self.header.model), index, self._code_source())
 
     def assemble(self, decoded: dict[int, DecodedFrame], start: int, stop: int) -> np.ndarray:
         """Samples ``[start, stop)`` from the decoded units covering them."""
-        return self.units.assemble(self.engine.codec(self.header.model), decoded, start, stop)
+        return self.units.assemble(self.engine.decoder(self.header.model), decoded, start, stop)
 
     def inputs(self, index: int) -> EncodedFrame:
         """The codes (and scale) unit ``index`` decodes from."""
@@ -325,7 +147,7 @@ class AudioFile:
 
     def _batch(self, index: int) -> Batch | None:
         """How unit ``index`` joins other units of its group in one GPU decode call."""
-        codec = self.engine.loaded_codec(self.header.model)
+        codec = self.engine.loaded_decoder(self.header.model)
         group = self.units.batch_group(index)
         if codec is None or codec.batch_size == 1 or group is None:
             return None
@@ -347,6 +169,7 @@ class AudioFile:
                 if not index.complete and index.error is None:
                     # Building needs the model and its LM: a missing checkpoint fails this
                     # read (and heals with the checkpoint), not the file's index for good.
+                    self.engine.decoder(self.header.model)  # the model's failure first
                     self.engine.lm(self.header.model)
                 self.engine.indexes.build(
                     self.identity,

@@ -44,8 +44,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .codec import DecodedFrame, FrameDecoder
 from .container import EncodedFrame, unpack_codes
+from .decoder import DecodedFrame, FrameDecoder
 
 CHUNK_STEPS = 375  # 5 s at 75 code steps per second
 CONTEXT_STEPS = 75  # 1 s of warm-up decoded before each chunk after the first, then dropped

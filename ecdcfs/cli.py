@@ -25,11 +25,13 @@ from .settings import (
     DEFAULT_CACHE_MB,
     DIGESTS_FILE,
     GRAPH_SUFFIX,
+    TORCH_EXTRA,
     Settings,
     checkpoint_dir,
     default_cache_dir,
     default_log_file,
     graph_dir,
+    torch_installed,
 )
 
 log = logging.getLogger("ecdcfs")
@@ -73,24 +75,24 @@ EPILOG = """\
 
 cache directory:
   --cache-dir (default $XDG_CACHE_HOME/ecdcfs) holds each model's decoder graph (graphs/,
-  ~40 MB a model, built once per checkpoint, graph format and onnxruntime; never evicted,
-  since rebuilding one costs a torch import and an export) and the code indexes of
-  LM-coded files, at most --cache-dir-mb MiB of them (least recently used deleted first).
-  A cache directory that cannot be written (read-only, full) only costs persistence.
-  ecdcfs --clear-cache [--cache-dir DIR] deletes the indexes and graphs (nothing else) and
-  exits.
+  ~30 MB a model, built once per checkpoint and graph format, ~1 s; never evicted) and
+  the code indexes of LM-coded files, at most --cache-dir-mb MiB of them (least recently
+  used deleted first). A cache directory that cannot be written (read-only, full) only
+  costs persistence. ecdcfs --clear-cache [--cache-dir DIR] deletes the indexes and
+  graphs (nothing else) and exits.
 
 decoding:
   Listing never decodes. By default frames decode on ONNX Runtime, several at once, with
-  each model's decoder graph exported once from its checkpoint into the cache dir (a child
-  process imports torch for that, ~3 s a model); a daemon serving plain files with their graphs
-  cached never imports torch. --exact decodes with encodec's own PyTorch model, bit for
-  bit; a GPU (--device cuda) decodes with torch too; LM-coded files need torch for their
-  LM. The decoders load in the daemon once it has started: in the background right away
+  each model's decoder graph built by ecdcfs from its checkpoint (no torch) and kept in
+  the cache dir. torch is needed only for --exact (encodec's own PyTorch model, bit for
+  bit), a GPU (--device cuda) and the LM of LM-coded files: pip install 'ecdcfs[torch]';
+  without it these options are refused at mount and LM-coded files fail to open (EIO).
+  The decoders load in the daemon once it has started: in the background right away
   for checkpoints already on disk, else at the first read.
-  Checkpoints come from torch.hub's cache ($TORCH_HOME/hub/checkpoints,
-  downloaded there if missing); if one is missing offline, the error is logged once and
-  reads of that model's files fail with EIO until it is copied there (no remount
+  Checkpoints live in $TORCH_HOME/hub/checkpoints (~/.cache/torch/hub/checkpoints), as
+  torch.hub keeps them, and are downloaded there from encodec's URL if missing; if one is
+  missing offline, one line in the log says which file, its URL and where it belongs,
+  and reads of that model's files fail with EIO until it is copied there (no remount
   needed: the next read after the file appears uses it). A corrupt .ecdc lists
   with size 0 and fails to open with EIO; one log line names it and says why.
   A .wav that cannot be read carries the reason in its extended attribute
@@ -103,7 +105,8 @@ logging:
 
 refused at mount (exit status 2, one line):
   a MOUNTPOINT that is already mounted (unmount it first), a --device that is not
-  one, or a GPU that is not there (--device cuda without CUDA, cuda:N past the last).
+  one, or a GPU that is not there (--device cuda without CUDA, cuda:N past the last),
+  --exact or a GPU without torch.
 
 unmounting:
   ecdcfs -u MOUNTPOINT, or fusermount3 -u MOUNTPOINT. -u also clears a dead mount
@@ -450,10 +453,15 @@ def check_paths(cfg: Config) -> None:
         raise UsageError(f"the model checkpoints ({hub}, TORCH_HOME) are inside MOUNTPOINT")
 
 
-def check_device(device: str | None) -> None:
-    """UsageError unless ``device`` exists here (a GPU is looked for in a child process)."""
+def check_device(device: str | None, exact: bool) -> None:
+    """UsageError unless torch is there for ``exact`` or a GPU, and ``device`` exists here
+    (a GPU is looked for in a child process)."""
+    if exact and not torch_installed():
+        raise UsageError(f"--exact needs torch: {TORCH_EXTRA}")
     if device is None or device == "cpu":
         return
+    if not torch_installed():
+        raise UsageError(f"--device {device} needs torch: {TORCH_EXTRA}")
     try:
         done = subprocess.run(
             [sys.executable, "-c", _DEVICE_PROBE, device],
@@ -559,7 +567,7 @@ def mount(cfg: Config) -> int:
     """Mount and serve until unmounted (in a daemon unless ``cfg.foreground``)."""
     from mfusepy import FUSE
 
-    from .audiofile import Engine
+    from .engine import Engine
     from .fs import EcdcFS
     from .tree import SourceTree
 
@@ -705,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.unmount:
             return unmount(cfg.mountpoint)
         check_paths(cfg)
-        check_device(cfg.device)
+        check_device(cfg.device, cfg.exact)
         setup_logging(cfg)
     except UsageError as exc:
         sys.stderr.write(f"ecdcfs: error: {exc}\n")

@@ -13,7 +13,7 @@ import json
 import math
 import struct
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -51,17 +51,46 @@ class EncodedFrame(NamedTuple):
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """What the container layout needs to know about an Encodec model."""
+    """An Encodec model: what the container layout needs, and its decoder's architecture.
+
+    The architecture is encodec's ``SEANetDecoder`` with its defaults (``_get_model``
+    changes only ``channels``, ``norm`` and ``causal``): :mod:`ecdcfs.graph` builds the
+    decoder from a checkpoint's weights by these numbers, and the tests hold them to
+    encodec's own model.
+    """
 
     name: str
     sample_rate: int
     channels: int
     segment: int | None  # samples per segment; None: the whole file is one frame
     stride: int | None  # samples between segment starts
-    hop: int  # samples per code step
     bits: int  # bits per code
     max_codebooks: int
     normalize: bool  # frames carry a float32 scale
+    norm: str  # "time_group_norm" (a GroupNorm after each convolution) or "weight_norm"
+    causal: bool  # causal convolutions: padding on the left only
+    dimension: int = 128  # the embedding's dimension (the codebooks' width)
+    n_filters: int = 32  # channels of the last upsampling stage
+    ratios: tuple[int, ...] = (8, 5, 4, 2)  # upsampling strides, in decoding order
+    kernel_size: int = 7  # of the first convolution
+    last_kernel_size: int = 7
+    residual_kernel_size: int = 3
+    dilation_base: int = 2
+    n_residual_layers: int = 1
+    compress: int = 2  # a residual branch's channels: the block's divided by this
+    lstm_layers: int = 2
+    trim_right_ratio: float = 1.0  # of a causal transposed convolution's trimming
+    pad_mode: str = "reflect"
+
+    @property
+    def hop(self) -> int:
+        """Samples per code step: the product of the upsampling strides."""
+        return math.prod(self.ratios)
+
+    @property
+    def bins(self) -> int:
+        """Entries of each codebook."""
+        return 1 << self.bits
 
     def code_steps(self, samples: int) -> int:
         """Code steps of a frame covering ``samples`` (integer ceil, unlike encodec 0.1.1)."""
@@ -75,10 +104,11 @@ MODELS: dict[str, ModelSpec] = {
         channels=2,
         segment=48_000,
         stride=47_520,
-        hop=320,
         bits=10,
         max_codebooks=16,
         normalize=True,
+        norm="time_group_norm",
+        causal=False,
     ),
     "encodec_24khz": ModelSpec(
         name="encodec_24khz",
@@ -86,10 +116,11 @@ MODELS: dict[str, ModelSpec] = {
         channels=1,
         segment=None,
         stride=None,
-        hop=320,
         bits=10,
         max_codebooks=32,
         normalize=False,
+        norm="weight_norm",
+        causal=True,
     ),
 }
 
@@ -314,3 +345,11 @@ def unpack_codes(
     raw = raw[bit_offset : bit_offset + count * bits]
     values = raw.reshape(count, bits).astype(np.int64) @ (1 << np.arange(bits))
     return values.reshape(steps, num_codebooks).T.copy()
+
+
+def read_scale(stream: BinaryIO) -> float:
+    """The float32 scale that starts each frame of a normalizing (48 kHz) model."""
+    raw = stream.read(SCALE.size)
+    if len(raw) < SCALE.size:
+        raise ContainerError("payload truncated before a frame scale")
+    return SCALE.unpack(raw)[0]

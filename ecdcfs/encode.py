@@ -283,11 +283,12 @@ def encode_pcm(
     a torch device, None for CUDA when available, else the CPU. Raises
     :class:`EcdcError` (no audio in the input, an output that cannot be written).
     """
-    from .codec import TorchCodec, default_device
+    from .torch_decoder import TorchDecoder, default_device, require_torch
 
+    require_torch("encoding")
     spec = plan.model
-    codec = TorchCodec(spec, device or default_device())
-    codec.model.set_target_bandwidth(plan.bandwidth)
+    model = TorchDecoder(spec, device or default_device()).model
+    model.set_target_bandwidth(plan.bandwidth)
     resampler = None
     if plan.sample_rate != PCM_RATE:
         import soxr
@@ -298,7 +299,7 @@ def encode_pcm(
     except OSError as exc:
         raise EcdcError(f"cannot write next to {path}: {exc.strerror or exc}") from None
     try:
-        writer = FrameWriter(codec.model, spec, output.payload)
+        writer = FrameWriter(model, spec, output.payload)
         trailing = _push_pcm(pcm, writer, resampler, progress)
         if trailing:
             warn(f"ignoring {trailing} trailing bytes (not a whole stereo sample)")

@@ -6,6 +6,8 @@ Standard library only: the command line imports this before it forks, and ``--he
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import os
 import tempfile
 from collections.abc import Callable
@@ -49,6 +51,16 @@ def default_threads() -> int:
     usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else None
     cores = len(usable) if usable else os.cpu_count() or 1
     return max(1, min(MAX_DEFAULT_THREADS, cores))
+
+
+TORCH_EXTRA = "pip install 'ecdcfs[torch]'"  # what a user without torch runs to get it
+
+
+@functools.cache
+def torch_installed() -> bool:
+    """Whether torch and encodec are installed (the ``ecdcfs[torch]`` extra): what
+    ``--exact``, GPUs, LM-coded files and encoding need. Imports neither."""
+    return all(importlib.util.find_spec(name) is not None for name in ("torch", "encodec"))
 
 
 def checkpoint_dir() -> Path:

@@ -66,6 +66,7 @@ from . import version
 from .container import EcdcError, Header, read_header
 from .encode import BitrateError, parse_bitrate, plan_bitrate
 from .pcm import PCM_BLOCK_ALIGN, PCM_RATE, all_at_once, output_length, pcm_chunks, source_units
+from .settings import TORCH_EXTRA, torch_installed
 from .source import as_stream, open_source, read_source_header
 
 PROG = "ecdc-stream"
@@ -211,6 +212,11 @@ def parse_args(argv: list[str]) -> Args:
     args.exact = "--exact" in values
     if "-g" in values:
         args.gpu = _int(values["-g"], "-g")
+    for needs, what in ((args.mode == "encode", "-e"), (args.exact, "--exact")):
+        if needs and not torch_installed():
+            raise UsageError(f"{what} needs torch: {TORCH_EXTRA}")
+    if args.gpu is not None and args.gpu >= 0 and not torch_installed():
+        raise UsageError(f"-g {args.gpu} needs torch: {TORCH_EXTRA}")
     if "-ss" in values:
         args.start = _seconds(values["-ss"], "-ss")
     if "-to" in values:
@@ -312,7 +318,7 @@ def get_info(path_or_url: str | os.PathLike[str]) -> dict[str, Any]:
 
 def run_decode(args: Args, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO) -> int:
     """``-d``: the range ``-ss``..``-to`` as PCM on stdout (:func:`~ecdcfs.pcm.pcm_chunks`)."""
-    from .audiofile import Engine
+    from .engine import Engine
     from .settings import Settings
 
     if _isatty(stdout):

@@ -49,9 +49,10 @@ from pathlib import Path
 
 from cachetools import LRUCache
 
-from .audiofile import AudioFile, Engine, Reader, wav_layout
-from .codec import ModelUnavailable
+from .audiofile import AudioFile, Reader, wav_layout
 from .container import MODELS, EcdcError, ModelSpec, read_header
+from .decoder import ModelUnavailable
+from .engine import Engine
 from .names import (
     AUDIO,
     DIR,
@@ -509,6 +510,8 @@ class SourceTree:
                     st = os.fstat(fd)
                     continue
                 audio = self.engine.open(Path(source), data)
+            except ModelUnavailable:
+                raise  # error() asks the engine (see Engine.failure), which logs it once
             except EcdcError as exc:
                 self._failed(key, "open", source, exc)
                 raise

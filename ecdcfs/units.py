@@ -24,9 +24,10 @@ from typing import Any, Protocol
 import numpy as np
 
 from .causal import CHUNK_STEPS, CONTEXT_STEPS, ChunkGrid, decode_chunk, packed_steps
-from .codec import DecodedFrame, FrameDecoder, decode_lm_steps, read_scale
-from .container import SCALE, ContainerError, EncodedFrame, Header, unpack_codes
+from .container import SCALE, ContainerError, EncodedFrame, Header, read_scale, unpack_codes
+from .decoder import DecodedFrame, FrameDecoder
 from .index import CodeIndex, Unit
+from .lm import decode_lm_steps
 from .source import ByteSource, as_stream
 
 

@@ -20,7 +20,8 @@ import os
 import threading
 from typing import TYPE_CHECKING
 
-from .audiofile import AudioFile, Engine
+from .audiofile import AudioFile
+from .engine import Engine
 from .settings import Settings
 from .source import ByteSource, open_source
 

@@ -50,7 +50,7 @@ def torch_home() -> Iterator[Path]:
 @pytest.fixture
 def engine(torch_home, tmp_path):
     """A CPU decoding engine (the bit-exact reference device) persisting into tmp_path."""
-    from ecdcfs.audiofile import Engine, Settings
+    from ecdcfs.engine import Engine, Settings
 
     engine = Engine(Settings(device="cpu", exact=True, cache_dir=tmp_path / "cache"))
     yield engine
@@ -59,14 +59,14 @@ def engine(torch_home, tmp_path):
 
 @pytest.fixture(scope="session")
 def graph_cache(torch_home, tmp_path_factory) -> Path:
-    """A cache dir holding both models' decoder graphs, exported once for the session."""
+    """A cache dir holding both models' decoder graphs, built once for the session."""
     from ecdcfs.container import MODELS
-    from ecdcfs.interrupts import Interrupts
-    from ecdcfs.onnx_decoder import load_onnx_decoder
+    from ecdcfs.graph_store import GraphStore
 
     cache = tmp_path_factory.mktemp("graph-cache")
+    store = GraphStore(cache)
     for spec in MODELS.values():
-        load_onnx_decoder(spec, cache, Interrupts())
+        store.load(spec, lambda graph: graph)
     return cache
 
 

@@ -79,9 +79,9 @@ def is_mounted(mnt: Path) -> bool:
     return cli_is_mounted(str(mnt))
 
 
-def ecdcfs_cmd(*args: str) -> list[str]:
-    """The command line of ``ecdcfs ARGS`` run by this interpreter."""
-    return [sys.executable, "-m", "ecdcfs", *args]
+def ecdcfs_cmd(*args: str, python: str = sys.executable) -> list[str]:
+    """The command line of ``ecdcfs ARGS`` run by ``python`` (this interpreter)."""
+    return [python, "-m", "ecdcfs", *args]
 
 
 def source_folder(tmp_path: Path, files: dict[str, bytes]) -> Path:
@@ -114,7 +114,16 @@ class Mount:
     """A foreground ``ecdcfs SRC MNT -f`` subprocess (``--exact --no-persist`` unless
     ``exact`` is False)."""
 
-    def __init__(self, src: Path, mnt: Path, log: Path, *extra: str, exact: bool = True) -> None:
+    def __init__(
+        self,
+        src: Path,
+        mnt: Path,
+        log: Path,
+        *extra: str,
+        exact: bool = True,
+        python: str = sys.executable,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.src, self.mnt, self.log = src, mnt, log
         mnt.mkdir(exist_ok=True)
         self.proc = subprocess.Popen(
@@ -128,9 +137,11 @@ class Mount:
                 "--log-file",
                 str(log),
                 *extra,
+                python=python,
             ),
             stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE,
+            env=env,
         )
         try:
             wait_mounted(mnt, self.proc)

@@ -13,11 +13,11 @@ import pytest
 
 import synth
 from ecdcfs import units
-from ecdcfs.audiofile import Engine, Settings
 from ecdcfs.causal import CHUNK_STEPS, CONTEXT_STEPS, ChunkGrid, packed_steps
-from ecdcfs.codec import decode_lm_steps
 from ecdcfs.container import MODELS, EcdcError, EncodedFrame, unpack_codes
+from ecdcfs.engine import Engine, Settings
 from ecdcfs.index import INDEX_SUFFIX, CodeIndex
+from ecdcfs.lm import decode_lm_steps
 from ecdcfs.units import Chunks
 
 READ = 128 * 1024
@@ -155,7 +155,7 @@ def test_one_hour_file_seeks_in_bounded_memory_and_time(engine, tmp_path):
     )
     audio = engine.open(path)
     assert audio.size == 44 + 2 * samples
-    codec = engine.codec(MODELS["encodec_24khz"])
+    codec = engine.decoder(MODELS["encodec_24khz"])
     codes = np.random.default_rng(1).integers(0, 1024, (nc, CHUNK_STEPS), dtype=np.int64)
     codec.decode_frame(EncodedFrame(codes[:, :10], None))  # warm the model
     started = time.perf_counter()
@@ -197,7 +197,7 @@ def lm_and_plain(engine, samples: int, nc: int, seed: int = 0) -> tuple[bytes, b
     plain = synth.random_packed_24khz(samples, nc, seed)
     steps = -(-samples // HOP)
     codes = unpack_codes(plain, nc, steps, 10)
-    lm = engine.codec(MODELS["encodec_24khz"]).lm
+    lm = engine.lm(MODELS["encodec_24khz"])
     lm_coded = synth.lm_encode(lm, codes)
     return (
         synth.container_24khz(samples, nc, lm_coded, lm=True),
@@ -329,7 +329,7 @@ def test_long_lm_file_opens_with_its_exact_size_and_fails_only_where_damaged(eng
     audio = engine.open(path)
     assert audio.size == 44 + 2 * samples
     assert audio.read(0, 44) == audio.wav.header
-    assert engine.codec(MODELS["encodec_24khz"]).lm  # loaded: not counted below
+    assert engine.lm(MODELS["encodec_24khz"])  # loaded: not counted below
     rss_before = synth.proc_kib(os.getpid(), "VmRSS")
     with pytest.raises(EcdcError):
         audio.read(audio.size - 10, 10)
@@ -351,7 +351,7 @@ def test_lm_blocks_do_not_keep_the_decoders_symbol_log(engine, monkeypatch):
     monkeypatch.setattr(ac, "ArithmeticDecoder", Recorded)
     nc, steps = 2, 100
     codes = np.random.default_rng(5).integers(0, 1024, (nc, steps))
-    lm = engine.codec(MODELS["encodec_24khz"]).lm
+    lm = engine.lm(MODELS["encodec_24khz"])
     stream = io.BytesIO(synth.lm_encode(lm, codes))
     blocks = []
     for block in decode_lm_steps(lm, stream, nc, steps, 40):

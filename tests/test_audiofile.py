@@ -11,9 +11,9 @@ import pytest
 from mutagen.wave import WAVE
 
 import synth
-from ecdcfs import codec
-from ecdcfs.audiofile import Engine, Settings
 from ecdcfs.container import EcdcError
+from ecdcfs.decoder import ModelUnavailable
+from ecdcfs.engine import Engine, Settings
 from ecdcfs.wav import WavLayout
 
 READ = 128 * 1024  # what the kernel asks a FUSE filesystem for
@@ -197,12 +197,12 @@ def test_bad_files_are_rejected_at_open(engine, tmp_path):
 def test_missing_checkpoint_names_file_and_directory(tmp_path, monkeypatch):
     data = synth.make_ecdc(samples=30_000, kbps=6)
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-home"))
-    monkeypatch.setattr("torch.hub.download_url_to_file", fail_download)
+    monkeypatch.setattr("ecdcfs.checkpoint.download", fail_download)
     engine = Engine(Settings(device="cpu", exact=True, cache_dir=None))
     try:
         audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
         for _ in range(2):  # reported once, then remembered
-            with pytest.raises(codec.ModelUnavailable) as info:
+            with pytest.raises(ModelUnavailable) as info:
                 audio.read(0, 100_000)
             message = str(info.value)
             assert "encodec_48khz-7e698e3e.th" in message

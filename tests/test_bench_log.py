@@ -9,7 +9,7 @@ from pathlib import Path
 
 import synth
 from ecdcfs import cli
-from ecdcfs.audiofile import Engine, Settings
+from ecdcfs.engine import Engine, Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from benchlib.daemon import decoded_units  # noqa: E402

@@ -294,7 +294,7 @@ def test_a_gpu_that_is_not_here_is_refused_before_mounting(dirs):
         if cli.is_mounted(mnt):  # the test failed: leave no mount behind
             cli.unmount(mnt)
     for device in ["cpu", *(["cuda", f"cuda:{count - 1}"] if count else [])]:
-        cli.check_device(device)  # no error
+        cli.check_device(device, exact=False)  # no error
 
 
 def test_unmount_of_something_not_mounted(dirs):

@@ -18,8 +18,8 @@ import soundfile
 import ecdcfs
 import synth
 from ecdcfs import wavfile
-from ecdcfs.audiofile import Settings
 from ecdcfs.container import EcdcError
+from ecdcfs.settings import Settings
 from test_stream import _no_proxy_for_the_test_server, long_plain_file, serve  # noqa: F401
 
 SAMPLES = 150_000  # 3.1 s at 48 kHz: four frames, the last a short one

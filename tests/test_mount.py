@@ -464,7 +464,7 @@ def test_one_hour_24khz_file_mounts_seeks_and_streams_in_bounded_memory(torch_ho
         pid = m.proc.pid
         rss_kib = synth.proc_kib(pid, "VmRSS")
         assert synth.reset_peak_rss(pid)
-        from ecdcfs.audiofile import Engine, Settings
+        from ecdcfs.engine import Engine, Settings
 
         engine = Engine(Settings(device="cpu", exact=True, cache_dir=None))
         expected = engine.open(path)
@@ -488,13 +488,13 @@ def test_one_hour_24khz_file_mounts_seeks_and_streams_in_bounded_memory(torch_ho
 def test_lm_coded_24khz_file_reads_like_the_plain_file_of_its_codes(torch_home, tmp_path):
     """Two chunks of LM-coded 24 kHz through the mount: the index is built in blocks from
     one arithmetic-coded stream; the bytes equal those of the same codes bit-packed."""
-    from ecdcfs.audiofile import Engine, Settings
     from ecdcfs.container import MODELS, unpack_codes
+    from ecdcfs.engine import Engine, Settings
 
     samples, nc = 400 * 320 - 9, 2  # 400 code steps: a 375-step chunk and a short one
     plain = synth.random_packed_24khz(samples, nc, seed=21)
     engine = Engine(Settings(device="cpu", exact=True, cache_dir=None))
-    lm = engine.codec(MODELS["encodec_24khz"]).lm
+    lm = engine.lm(MODELS["encodec_24khz"])
     lm_coded = synth.lm_encode(lm, unpack_codes(plain, nc, 400, 10))
     engine.close()
     src = source_folder(

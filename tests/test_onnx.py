@@ -1,6 +1,6 @@
 """The default decoder, encodec's decoder on ONNX Runtime: close to encodec's decode,
-deterministic, torch-free once its graph is cached, and rebuilt when the cache cannot
-serve it."""
+deterministic, torch-free, its graph built from the checkpoint once, cached, and rebuilt
+when the cache cannot serve it."""
 
 from __future__ import annotations
 
@@ -16,20 +16,17 @@ import numpy as np
 import pytest
 
 import synth
-from ecdcfs import onnx_decoder
-from ecdcfs.audiofile import Engine, Settings
-from ecdcfs.codec import ModelUnavailable, TorchCodec
+from ecdcfs import checkpoint, graph_store, onnx_decoder
 from ecdcfs.container import MODELS, EncodedFrame, read_header
+from ecdcfs.decoder import ModelUnavailable, overlap_add_weights
+from ecdcfs.engine import Engine, Settings
+from ecdcfs.graph import GRAPH_FORMAT, DecoderGraph, GraphUnusable
+from ecdcfs.graph_store import GraphStore
 from ecdcfs.interrupts import Interrupts
-from ecdcfs.onnx_decoder import (
-    Artifact,
-    OnnxDecoder,
-    load_onnx_decoder,
-    overlap_add_weights,
-    pad_steps,
-    snr_db,
-)
+from ecdcfs.onnx_decoder import OnnxDecoder, pad_steps, snr_db
+from ecdcfs.settings import DIGESTS_FILE
 from ecdcfs.source import MemorySource, as_stream
+from ecdcfs.torch_decoder import TorchDecoder
 from ecdcfs.units import decode_units
 
 BANDWIDTHS = {"encodec_48khz": (3, 6, 12, 24), "encodec_24khz": (1.5, 3, 6, 12, 24)}
@@ -39,11 +36,17 @@ CASES = [(name, kbps) for name, rates in BANDWIDTHS.items() for kbps in rates]
 LOGGER = "ecdcfs"
 
 
+def load_onnx_decoder(name: str, cache: Path | None, threads: int = 1) -> OnnxDecoder:
+    """Model ``name``'s ONNX Runtime decoder through a fresh store of ``cache`` (a remount)."""
+    spec = MODELS[name]
+    return GraphStore(cache).load(spec, lambda g: OnnxDecoder(spec, g, Interrupts(), threads))
+
+
 @pytest.fixture(scope="module")
-def codecs(graph_cache) -> dict[str, tuple[TorchCodec, OnnxDecoder]]:
+def codecs(graph_cache) -> dict[str, tuple[TorchDecoder, OnnxDecoder]]:
     """Per model: (encodec's own decode, the ONNX Runtime decode from the cached graph)."""
     return {
-        name: (TorchCodec(spec, "cpu"), load_onnx_decoder(spec, graph_cache, Interrupts()))
+        name: (TorchDecoder(spec, "cpu"), load_onnx_decoder(name, graph_cache))
         for name, spec in MODELS.items()
     }
 
@@ -77,11 +80,11 @@ def warnings_of(caplog) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
-def forbid_export(monkeypatch) -> None:
-    def no_export(*args, **kwargs):
-        raise AssertionError("exported again")
+def forbid_building(monkeypatch) -> None:
+    def no_build(*args, **kwargs):
+        raise AssertionError("built again")
 
-    monkeypatch.setattr(onnx_decoder, "_export", no_export)
+    monkeypatch.setattr(graph_store, "build_graph", no_build)
 
 
 @pytest.mark.parametrize(("name", "kbps"), CASES)
@@ -102,7 +105,7 @@ def test_embedding_is_the_quantizers_decode_bit_for_bit(codecs, name):
         codes = np.random.default_rng(num_codebooks).integers(0, 1024, (num_codebooks, 150))
         with torch.no_grad():
             expected = exact.model.quantizer.decode(torch.from_numpy(codes)[:, None])[0]
-        embedding = onnx_decoder.embedding(onnx.artifact.codebooks, codes)
+        embedding = onnx_decoder.embedding(onnx.codebooks, codes)
         assert embedding.tobytes() == expected.numpy().tobytes()
 
 
@@ -121,7 +124,7 @@ def test_padding_is_encodecs_pad1d_bit_for_bit(mode):
 
 def test_overlap_add_weights_are_encodecs_within_one_ulp():
     for length in (320, 960, 47_520, 48_000):
-        expected = TorchCodec.overlap_add_weights(length)
+        expected = TorchDecoder.overlap_add_weights(length)
         actual = overlap_add_weights(length)
         assert actual.dtype == np.float32 and actual.shape == expected.shape
         assert np.abs(actual - expected).max() <= np.finfo(np.float32).eps
@@ -157,7 +160,7 @@ def test_same_bytes_whatever_the_order_concurrency_or_session(codecs, graph_cach
         thread.start()
     for thread in threads:
         thread.join()
-    other = load_onnx_decoder(MODELS["encodec_48khz"], graph_cache, Interrupts())  # a remount
+    other = load_onnx_decoder("encodec_48khz", graph_cache)  # a remount
     elsewhere = [d.audio.tobytes() for d in other.decode_frames(frames)]
     assert alone == reversed_ == [concurrent[i] for i in range(len(frames))] == elsewhere
     # One thread a decode: decodes run side by side instead.
@@ -174,12 +177,11 @@ THREAD_SWEEP = {
 @pytest.mark.parametrize("name", MODELS)
 def test_same_bytes_whatever_the_intra_op_thread_count(graph_cache, name):
     """However ONNX Runtime splits a decode between threads, its samples stay the same."""
-    artifact = Artifact.load(graph_of(graph_cache, name))
-    sessions = [onnx_decoder.new_session(artifact.graph, threads) for threads in (1, 2, 3, 4)]
+    decoders = [load_onnx_decoder(name, graph_cache, threads) for threads in (1, 2, 3, 4)]
     rng = np.random.default_rng(5)
     for steps in THREAD_SWEEP[name]:
         codes = rng.integers(0, 1024, (MODELS[name].max_codebooks, steps))
-        one, *more = (onnx_decoder.decode_codes(s, artifact, codes) for s in sessions)
+        one, *more = (decoder.decode_codes(codes) for decoder in decoders)
         for threads, audio in zip((2, 3, 4), more, strict=True):
             assert np.array_equal(audio, one), (steps, threads)
 
@@ -196,14 +198,14 @@ def test_an_interrupted_decode_raises_and_the_next_one_is_whole(codecs):
     assert onnx.decode_frame(frame).audio.tobytes() == expected
 
 
-def test_second_engine_loads_the_cached_graph_without_exporting(default_cache, monkeypatch, caplog):
+def test_second_engine_loads_the_cached_graph_without_building(default_cache, monkeypatch, caplog):
     path = graph_of(default_cache, "encodec_24khz")
     mtime = path.stat().st_mtime_ns
-    forbid_export(monkeypatch)
+    forbid_building(monkeypatch)
     caplog.set_level(logging.INFO, logger=LOGGER)
     engine = Engine(Settings(device="cpu", cache_dir=default_cache))
     try:
-        codec = engine.codec(MODELS["encodec_24khz"])
+        codec = engine.decoder(MODELS["encodec_24khz"])
     finally:
         engine.close()
     assert isinstance(codec, OnnxDecoder)
@@ -219,70 +221,85 @@ def damage_garbage(path: Path, other: Path) -> None:
     path.write_bytes(b"\x00not a graph" * 100)
 
 
+def damage_one_byte(path: Path, other: Path) -> None:
+    """A bit flipped inside the graph's weights: the zip member's CRC-32 no longer holds."""
+    data = bytearray(path.read_bytes())
+    data[len(data) // 3] ^= 0x10
+    path.write_bytes(bytes(data))
+
+
 def damage_other_model(path: Path, other: Path) -> None:
-    shutil.copyfile(other, path)  # loads and runs, but is the other model's
-
-
-def damage_weights(path: Path, other: Path) -> None:
-    """A graph that loads and runs, but decodes something else."""
-    artifact = Artifact.load(path)
-    artifact.codebooks = artifact.codebooks * 1.01
-    with open(path, "wb") as f:
-        artifact.save(f)
+    shutil.copyfile(other, path)  # a whole graph, but the other model's
 
 
 def damage_other_checkpoint(path: Path, other: Path) -> None:
-    artifact = Artifact.load(path)
-    artifact.checkpoint_sha = "0" * 64
+    graph = DecoderGraph.load(path)
+    graph.checkpoint_sha = "0" * 64
     with open(path, "wb") as f:
-        artifact.save(f)
+        graph.save(f)
+
+
+def damage_unrunnable(path: Path, other: Path) -> None:
+    """Intact bytes, but not a graph ONNX Runtime can load."""
+    graph = DecoderGraph.load(path)
+    graph.graph = b"\x08\x01not onnx"
+    with open(path, "wb") as f:
+        graph.save(f)
 
 
 @pytest.mark.parametrize(
     "damage",
-    [damage_truncate, damage_garbage, damage_other_model, damage_weights, damage_other_checkpoint],
+    [
+        damage_truncate,
+        damage_garbage,
+        damage_one_byte,
+        damage_other_model,
+        damage_other_checkpoint,
+        damage_unrunnable,
+    ],
 )
 def test_unusable_cached_graph_is_rebuilt_with_one_warning(codecs, default_cache, damage, caplog):
     path, other = (graph_of(default_cache, name) for name in MODELS)
-    good = Artifact.load(path)
+    good = DecoderGraph.load(path)
     data = path.read_bytes()
     path.unlink()  # a copy of its own: the session's graph behind the hard link stays intact
     path.write_bytes(data)
     damage(path, other)
     caplog.set_level(logging.INFO, logger=LOGGER)
-    codec = load_onnx_decoder(MODELS["encodec_48khz"], default_cache, Interrupts())
+    codec = load_onnx_decoder("encodec_48khz", default_cache)
     (warning,) = warnings_of(caplog)
     assert "unusable" in warning and "rebuilding" in warning
-    rebuilt = Artifact.load(path)
+    rebuilt = DecoderGraph.load(path)
     assert rebuilt.checkpoint_sha == good.checkpoint_sha
+    assert rebuilt.graph == good.graph  # built again, the same bytes
     assert rebuilt.codebooks.tobytes() == good.codebooks.tobytes()
     frame = real_frame("encodec_48khz", 6, 150)
     expected = codecs["encodec_48khz"][1].decode_frame(frame).audio
     assert codec.decode_frame(frame).audio.tobytes() == expected.tobytes()
 
 
-def test_unwritable_cache_dir_keeps_the_graph_in_memory_once_per_process(
+def test_unwritable_cache_dir_keeps_the_graph_in_memory_for_the_engine(
     codecs, tmp_path, monkeypatch, caplog
 ):
-    monkeypatch.setattr(onnx_decoder, "_unsaved", {})
     blocker = synth.write(tmp_path, "not-a-dir", b"")
     caplog.set_level(logging.INFO, logger=LOGGER)
-    codec = load_onnx_decoder(MODELS["encodec_24khz"], blocker / "cache", Interrupts())
+    store = GraphStore(blocker / "cache")
+    spec = MODELS["encodec_24khz"]
+    codec = store.load(spec, lambda g: OnnxDecoder(spec, g, Interrupts()))
     (warning,) = warnings_of(caplog)
     assert "keeping it in memory" in warning
     frame = real_frame("encodec_24khz", 6, 75)
-    assert_close(
-        codecs["encodec_24khz"][0].decode_frame(frame).audio, codec.decode_frame(frame).audio
-    )
-    forbid_export(monkeypatch)  # a second engine of this process reuses it
-    again = load_onnx_decoder(MODELS["encodec_24khz"], None, Interrupts())
-    assert again.decode_frame(frame).audio.tobytes() == codec.decode_frame(frame).audio.tobytes()
+    expected = codecs["encodec_24khz"][1].decode_frame(frame).audio
+    assert codec.decode_frame(frame).audio.tobytes() == expected.tobytes()
+    forbid_building(monkeypatch)  # a second load of the same engine reuses it
+    again = store.load(spec, lambda g: OnnxDecoder(spec, g, Interrupts()))
+    assert again.decode_frame(frame).audio.tobytes() == expected.tobytes()
+    assert len(warnings_of(caplog)) == 1
 
 
-def test_no_cache_dir_exports_the_same_graph_in_memory(codecs, monkeypatch, caplog):
-    monkeypatch.setattr(onnx_decoder, "_unsaved", {})
+def test_no_cache_dir_builds_the_same_graph_in_memory(codecs, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
-    codec = load_onnx_decoder(MODELS["encodec_24khz"], None, Interrupts())
+    codec = load_onnx_decoder("encodec_24khz", None)
     assert not warnings_of(caplog)
     assert any("stays in memory" in message for message in caplog.messages)
     frame = real_frame("encodec_24khz", 12, 375)
@@ -294,42 +311,51 @@ def test_saving_a_graph_deletes_the_stale_ones_of_its_model(default_cache):
     current = graph_of(default_cache, "encodec_24khz")
     current.unlink()
     stale = [
-        default_cache / "graphs" / "encodec_24khz-0123456789abcdef-ort0.0.npz",
-        current.with_name(current.name.replace(f"-g{onnx_decoder.GRAPH_FORMAT}-", "-")),
-        current.with_name(current.name.replace(f"-g{onnx_decoder.GRAPH_FORMAT}-", "-g1-")),
+        default_cache / "graphs" / "encodec_24khz-0123456789abcdef-g2-ort1.32.0.npz",
+        current.with_name(current.name.replace(f"-g{GRAPH_FORMAT}", "")),
+        current.with_name(current.name.replace(f"-g{GRAPH_FORMAT}", "-g1")),
     ]
-    other_model = default_cache / "graphs" / "encodec_48khz-0123456789abcdef-ort0.0.npz"
+    other_model = default_cache / "graphs" / "encodec_48khz-0123456789abcdef-g1.npz"
     for path in [*stale, other_model]:
         path.write_bytes(b"old")
-    load_onnx_decoder(MODELS["encodec_24khz"], default_cache, Interrupts())
+    load_onnx_decoder("encodec_24khz", default_cache)
     assert current.exists() and other_model.exists()
     assert not any(path.exists() for path in stale)
 
 
-def test_failed_export_decodes_with_torch_after_one_warning(codecs, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(onnx_decoder, "_unsaved", {})
-    monkeypatch.setattr(onnx_decoder, "EXPORT_TIMEOUT_S", 0.01)  # the child cannot finish
+@pytest.mark.parametrize("failure", [GraphUnusable("no graph"), RuntimeError("a bug")])
+def test_a_failed_build_decodes_with_torch_after_one_warning(
+    codecs, tmp_path, monkeypatch, caplog, failure
+):
+    def fail(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(graph_store, "build_graph", fail)
     caplog.set_level(logging.INFO, logger=LOGGER)
     engine = Engine(Settings(device="cpu", cache_dir=tmp_path / "cache"))
     try:
-        codec = engine.codec(MODELS["encodec_24khz"])
+        codec = engine.decoder(MODELS["encodec_24khz"])
     finally:
         engine.close()
     (warning,) = warnings_of(caplog)
-    assert "timed out" in warning and "decoding with encodec's torch model" in warning
+    assert str(failure) in warning and "decoding with encodec's torch model" in warning
     frame = real_frame("encodec_24khz", 3, 75)
     exact = codecs["encodec_24khz"][0].decode_frame(frame).audio
-    assert isinstance(codec, TorchCodec)
+    assert isinstance(codec, TorchDecoder)
     assert codec.decode_frame(frame).audio.tobytes() == exact.tobytes()
 
 
-def test_missing_checkpoint_is_reported_as_encodec_reports_it(tmp_path, monkeypatch):
-    monkeypatch.setattr(onnx_decoder, "_unsaved", {})
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-home"))
-    # The export runs in a child: make its download fail at once, offline or not.
-    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
-    with pytest.raises(ModelUnavailable, match="encodec_24khz-d7cc33bc.th is missing"):
-        load_onnx_decoder(MODELS["encodec_24khz"], tmp_path / "cache", Interrupts())
+def test_missing_checkpoint_offline_is_one_line_naming_file_url_and_folder(tmp_path, monkeypatch):
+    home = tmp_path / "empty-home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    monkeypatch.setattr(checkpoint, "BASE_URL", "http://127.0.0.1:9/encodec/v0/")  # refused
+    with pytest.raises(ModelUnavailable) as error:
+        load_onnx_decoder("encodec_24khz", tmp_path / "cache")
+    message = str(error.value)
+    assert "\n" not in message
+    assert "encodec_24khz-d7cc33bc.th is missing" in message
+    assert "http://127.0.0.1:9/encodec/v0/encodec_24khz-d7cc33bc.th" in message
+    assert f"put it in {home / 'hub' / 'checkpoints'}/" in message
     assert not list((tmp_path / "cache").rglob("*.npz"))
 
 
@@ -352,7 +378,7 @@ def test_whole_file_is_within_2_lsb_and_the_same_whatever_the_threads(
         engine = Engine(Settings(device="cpu", cache_dir=default_cache, threads=threads))
         try:
             audio = engine.open(path)
-            assert isinstance(engine.codec(MODELS[name]), OnnxDecoder)
+            assert isinstance(engine.decoder(MODELS[name]), OnnxDecoder)
             reader = audio.reader()
             offsets = list(range(0, audio.size, 8192))
             np.random.default_rng(threads).shuffle(offsets)
@@ -382,7 +408,7 @@ def test_a_process_decoding_plain_files_with_cached_graphs_never_imports_torch(
     for name, data in files.items():
         synth.write(tmp_path, name, data)
     code = (
-        "import sys; from pathlib import Path; from ecdcfs.audiofile import Engine, Settings\n"
+        "import sys; from pathlib import Path; from ecdcfs.engine import Engine, Settings\n"
         "engine = Engine(Settings(cache_dir=Path(sys.argv[1])))\n"
         "engine.warm_up()\n"
         "for name in sys.argv[2:]:\n"
@@ -438,56 +464,53 @@ def test_clear_cache_deletes_the_graphs_too(default_cache, capsys):
 def test_a_checkpoints_digest_is_remembered_until_the_file_changes(
     default_cache, tmp_path, monkeypatch
 ):
+    store = GraphStore(default_cache)
     checkpoint = tmp_path / "model.th"
     checkpoint.write_bytes(b"weights" * 1000)
-    first = onnx_decoder.checkpoint_digest(checkpoint, default_cache)
-    assert first == onnx_decoder.file_digest(checkpoint)
+    first = store.checkpoint_digest(checkpoint)
+    assert first == graph_store.file_digest(checkpoint)
     hashed = []
-    real = onnx_decoder.file_digest
-    monkeypatch.setattr(onnx_decoder, "file_digest", lambda p: hashed.append(p) or real(p))
-    assert onnx_decoder.checkpoint_digest(checkpoint, default_cache) == first and not hashed
+    real = graph_store.file_digest
+    monkeypatch.setattr(graph_store, "file_digest", lambda p: hashed.append(p) or real(p))
+    assert store.checkpoint_digest(checkpoint) == first and not hashed
     checkpoint.write_bytes(b"WEIGHTS" * 1000)  # same size, new content and mtime
     os.utime(checkpoint, ns=(1, 1))
-    assert onnx_decoder.checkpoint_digest(checkpoint, default_cache) == real(checkpoint) != first
+    assert store.checkpoint_digest(checkpoint) == real(checkpoint) != first
     assert hashed == [checkpoint]
-    (default_cache / "graphs" / onnx_decoder.DIGESTS_FILE).write_text("{not json")
-    assert onnx_decoder.checkpoint_digest(checkpoint, default_cache) == real(checkpoint)
-    assert onnx_decoder.checkpoint_digest(tmp_path / "missing.th", default_cache) == ""
+    (default_cache / "graphs" / DIGESTS_FILE).write_text("{not json")
+    assert store.checkpoint_digest(checkpoint) == real(checkpoint)
 
 
-def test_a_graph_that_cannot_be_written_is_kept_in_memory(codecs, tmp_path, monkeypatch, caplog):
-    """The child exports, fails to write (a full disk: exit CANNOT_WRITE_EXIT), and the
-    parent exports again into a scratch dir and keeps the graph in memory."""
-    from ecdcfs import graph
+def test_loading_one_model_never_waits_for_another(default_cache, monkeypatch):
+    """A model's graph loads under its own lock: while the 24 kHz graph is being built,
+    the 48 kHz decoder loads (and decodes) at once."""
+    (graph_of(default_cache, "encodec_24khz")).unlink()
+    building, release = threading.Event(), threading.Event()
+    real = graph_store.build_graph
 
-    spec = MODELS["encodec_24khz"]
-    real_sha = onnx_decoder.file_digest(
-        onnx_decoder.checkpoint_dir() / onnx_decoder.CHECKPOINTS[spec.name]
-    )
-    out = tmp_path / "not-a-dir"
-    out.write_bytes(b"")
-    assert graph.main([spec.name, real_sha, str(out / "graph.npz")]) == (
-        onnx_decoder.CANNOT_WRITE_EXIT
-    )
-    monkeypatch.setattr(onnx_decoder, "_unsaved", {})
-    real_run = subprocess.run
-    calls = []
+    def slow_build(spec, state):
+        building.set()
+        assert release.wait(60)
+        return real(spec, state)
 
-    def full_disk_once(command, **kwargs):
-        calls.append(command[-1])
-        if len(calls) == 1:
-            return subprocess.CompletedProcess(command, onnx_decoder.CANNOT_WRITE_EXIT, b"", b"")
-        return real_run(command, **kwargs)
-
-    monkeypatch.setattr(onnx_decoder.subprocess, "run", full_disk_once)
-    caplog.set_level(logging.INFO, logger=LOGGER)
-    decoder = load_onnx_decoder(spec, tmp_path / "cache", Interrupts())
-    (warning,) = warnings_of(caplog)
-    assert "keeping it in memory" in warning and len(calls) == 2
-    assert not list((tmp_path / "cache").rglob("*.npz"))
-    frame = real_frame("encodec_24khz", 6, 75)
-    expected = codecs["encodec_24khz"][1].decode_frame(frame).audio
-    assert decoder.decode_frame(frame).audio.tobytes() == expected.tobytes()
+    monkeypatch.setattr(graph_store, "build_graph", slow_build)
+    engine = Engine(Settings(device="cpu", cache_dir=default_cache))
+    try:
+        other = threading.Thread(target=engine.decoder, args=(MODELS["encodec_24khz"],))
+        other.start()
+        assert building.wait(60)
+        frame = real_frame("encodec_48khz", 6, 150)
+        assert engine.decoder(MODELS["encodec_48khz"]).decode_frame(frame).audio.shape == (
+            2,
+            48_000,
+        )
+        assert other.is_alive()  # still building: the 48 kHz decode did not wait for it
+        release.set()
+        other.join(60)
+        assert isinstance(engine.loaded_decoder(MODELS["encodec_24khz"]), OnnxDecoder)
+    finally:
+        release.set()
+        engine.close()
 
 
 # Every 48 kHz frame length, and 24 kHz lengths across the chunk grid with its edges.

@@ -11,8 +11,8 @@ from concurrent.futures import CancelledError
 import numpy as np
 import pytest
 
-from ecdcfs.codec import DecodedFrame
 from ecdcfs.container import EcdcError
+from ecdcfs.decoder import DecodedFrame
 from ecdcfs.interrupts import Interrupts
 from ecdcfs.scheduler import Batch, DecodeScheduler
 

@@ -26,9 +26,9 @@ from encodec.compress import compress, decompress
 
 import synth
 from ecdcfs import stream
-from ecdcfs.audiofile import Engine
 from ecdcfs.container import EcdcError
 from ecdcfs.encode import int16_to_float, parse_bitrate, plan_bitrate
+from ecdcfs.engine import Engine
 from ecdcfs.http import HttpSource, RemoteError
 from ecdcfs.settings import Settings, default_cache_dir
 

@@ -461,7 +461,7 @@ class TestOpenAudio:
         created = []
 
         def factory():
-            from ecdcfs.audiofile import Engine
+            from ecdcfs.engine import Engine
 
             created.append(Engine())
             return created[-1]
@@ -563,7 +563,7 @@ class TestFuseOperations:
 
 
 def test_warm_up_loads_only_the_models_the_files_use(src, torch_home):
-    from ecdcfs.audiofile import Engine, Settings
+    from ecdcfs.engine import Engine, Settings
 
     (src / "a" / "b").mkdir(parents=True)
     (src / "a" / "b" / "voice.ecdc").write_bytes(ecdc(model="encodec_24khz"))
@@ -575,8 +575,8 @@ def test_warm_up_loads_only_the_models_the_files_use(src, torch_home):
     try:
         assert tree.models_in_use() == {"encodec_24khz"}
         tree.warm_up(quiet_seconds=0)
-        assert tree.engine.loaded_codec(MODELS["encodec_24khz"]) is not None
-        assert tree.engine.loaded_codec(MODELS["encodec_48khz"]) is None
+        assert tree.engine.loaded_decoder(MODELS["encodec_24khz"]) is not None
+        assert tree.engine.loaded_decoder(MODELS["encodec_48khz"]) is None
     finally:
         tree.close()
     (src / "song.ecdc").write_bytes(ecdc())

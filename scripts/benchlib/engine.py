@@ -1,6 +1,6 @@
 """The decode engine's rows (10-13), 48 kHz: the default decoder (ONNX Runtime, graphs
 cached) beside ``--exact`` (encodec's own PyTorch decode), each against a warm eager
-encodec decode in this process (``TorchCodec.decode_frame``, in the baselines' thread).
+encodec decode in this process (``TorchDecoder.decode_frame``, in the baselines' thread).
 
 10. a 4 KiB ``pread`` far into a file right after reading 2 s of its audio sequentially
     (128 KiB reads, as fast as the mount serves them: read-ahead is in flight), median of
@@ -136,7 +136,7 @@ def stream_rows(path: Path, audio, codec, env: dict) -> tuple[list[Row], list[st
 def float_snr(audio, cache: Path) -> float:
     """13: SNR of the default decoder's float samples of ``audio`` (an --exact AudioFile)
     against encodec's, before rounding to PCM (the figure the tests hold to >= 95 dB)."""
-    from ecdcfs.audiofile import Engine, Settings
+    from ecdcfs.engine import Engine, Settings
     from ecdcfs.onnx_decoder import snr_db
 
     default = Engine(Settings(device="cpu", cache_dir=cache))

@@ -9,7 +9,7 @@ needed):
    up to 5 (``--preads``; 3 with --quick) at offsets in distinct 5 s chunks at least seven
    chunks apart (cold: a chunk neither decoded nor read ahead), daemon idle with its model
    warm / a warm eager in-process decode of 10 s of codes (750 steps,
-   ``TorchCodec.decode_frame``: one ``_decode_frame`` call) measured right before each;
+   ``TorchDecoder.decode_frame``: one ``_decode_frame`` call) measured right before each;
    also / the daemon's own decode of the chunk (its debug log). Then the same preads with
    read-ahead in flight: each right after 1 s of audio read from another place of the file
    (its own read-ahead then decodes the chunks after it).
@@ -110,7 +110,7 @@ def codes_24khz(data: bytes, start: int, stop: int):
 
 def decode_24khz(codec, codes) -> tuple[float, object]:
     """(seconds, float32 audio) of one warm in-process decode of ``codes`` in one call of
-    ``TorchCodec.decode_frame`` (the model's ``_decode_frame``, as encodec decodes a 24 kHz
+    ``TorchDecoder.decode_frame`` (the model's ``_decode_frame``, as encodec decodes a 24 kHz
     file), in the worker thread the floors use."""
     from ecdcfs.container import EncodedFrame
 
@@ -127,8 +127,9 @@ def chunk_of(seconds: float) -> int:
 
 def setup_24khz(args: argparse.Namespace, work: Path, env: dict, cache: Path) -> Setup24:
     """Write the files, load the model in-process, mount, and warm the daemon's model."""
-    from ecdcfs.audiofile import Engine, Settings, probe
+    from ecdcfs.audiofile import probe
     from ecdcfs.container import MODELS
+    from ecdcfs.engine import Engine, Settings
 
     quick = args.quick
     base = work / "24khz"
@@ -143,7 +144,7 @@ def setup_24khz(args: argparse.Namespace, work: Path, env: dict, cache: Path) ->
     (src / "warm.ecdc").write_bytes(ecdc_24khz(1, 3))
     header = probe(src / "hour.ecdc").size - PREAD_24 * HOUR_24
 
-    codec = Engine(Settings(device="cpu", exact=True, cache_dir=None)).codec(MODELS[MODEL_24])
+    codec = Engine(Settings(device="cpu", exact=True, cache_dir=None)).decoder(MODELS[MODEL_24])
     decode_24khz(codec, codes_24khz(hour, 0, BASELINE_STEPS_24))  # the first is slower
     extra = ("--cache-mb", str(args.cache_mb), "--cache-dir", str(cache))
     mount = Mount(src, mnt, base, env, *extra)

@@ -82,7 +82,7 @@ def write_files(args: argparse.Namespace, src: Path) -> dict[str, bytes]:
 
 def references(args: argparse.Namespace, src: Path, names: list[str], refs: Path):
     """Each file's WAV bytes decoded in-process (also written into ``refs``)."""
-    from ecdcfs.audiofile import Engine, Settings
+    from ecdcfs.engine import Engine, Settings
 
     log("reference bytes (in-process Engine) ...")
     engine = Engine(Settings(device="cpu", cache_mb=args.cache_mb, cache_dir=None))

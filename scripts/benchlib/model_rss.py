@@ -20,11 +20,11 @@ def peak_rss() -> int:
 
 def main(argv: list[str]) -> int:
     """Load the model named on the command line; print the peak RSS."""
-    from ecdcfs.audiofile import Engine, Settings
     from ecdcfs.container import MODELS
+    from ecdcfs.engine import Engine, Settings
 
     engine = Engine(Settings(device="cpu", cache_dir=None))
-    engine.codec(MODELS[argv[0]])
+    engine.decoder(MODELS[argv[0]])
     print(peak_rss())
     return 0
 

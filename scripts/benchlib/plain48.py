@@ -1,8 +1,8 @@
 """Rows 1-6 and 10-13 of the bench: 48 kHz files through a mount with the default decoder,
-``ecdcfs SRC MNT -f --device cpu --cache-mb N --cache-dir DIR`` (its graphs exported into
+``ecdcfs SRC MNT -f --device cpu --cache-mb N --cache-dir DIR`` (its graphs built into
 DIR first, as a first mount does, and timed), then the same through an ``--exact`` mount.
 
-Every baseline is a warm eager encodec decode in this process (``TorchCodec.decode_frame``,
+Every baseline is a warm eager encodec decode in this process (``TorchDecoder.decode_frame``,
 in a worker thread like the daemon's), the floor.
 
 1. ``cp`` of a fresh 48 kHz 6 kbps .wav through the mount (model already loaded by a
@@ -28,7 +28,8 @@ in a worker thread like the daemon's), the floor.
 6. (unless --no-lm) an LM-coded file: time to the first 4 KiB and to the end of a
    sequential read through the mount / upstream ``encodec.compress.decompress``.
 
-Rows 10-13: see benchlib/engine.py.
+Rows 10-13: see benchlib/engine.py; rows 14-16 (the install, a first-ever mount):
+benchlib/install.py.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from benchlib import engine, khz24
+from benchlib import engine, install, khz24
 from benchlib.common import (
     CHUNK,
     MODEL,
@@ -123,8 +124,8 @@ class Copies:
 def write_files(args: argparse.Namespace, work: Path) -> Files:
     """Encode (or read from cache) the files, write the source folder, load the model."""
     import synth
-    from ecdcfs.audiofile import Engine, Settings
     from ecdcfs.container import MODELS
+    from ecdcfs.engine import Engine, Settings
 
     seconds = args.seconds or (15 if args.quick else 60)
     repeat = args.repeat or (1 if args.quick else 2)
@@ -177,7 +178,7 @@ def write_files(args: argparse.Namespace, work: Path) -> Files:
         lm=lm,
         lm_seconds=lm_seconds,
         audios=audios,
-        codec=eager.codec(MODELS[MODEL]),
+        codec=eager.decoder(MODELS[MODEL]),
         frame_count=audios[cp_names[0]].layout.frame_count,
         stream_file=stream_file,
     )
@@ -258,9 +259,7 @@ def cp_ratios(c: Copies) -> tuple[float, float]:
     """Medians of cp / the mean of the floors around it, and of cp / the daemon's decodes."""
     runs = range(len(c.cps))
     ratios = [c.cps[k] / statistics.mean([sum(c.floors[k]), sum(c.floors[k + 1])]) for k in runs]
-    return statistics.median(ratios), statistics.median(
-        c.cps[k] / c.in_daemon[k] for k in runs
-    )
+    return statistics.median(ratios), statistics.median(c.cps[k] / c.in_daemon[k] for k in runs)
 
 
 def copy_rows(f: Files, mount: Mount, c: Copies, exact: Copies) -> tuple[list[Row], list[str]]:
@@ -380,7 +379,7 @@ def cold_preads(f: Files, mount: Mount, count: int) -> tuple[list[Row], list[str
 def read_in_process(path: Path, cache_mb: int, cache: Path) -> tuple[int, float, bytes]:
     """(frames decoded, seconds, bytes) of reading ``path`` whole in 128 KiB reads through
     a fresh in-process Engine with the default decoder (its graphs in ``cache``)."""
-    from ecdcfs.audiofile import Engine, Settings
+    from ecdcfs.engine import Engine, Settings
 
     engine = Engine(Settings(device="cpu", cache_mb=cache_mb, cache_dir=cache))
     reader = engine.open(path).reader()
@@ -562,7 +561,7 @@ def main(args: argparse.Namespace) -> int:
     log(f"torch {torch.__version__}, {torch.get_num_threads()} threads (--exact: the same)")
     f = write_files(args, work)
     rss = model_rss(env)
-    log("exporting the decoder graphs (as a first mount does) ...")
+    log("building the decoder graphs (as a first mount does) ...")
     models = [MODEL] + ([] if args.no_24khz else [khz24.MODEL_24])
     graph_seconds = build_graphs(cache, *models)
     log(f"  {graph_seconds:.1f} s for {', '.join(models)}")
@@ -614,7 +613,7 @@ def main(args: argparse.Namespace) -> int:
                     first_read <= 0.5,
                 ),
             ],
-            [f"graph export before the first mount: {graph_seconds:.1f} s ({', '.join(models)})"],
+            [f"graphs built before the first mount: {graph_seconds:.1f} s ({', '.join(models)})"],
         ),
         stream,
         (
@@ -627,6 +626,9 @@ def main(args: argparse.Namespace) -> int:
             [],
         ),
     ]
+    extra_48 = ("--cache-mb", str(args.cache_mb))
+    file_24 = khz24.ecdc_24khz(10, 5)
+    sections.append(install.install_rows(work, f.src / "first.ecdc", file_24, env, *extra_48))
     if not args.no_24khz:
         sections.append(khz24.bench_24khz(args, work, env, cache))
     rows = [row for section_rows, _ in sections for row in section_rows]
