@@ -186,9 +186,11 @@ class AudioFile:
         return self._lm_index() if self.header.use_lm else None
 
     def _scan(self, first: int, offset: int) -> Iterator[Unit]:
-        """Entropy-decode LM-coded units from ``first`` at payload ``offset`` (for the index)."""
+        """Entropy-decode LM-coded units from ``first`` at payload ``offset`` (for the index),
+        in the LM's child process, which gets the file's bytes (those that can matter)."""
         lm = self.engine.lm(self.header.model)
-        return self.units.scan_lm(lm, self._source, first, offset)
+        data = self._source.read(0, min(self._source.size, self.header.payload_bound))
+        return lm.scan(data, first, offset, self.units.index_block_steps)
 
 
 class Reader:

@@ -136,7 +136,6 @@ DEVICE_CHECK_SECONDS = 120
 SYSLOG_SOCKET = "/dev/log"
 
 
-
 class UsageError(Exception):
     """A bad command line: reported in one line, exit status 2."""
 
@@ -234,9 +233,7 @@ OPTIONS = (
         "write nothing to the cache dir: code indexes in memory only, decoder graphs "
         "rebuilt at every start",
     ),
-    Option(
-        "log-level", f"one of {', '.join(LOG_LEVELS)} (default: info)", _log_level, "LEVEL"
-    ),
+    Option("log-level", f"one of {', '.join(LOG_LEVELS)} (default: info)", _log_level, "LEVEL"),
     Option(
         "log-file",
         "append log messages to FILE (a daemon without one logs to syslog, else to "

@@ -1,5 +1,6 @@
 """What every frame decoder is: the decoded-frame record, the decoder interface, the error
-of a model that cannot be had, and the numpy overlap-add weights.
+of a model that cannot be had, and encodec's overlap-add weights (numpy, torch's bit for
+bit).
 
 Two decoders implement :class:`FrameDecoder`: :class:`~ecdcfs.onnx_decoder.OnnxDecoder`
 (the default, ONNX Runtime, no torch) and :class:`~ecdcfs.torch_decoder.TorchDecoder`
@@ -54,18 +55,22 @@ class FrameDecoder(Protocol):
         """Decoder outputs of frames of equal length, each as :meth:`decode_frame` gives it."""
         ...
 
-    def overlap_add_weights(self, frame_length: int) -> np.ndarray:
-        """encodec's overlap-add weights for frames of ``frame_length`` samples."""
-        ...
+
+def linspace_like_torch(count: int) -> np.ndarray:
+    """``torch.linspace(0, 1, count)`` in float32, bit for bit: the first half
+    ``step * i``, the second ``1 - step * (count - 1 - i)``, each rounded once from the
+    exact product (torch's kernel computes them with a fused multiply-add; numpy's own
+    linspace, rounding twice, differs in the last bit of ~10 % of them)."""
+    step = np.float64(np.float32(1) / np.float32(count - 1))
+    i = np.arange(count)
+    half = count // 2
+    return np.concatenate([step * i[:half], 1 - step * (count - 1 - i[half:])]).astype(np.float32)
 
 
 @functools.lru_cache(maxsize=8)
 def overlap_add_weights(frame_length: int) -> np.ndarray:
-    """encodec's triangular overlap-add weights for ``frame_length`` samples, in numpy.
-
-    torch's ``linspace`` rounds some of them one float32 ulp apart (its vectorised kernel
-    computes them in another order), so the bit-exact torch decoder blends with torch's
-    own (:meth:`~ecdcfs.torch_decoder.TorchDecoder.overlap_add_weights`).
-    """
-    t = np.linspace(0, 1, frame_length + 2, dtype=np.float32)[1:-1]
+    """encodec's triangular overlap-add weights for ``frame_length`` samples, as its
+    ``_linear_overlap_add`` computes them with torch, bit for bit (tested for every frame
+    length), so frames blend exactly as encodec blends them."""
+    t = linspace_like_torch(frame_length + 2)[1:-1]
     return np.float32(0.5) - np.abs(t - np.float32(0.5))

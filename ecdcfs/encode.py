@@ -306,9 +306,7 @@ def encode_pcm(
         writer.finish()
         if writer.frames == 0 or writer.num_codebooks is None:
             raise EcdcError("no audio on stdin: nothing to encode")
-        metadata = metadata_for(
-            plan, writer.length, writer.num_codebooks, name, source, thumbnail
-        )
+        metadata = metadata_for(plan, writer.length, writer.num_codebooks, name, source, thumbnail)
         output.commit(header_bytes(metadata, plan.version))
     except BaseException:
         output.close()

@@ -14,7 +14,7 @@ import threading
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from .audiofile import AudioFile
 from .checkpoint import CHECKPOINTS, LM_CHECKPOINTS, checkpoint_path, fingerprint
@@ -22,6 +22,7 @@ from .container import MODELS, ModelSpec, read_header
 from .decoder import LM_NEEDS_TORCH, FrameDecoder, ModelUnavailable
 from .index import IndexStore
 from .interrupts import Interrupts
+from .lm_process import LanguageModel, find_lm
 from .scheduler import DecodeScheduler
 from .settings import Settings, default_threads, torch_installed
 from .source import ByteSource, MemorySource, as_stream
@@ -64,7 +65,7 @@ class Engine:
         )
         self.graphs = GraphStore(self.settings.cache_dir)
         self._decoders: dict[str, FrameDecoder] = {}
-        self._lms: dict[str, Any] = {}
+        self._lms: dict[str, LanguageModel] = {}
         # Load failures by what failed ("encodec_48khz", "encodec_48khz LM"); see _load.
         self._failures: dict[str, _Failure] = {}
         self._locks = {what: threading.Lock() for name in MODELS for what in (name, f"{name} LM")}
@@ -107,14 +108,13 @@ class Engine:
 
             return TorchDecoder(spec, "cpu")
 
-    def lm(self, spec: ModelSpec) -> Any:
-        """The language model of ``spec``'s model, for LM-coded files (see :meth:`_load`)."""
+    def lm(self, spec: ModelSpec) -> LanguageModel:
+        """The language model of ``spec``'s model, for LM-coded files (see :meth:`_load`):
+        its checkpoint is there and torch is installed; it runs in a child process."""
         lm = self._lms.get(spec.name)
         if lm is None:
-            from .lm import load_lm
-
             what = f"{spec.name} LM"
-            lm = self._load(what, LM_CHECKPOINTS[spec.name], self._lms, lambda: load_lm(spec))
+            lm = self._load(what, LM_CHECKPOINTS[spec.name], self._lms, lambda: find_lm(spec))
         return lm
 
     def _load(self, what: str, checkpoint: str, loaded: dict[str, T], load: Callable[[], T]) -> T:

@@ -25,12 +25,12 @@ Changing what is built: bump :data:`GRAPH_FORMAT`, so cached graphs are rebuilt.
 
 from __future__ import annotations
 
-import io
 import math
 import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, BinaryIO
 
 import numpy as np
 
@@ -57,7 +57,7 @@ class DecoderGraph:
     pad_mode: str
     checkpoint_sha: str = ""  # of the checkpoint it was built from, when the store knows it
 
-    def save(self, f: io.BufferedIOBase) -> None:
+    def save(self, f: BinaryIO) -> None:
         """Write it as an ``.npz`` file (every member carries a CRC-32, checked on load)."""
         np.savez(
             f,
@@ -69,7 +69,7 @@ class DecoderGraph:
         )
 
     @classmethod
-    def load(cls, f: io.BufferedIOBase | Path) -> DecoderGraph:
+    def load(cls, f: BinaryIO | Path) -> DecoderGraph:
         """Read what :meth:`save` wrote; GraphUnusable for anything else, or a damaged copy
         (zipfile checks each member's CRC-32 as it is read to its end)."""
         try:
@@ -130,13 +130,13 @@ class _Graph:
         self.nodes: list = []  # onnx.NodeProto
         self.initializers: list = []  # onnx.TensorProto
 
-    def constant(self, value: np.ndarray | float | list[int], name: str = "") -> str:
+    def constant(self, value: np.ndarray | np.generic | float | list[int], name: str = "") -> str:
         array = np.asarray(value, np.float32 if type(value) is float else None)
         name = name or f"c{len(self.initializers)}"
         self.initializers.append(self.numpy_helper.from_array(array, name))
         return name
 
-    def op(self, op_type: str, *inputs: str, **attributes: object) -> str:
+    def op(self, op_type: str, *inputs: str, **attributes: Any) -> str:
         output = f"{op_type.lower()}{len(self.nodes)}"
         self.nodes.append(self.helper.make_node(op_type, list(inputs), [output], **attributes))
         return output

@@ -290,13 +290,13 @@ class IndexStore:
         total = index.unit_count
         reported = 100 * len(index) // max(1, total) // 10 * 10
         for number, scale, codes, next_offset in scan(len(index), index.next_offset):
-            if index.complete:
-                return
             if number < len(index):  # a stream resumed from its start: already indexed
                 continue
             if number > len(index):
                 raise RuntimeError(f"scan skipped from {unit} {len(index)} to {number}")
             index.append(scale, codes, next_offset)
+            if index.complete:  # persisted now, not once the scan has wound down
+                return
             percent = 100 * len(index) // total
             if total >= 10 and percent >= reported + 10:
                 reported = percent - percent % 10

@@ -20,7 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from .container import EncodedFrame, ModelSpec
-from .decoder import DecodedFrame, overlap_add_weights
+from .decoder import DecodedFrame
 from .graph import DecoderGraph, GraphUnusable
 from .interrupts import Interrupts
 
@@ -118,8 +118,3 @@ class OnnxDecoder:
     def decode_frames(self, frames: list[EncodedFrame]) -> list[DecodedFrame]:
         """Decode frames one by one (see ``batch_size``)."""
         return [self.decode_frame(frame) for frame in frames]
-
-    @staticmethod
-    def overlap_add_weights(frame_length: int) -> np.ndarray:
-        """The overlap-add weights this decoder's frames blend with."""
-        return overlap_add_weights(frame_length)

@@ -149,11 +149,3 @@ class TorchDecoder:
             )
             out = self.model._decode_frame((code_tensor, scale_tensor)).float().cpu().numpy()
         return [DecodedFrame(out[i]) for i in range(len(frames))]
-
-    @staticmethod
-    def overlap_add_weights(frame_length: int) -> np.ndarray:
-        """encodec's own weights (torch's linspace), so that blending is bit-exact."""
-        import torch
-
-        t = torch.linspace(0, 1, frame_length + 2, dtype=torch.float32)[1:-1]
-        return (0.5 - (t - 0.5).abs()).numpy()

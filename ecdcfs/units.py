@@ -25,7 +25,7 @@ import numpy as np
 
 from .causal import CHUNK_STEPS, CONTEXT_STEPS, ChunkGrid, decode_chunk, packed_steps
 from .container import SCALE, ContainerError, EncodedFrame, Header, read_scale, unpack_codes
-from .decoder import DecodedFrame, FrameDecoder
+from .decoder import DecodedFrame, FrameDecoder, overlap_add_weights
 from .index import CodeIndex, Unit
 from .lm import decode_lm_steps
 from .source import ByteSource, as_stream
@@ -188,7 +188,7 @@ class Frames(DecodeUnits):
         The output covers every frame, unlike encodec's, which is sized from the last
         frame alone (and crashes when the frame before it decodes further).
         """
-        weights = codec.overlap_add_weights(self.layout.decoded_length(0))
+        weights = overlap_add_weights(self.layout.decoded_length(0))
         out = np.zeros((self.header.model.channels, stop - start), dtype=np.float32)
         weight_sum = np.zeros(stop - start, dtype=np.float32)
         for i, frame in sorted(decoded.items()):
@@ -220,10 +220,11 @@ class Chunks(DecodeUnits):
     tag, noun = "c", "chunks"
     chunk_steps, context_steps = CHUNK_STEPS, CONTEXT_STEPS  # the grid (see ``causal``)
 
-    def __init__(self, header: Header) -> None:
+    def __init__(self, header: Header, chunk_steps: int | None = None) -> None:
         super().__init__(header)
         steps, hop = self.layout.code_steps(0), header.model.hop
-        self.grid = ChunkGrid(steps, hop, self.chunk_steps, self.context_steps)
+        chunk_steps = chunk_steps or self.chunk_steps
+        self.grid = ChunkGrid(steps, hop, chunk_steps, self.context_steps)
         self.index_block_steps = self.grid.chunk_steps
 
     @property
@@ -269,6 +270,7 @@ class Chunks(DecodeUnits):
             yield number, None, codes, stream.tell() - base
 
 
-def decode_units(header: Header) -> DecodeUnits:
-    """The decode units of a file with this header: frames, or chunks of its one frame."""
-    return Chunks(header) if header.model.segment is None else Frames(header)
+def decode_units(header: Header, chunk_steps: int | None = None) -> DecodeUnits:
+    """The decode units of a file with this header: frames, or chunks of its one frame
+    (of ``chunk_steps`` code steps, the grid's own by default)."""
+    return Chunks(header, chunk_steps) if header.model.segment is None else Frames(header)

@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 
 import synth
-from ecdcfs import units
 from ecdcfs.causal import CHUNK_STEPS, CONTEXT_STEPS, ChunkGrid, packed_steps
 from ecdcfs.container import MODELS, EcdcError, EncodedFrame, unpack_codes
 from ecdcfs.engine import Engine, Settings
 from ecdcfs.index import INDEX_SUFFIX, CodeIndex
-from ecdcfs.lm import decode_lm_steps
+from ecdcfs.lm import decode_lm_steps, load_lm
+from ecdcfs.lm_process import LanguageModel
 from ecdcfs.units import Chunks
 
 READ = 128 * 1024
@@ -197,7 +197,7 @@ def lm_and_plain(engine, samples: int, nc: int, seed: int = 0) -> tuple[bytes, b
     plain = synth.random_packed_24khz(samples, nc, seed)
     steps = -(-samples // HOP)
     codes = unpack_codes(plain, nc, steps, 10)
-    lm = engine.lm(MODELS["encodec_24khz"])
+    lm = load_lm(MODELS["encodec_24khz"])
     lm_coded = synth.lm_encode(lm, codes)
     return (
         synth.container_24khz(samples, nc, lm_coded, lm=True),
@@ -206,20 +206,25 @@ def lm_and_plain(engine, samples: int, nc: int, seed: int = 0) -> tuple[bytes, b
 
 
 class GatedBlocks:
-    """Stands in for ``decode_lm_steps``: yields ``open_blocks`` blocks, then waits."""
+    """Stands in for the LM pass (``LanguageModel.scan``, patched by :meth:`patch`): passes
+    on ``open_blocks`` blocks, then waits for the gate."""
 
     def __init__(self, open_blocks: int) -> None:
         self.open_blocks = open_blocks
         self.gate = threading.Event()
         self.yielded = 0
-        self.decode_lm_steps = units.decode_lm_steps
+        self.scan = LanguageModel.scan
 
-    def __call__(self, *args):
-        for number, codes in enumerate(self.decode_lm_steps(*args)):
+    def patch(self, monkeypatch) -> GatedBlocks:
+        monkeypatch.setattr(LanguageModel, "scan", lambda lm, *args: self.gated(lm, *args))
+        return self
+
+    def gated(self, lm, *args):
+        for number, unit in enumerate(self.scan(lm, *args)):
             if number >= self.open_blocks:
                 assert self.gate.wait(60)
             self.yielded += 1
-            yield codes
+            yield unit
 
 
 def test_lm_file_reads_like_the_plain_file_of_its_codes(engine, small_chunks, tmp_path):
@@ -245,7 +250,7 @@ def test_lm_file_reads_like_the_plain_file_of_its_codes(engine, small_chunks, tm
     second = Engine(engine.settings)
     try:
         with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(units, "decode_lm_steps", GatedBlocks(0))  # would wait forever
+            GatedBlocks(0).patch(mp)  # would wait forever
             assert read_all(second.open(path).reader()) == expected
     finally:
         second.close()
@@ -255,8 +260,7 @@ def test_lm_reads_wait_only_for_the_blocks_they_need(engine, small_chunks, tmp_p
     samples, nc = 160 * HOP, 2  # 4 chunks
     lm_data, plain_data = lm_and_plain(engine, samples, nc, seed=1)
     expected = read_all(engine.open(synth.write(tmp_path, "plain.ecdc", plain_data)).reader())
-    gated = GatedBlocks(open_blocks=1)
-    monkeypatch.setattr(units, "decode_lm_steps", gated)
+    gated = GatedBlocks(open_blocks=1).patch(monkeypatch)
     audio = engine.open(synth.write(tmp_path, "lm.ecdc", lm_data))
     reader = audio.reader()
     first_chunk = 2 * SMALL_CHUNK * HOP
@@ -293,8 +297,7 @@ def test_partial_lm_index_serves_its_blocks_while_the_rest_is_rebuilt(
     partial.save(cache / f"{full.identity}{INDEX_SUFFIX}")
     engine.close()
 
-    gated = GatedBlocks(open_blocks=0)  # the rebuild (from block 0) waits
-    monkeypatch.setattr(units, "decode_lm_steps", gated)
+    gated = GatedBlocks(open_blocks=0).patch(monkeypatch)  # the rebuild (from 0) waits
     second = Engine(engine.settings)
     try:
         audio = second.open(path)
@@ -351,7 +354,7 @@ def test_lm_blocks_do_not_keep_the_decoders_symbol_log(engine, monkeypatch):
     monkeypatch.setattr(ac, "ArithmeticDecoder", Recorded)
     nc, steps = 2, 100
     codes = np.random.default_rng(5).integers(0, 1024, (nc, steps))
-    lm = engine.lm(MODELS["encodec_24khz"])
+    lm = load_lm(MODELS["encodec_24khz"])
     stream = io.BytesIO(synth.lm_encode(lm, codes))
     blocks = []
     for block in decode_lm_steps(lm, stream, nc, steps, 40):

@@ -159,7 +159,7 @@ def test_lm_index_is_persisted_and_reused(torch_home, tmp_path, monkeypatch):
     def no_lm(*args, **kwargs):
         raise AssertionError("the persisted index should have been used")
 
-    monkeypatch.setattr("ecdcfs.units.decode_lm_steps", no_lm)
+    monkeypatch.setattr("ecdcfs.lm_process.LanguageModel.scan", no_lm)
     engine = Engine(settings)
     try:
         assert read_all(engine.open(path).reader()) == expected_wav(data)

@@ -17,7 +17,7 @@ from encodec.quantization.ac import ArithmeticDecoder, build_stable_quantized_cd
 
 import synth
 from ecdcfs.container import MODELS, ContainerError, parse_header
-from ecdcfs.lm import pull_symbol, stable_quantized_cdfs
+from ecdcfs.lm import load_lm, pull_symbol, stable_quantized_cdfs
 from ecdcfs.source import MemorySource
 from ecdcfs.units import Chunks, decode_units
 
@@ -57,7 +57,7 @@ def test_lm_codes_are_the_codes_encodec_encoded(engine, monkeypatch, model, kbps
     monkeypatch.setattr(Chunks, "context_steps", 40)
     data = synth.make_ecdc(model, samples, kbps, lm=True)
     units = decode_units(parse_header(data, len(data)))
-    lm = engine.lm(MODELS[model])
+    lm = load_lm(MODELS[model])
     scanned = [(scale, codes) for _, scale, codes, _ in units.scan_lm(lm, MemorySource(data), 0, 0)]
     if model == "encodec_24khz":  # one frame, in blocks
         scanned = [(None, np.concatenate([codes for _, codes in scanned], axis=1))]
@@ -78,7 +78,7 @@ def assert_cdfs_are_encodecs(probas: torch.Tensor) -> None:
 
 @pytest.mark.parametrize("model", ["encodec_48khz", "encodec_24khz"])
 def test_stable_quantized_cdfs_are_encodecs_per_codebook(engine, model):
-    lm = engine.lm(MODELS[model])
+    lm = load_lm(MODELS[model])
     rng = np.random.default_rng(7)
     states, offset = None, 0
     previous = torch.zeros(1, lm.n_q, 1, dtype=torch.long)

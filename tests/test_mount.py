@@ -489,14 +489,12 @@ def test_lm_coded_24khz_file_reads_like_the_plain_file_of_its_codes(torch_home, 
     """Two chunks of LM-coded 24 kHz through the mount: the index is built in blocks from
     one arithmetic-coded stream; the bytes equal those of the same codes bit-packed."""
     from ecdcfs.container import MODELS, unpack_codes
-    from ecdcfs.engine import Engine, Settings
+    from ecdcfs.lm import load_lm
 
     samples, nc = 400 * 320 - 9, 2  # 400 code steps: a 375-step chunk and a short one
     plain = synth.random_packed_24khz(samples, nc, seed=21)
-    engine = Engine(Settings(device="cpu", exact=True, cache_dir=None))
-    lm = engine.lm(MODELS["encodec_24khz"])
+    lm = load_lm(MODELS["encodec_24khz"])
     lm_coded = synth.lm_encode(lm, unpack_codes(plain, nc, 400, 10))
-    engine.close()
     src = source_folder(
         tmp_path,
         {

@@ -122,12 +122,14 @@ def test_padding_is_encodecs_pad1d_bit_for_bit(mode):
             assert pad_steps(emb, padding, mode).tobytes() == expected.tobytes()
 
 
-def test_overlap_add_weights_are_encodecs_within_one_ulp():
-    for length in (320, 960, 47_520, 48_000):
-        expected = TorchDecoder.overlap_add_weights(length)
+def test_overlap_add_weights_are_encodecs_bit_for_bit_at_every_frame_length():
+    import torch
+
+    for length in [*range(320, 48_001, 320), 1, 2, 3, 47_520]:  # every frame length, and more
+        t = torch.linspace(0, 1, length + 2, dtype=torch.float32)[1:-1]
+        expected = (0.5 - (t - 0.5).abs()).numpy()  # encodec's _linear_overlap_add
         actual = overlap_add_weights(length)
-        assert actual.dtype == np.float32 and actual.shape == expected.shape
-        assert np.abs(actual - expected).max() <= np.finfo(np.float32).eps
+        assert actual.dtype == np.float32 and actual.tobytes() == expected.tobytes(), length
 
 
 @pytest.mark.parametrize("name", MODELS)

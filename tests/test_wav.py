@@ -13,7 +13,11 @@ from mutagen.wave import WAVE
 
 from ecdcfs.wav import WavLayout, float_to_pcm16
 
-TITLE, SOURCE, THUMB = "Test Song é ☃", "https://example.org/watch?v=x&t=1", "https://example.org/t.jpg"
+TITLE, SOURCE, THUMB = (
+    "Test Song é ☃",
+    "https://example.org/watch?v=x&t=1",
+    "https://example.org/t.jpg",
+)
 COMMENT = f"{SOURCE}\n{THUMB}"
 HAVE_FFMPEG = shutil.which("ffmpeg") is not None and shutil.which("ffprobe") is not None
 
