@@ -71,9 +71,11 @@ class LanguageModel:
             )
             try:
                 assert child.stdin is not None and child.stdout is not None
-                with contextlib.suppress(BrokenPipeError):  # it failed: its records say why
+                with contextlib.suppress(BrokenPipeError):  # it died: its exit says why
                     child.stdin.write(data)
-                child.stdin.close()
+                    child.stdin.flush()
+                with contextlib.suppress(OSError):
+                    child.stdin.close()
                 yield from _read_units(child.stdout)
                 if child.wait() != 0:
                     stderr.seek(0)

@@ -400,12 +400,13 @@ def test_whole_file_is_within_2_lsb_and_the_same_whatever_the_threads(
     assert np.abs(pcm.astype(np.int32) - expected).max() <= 2
 
 
-def test_a_process_decoding_plain_files_with_cached_graphs_never_imports_torch(
-    default_cache, tmp_path
-):
+def test_a_process_decoding_files_with_cached_graphs_never_imports_torch(default_cache, tmp_path):
+    """Plain files, and LM-coded ones (their LM runs in a child process)."""
     files = {
         "a.ecdc": synth.make_ecdc("encodec_48khz", 60_000, 6),
         "b.ecdc": synth.make_ecdc("encodec_24khz", 30_000, 3),
+        "c.ecdc": synth.make_ecdc("encodec_48khz", 60_000, 6, lm=True),
+        "d.ecdc": synth.make_ecdc("encodec_24khz", 30_000, 3, lm=True),
     }
     for name, data in files.items():
         synth.write(tmp_path, name, data)
