@@ -104,7 +104,8 @@ logging:
   $XDG_STATE_HOME/ecdcfs/ecdcfs.log (~/.local/state/ecdcfs/), as it says at mount.
 
 refused at mount (exit status 2, one line):
-  a MOUNTPOINT that is already mounted (unmount it first), a --device that is not
+  a MOUNTPOINT that is already mounted (unmount it first) or not empty (unless
+  -o nonempty), a --device that is not
   one, or a GPU that is not there (--device cuda without CUDA, cuda:N past the last),
   --exact or a GPU without torch.
 
@@ -320,7 +321,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--clear-cache",
         action="store_true",
-        help="delete the code indexes in the cache dir (--cache-dir, or the default) and exit",
+        help="delete the code indexes and decoder graphs in the cache dir (--cache-dir, or "
+        "the default) and exit",
     )
     p.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     return p
@@ -448,6 +450,11 @@ def check_paths(cfg: Config) -> None:
     hub = os.path.realpath(checkpoint_dir().parent)
     if _inside(hub, mountpoint):
         raise UsageError(f"the model checkpoints ({hub}, TORCH_HOME) are inside MOUNTPOINT")
+    if not cfg.fuse_options.get("nonempty") and os.listdir(cfg.mountpoint):
+        raise UsageError(
+            f"MOUNTPOINT {cfg.mountpoint!r} is not empty: mount on an empty folder "
+            "(-o nonempty mounts over what is there, hiding it)"
+        )
 
 
 def check_device(device: str | None, exact: bool) -> None:

@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,11 +27,10 @@ from typing import Any, BinaryIO
 import numpy as np
 
 from .container import HEADER, MAGIC, MODELS, SCALE, EcdcError, ModelSpec
-from .pcm import PCM_BLOCK_ALIGN, PCM_CHANNELS, PCM_RATE
+from .pcm import PCM_CHANNELS, PCM_RATE
 
 log = logging.getLogger(__name__)
 
-IN_CHUNK_BYTES = PCM_RATE * PCM_BLOCK_ALIGN  # the input is read a second at a time
 # int16 -> float as Encodec-Stream does it (x * (1 / 32767), the inverse of the decoder's
 # round(x * 32767)); see int16_to_float.
 INT16_SCALE = 1 / 32767
@@ -41,6 +41,74 @@ BANDWIDTHS = (1.5, 3.0, 6.0, 12.0, 24.0)  # what both models support, kbps
 
 class BitrateError(ValueError):
     """A bitrate that cannot be encoded."""
+
+
+WAVE_FORMAT_PCM, WAVE_FORMAT_EXTENSIBLE = 1, 0xFFFE
+STREAMED_SIZES = (0, 0xFFFFFFFF)  # a data size a WAV written to a pipe may carry: to EOF
+
+
+@dataclass
+class PcmInput:
+    """16-bit PCM on a stream: raw s16le, 2 channels, 48 kHz, or the data chunk of a
+    RIFF/WAVE file (its own rate, 1 or 2 channels), found by :meth:`open`."""
+
+    stream: BinaryIO
+    rate: int = PCM_RATE
+    channels: int = PCM_CHANNELS
+    remaining: int | None = None  # bytes of the WAV's data chunk left; None: to EOF
+    pending: bytes = b""  # read while looking for a WAV header, not yet returned
+
+    @classmethod
+    def open(cls, stream: BinaryIO) -> PcmInput:
+        """The PCM of ``stream``: a WAV header is read (EcdcError for a WAV that is not
+        16-bit PCM of 1 or 2 channels), anything else is raw PCM."""
+        head = _read_exactly(stream, 12)
+        if head[:4] not in (b"RIFF", b"RF64") or head[8:12] != b"WAVE":
+            return cls(stream, pending=head)
+        form = None
+        while True:
+            chunk = _read_exactly(stream, 8)
+            if len(chunk) < 8:
+                raise EcdcError("stdin is a WAV file without a data chunk")
+            kind, size = chunk[:4], int.from_bytes(chunk[4:], "little")
+            if kind == b"data":
+                break
+            body = _read_exactly(stream, size + size % 2)
+            if kind == b"fmt " and len(body) >= 16:
+                form = struct.unpack("<HHIIHH", body[:16])
+        if form is None:
+            raise EcdcError("stdin is a WAV file without a fmt chunk before its data")
+        tag, channels, rate, _, _, bits = form
+        pcm = tag == WAVE_FORMAT_PCM or (tag == WAVE_FORMAT_EXTENSIBLE and body[24:26] == b"\1\0")
+        if not (pcm and bits == 16 and channels in (1, 2) and MIN_RATE <= rate <= MAX_RATE):
+            raise EcdcError(
+                f"stdin is a WAV of {channels} channel(s) at {rate} Hz, {bits}-bit, format "
+                f"{tag:#x}: -e takes 16-bit PCM of 1 or 2 channels (ffmpeg -i IN -f s16le "
+                "-ac 2 -ar 48k - | ecdc-stream -e OUT)"
+            )
+        remaining = None if size in STREAMED_SIZES or kind != b"data" else size
+        return cls(stream, rate, channels, remaining)
+
+    @property
+    def block_align(self) -> int:
+        return 2 * self.channels
+
+    def read(self, size: int) -> bytes:
+        """Up to ``size`` bytes of PCM; b"" at its end."""
+        if self.remaining is not None:
+            size = min(size, self.remaining)
+        data, self.pending = self.pending + self.stream.read(max(0, size - len(self.pending))), b""
+        if self.remaining is not None:
+            self.remaining -= len(data)
+        return data
+
+
+def _read_exactly(stream: BinaryIO, size: int) -> bytes:
+    """``size`` bytes of ``stream``, fewer only at its end (a pipe returns pieces)."""
+    data = b""
+    while len(data) < size and (piece := stream.read(size - len(data))):
+        data += piece
+    return data
 
 
 @dataclass(frozen=True)
@@ -274,10 +342,12 @@ def encode_pcm(
     progress: Callable[[int], None] = lambda samples: None,
     warn: Callable[[str], None] = log.warning,
 ) -> dict[str, Any]:
-    """Encode PCM (s16le, 2 channels, 48 kHz) read from ``pcm`` until EOF into ``path``
-    as ``plan`` says; the header metadata written.
+    """Encode PCM (s16le, 2 channels, 48 kHz, or a 16-bit WAV file of 1 or 2 channels at
+    any rate) read from ``pcm`` until EOF into ``path`` as ``plan`` says; the header
+    metadata written.
 
-    The input is read a second at a time and ``progress`` gets the samples of each read;
+    The input is read a second at a time and ``progress`` gets the samples (at 48 kHz) of
+    each read;
     ``path`` is replaced atomically at the end (a failure leaves it as it was). ``warn``
     gets the message about trailing bytes that are not a whole stereo sample. ``device``:
     a torch device, None for CUDA when available, else the CPU. Raises
@@ -286,21 +356,22 @@ def encode_pcm(
     from .torch_decoder import TorchDecoder, default_device, require_torch
 
     require_torch("encoding")
+    pcm_input = PcmInput.open(pcm)
     spec = plan.model
     model = TorchDecoder(spec, device or default_device()).model
     model.set_target_bandwidth(plan.bandwidth)
     resampler = None
-    if plan.sample_rate != PCM_RATE:
+    if plan.sample_rate != pcm_input.rate:
         import soxr
 
-        resampler = soxr.ResampleStream(PCM_RATE, plan.sample_rate, spec.channels, "float32")
+        resampler = soxr.ResampleStream(pcm_input.rate, plan.sample_rate, spec.channels, "float32")
     try:
         output = AtomicOutput(path)
     except OSError as exc:
         raise EcdcError(f"cannot write next to {path}: {exc.strerror or exc}") from None
     try:
         writer = FrameWriter(model, spec, output.payload)
-        trailing = _push_pcm(pcm, writer, resampler, progress)
+        trailing = _push_pcm(pcm_input, writer, resampler, progress)
         if trailing:
             warn(f"ignoring {trailing} trailing bytes (not a whole stereo sample)")
         writer.finish()
@@ -315,7 +386,7 @@ def encode_pcm(
 
 
 def _push_pcm(
-    pcm: BinaryIO, writer: FrameWriter, resampler: Any, progress: Callable[[int], None]
+    pcm: PcmInput, writer: FrameWriter, resampler: Any, progress: Callable[[int], None]
 ) -> int:
     """Push PCM from ``pcm`` until EOF into ``writer`` (through ``resampler``, a soxr
     stream, unless None); the number of trailing bytes left over."""
@@ -323,19 +394,21 @@ def _push_pcm(
 
     pending = b""
     while True:
-        chunk = pcm.read(IN_CHUNK_BYTES)
+        chunk = pcm.read(pcm.rate * pcm.block_align)  # a second at a time
         data = pending + chunk
-        usable = len(data) - len(data) % PCM_BLOCK_ALIGN
+        usable = len(data) - len(data) % pcm.block_align
         pending = data[usable:]
-        samples = np.frombuffer(data[:usable], "<i2").reshape(-1, PCM_CHANNELS).T
+        samples = np.frombuffer(data[:usable], "<i2").reshape(-1, pcm.channels).T
         wav = int16_to_float(samples)
-        if writer.spec.channels == 1:
+        if writer.spec.channels == 1 and pcm.channels == 2:
             wav = wav.mean(dim=0, keepdim=True)
+        elif writer.spec.channels == 2 and pcm.channels == 1:
+            wav = wav.expand(2, -1)  # mono on both channels, as the decoder plays it back
         if resampler is not None:
             wav = torch.from_numpy(
                 resampler.resample_chunk(wav.T.contiguous().numpy(), last=not chunk).T.copy()
             )
         writer.push(wav)
-        progress(samples.shape[1])
+        progress(samples.shape[1] * PCM_RATE // pcm.rate)
         if not chunk:
             return len(pending)

@@ -98,9 +98,12 @@ argument that is not an option's value.
                 (default 1); 0 decodes the whole file as fast as possible
     --exact     decode with encodec's own PyTorch model, bit for bit (default:
                 its decoder on ONNX Runtime, within 2 LSB, faster and smaller,
-                its graph built once into the cache dir above, as for ecdcfs)
+                its graph built once into the cache dir above, as for ecdcfs);
+                needs torch (pip install 'ecdcfs[torch]')
   -e            encode PCM from stdin (until EOF) to <file>, replaced atomically at the
-                end; memory does not grow with the input
+                end; memory does not grow with the input. s16le, 2 channels, 48 kHz,
+                or a 16-bit WAV file (its rate and 1 or 2 channels are read from its
+                header). Needs torch (pip install 'ecdcfs[torch]')
     -b KBPS     bitrate, e.g. 6 or 6k (default 24), 0.25 to 192. 3 and up use the
                 48 kHz model, below 3 the 24 kHz one. The bandwidth is
                 3 * 2**floor(log2(KBPS / 3)) clamped to 1.5..24 and the audio is

@@ -24,6 +24,40 @@ import pytest
 import synth
 
 
+def _tree(folder: Path) -> dict[str, tuple[int, int]]:
+    """(size, mtime) of every entry under ``folder``, by relative path ({} if missing)."""
+    if not folder.exists():
+        return {}
+    return {
+        str(p.relative_to(folder)): (p.lstat().st_size, p.lstat().st_mtime_ns)
+        for p in [folder, *folder.rglob("*")]
+    }
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_user_dirs(tmp_path_factory) -> Iterator[None]:
+    """Every test (and every daemon it starts) gets cache and state dirs of its own:
+    XDG_CACHE_HOME and XDG_STATE_HOME point into the session's temp dir. At the end, the
+    user's own ``~/.cache/ecdcfs`` and ``~/.local/state/ecdcfs`` must be as they were."""
+    from ecdcfs.settings import default_cache_dir, default_log_file
+
+    theirs = [default_cache_dir(), default_log_file().parent]
+    before = [_tree(folder) for folder in theirs]
+    saved = {name: os.environ.get(name) for name in ("XDG_CACHE_HOME", "XDG_STATE_HOME")}
+    for name in saved:
+        os.environ[name] = str(tmp_path_factory.mktemp(name.lower()))
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+    after = [_tree(folder) for folder in theirs]
+    assert after == before, f"the tests changed the user's own {theirs}"
+
+
 @pytest.fixture(scope="session")
 def torch_home() -> Iterator[Path]:
     """Temp TORCH_HOME with the four Encodec checkpoints in ``hub/checkpoints``.

@@ -303,9 +303,16 @@ def generation_id(torch_home: str | os.PathLike | None = None) -> str | None:
         return None
 
 
+# Where generated checkpoints and files are cached between runs: decided on import, before
+# conftest points XDG_CACHE_HOME at the session's temp dir (ecdcfs's own caches go there).
+_CACHE_ROOT = (
+    Path(os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache"))
+    / "ecdcfs-tests"
+)
+
+
 def default_cache_root() -> Path:
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "ecdcfs-tests"
+    return _CACHE_ROOT
 
 
 def prepare_torch_home(torch_home: Path, cache: bool = True) -> Path:

@@ -199,6 +199,19 @@ def test_path_checks(dirs, tmp_path):
             check_paths(parse_args(argv))
 
 
+def test_a_mountpoint_that_is_not_empty_is_refused_in_one_line_unless_nonempty(dirs):
+    src, mnt = dirs
+    (Path(mnt) / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match="is not empty"):
+        check_paths(parse_args([src, mnt]))
+    check_paths(parse_args([src, mnt, "-o", "nonempty"]))  # asked for: no error
+    done = run(src, mnt, "-f", "--device", "cpu")  # libfuse's own refusal is two lines, exit 1
+    assert done.returncode == 2
+    (line,) = done.stderr.splitlines()
+    assert line.startswith("ecdcfs: error: MOUNTPOINT") and "is not empty" in line
+    assert not cli.is_mounted(mnt)
+
+
 def test_mount_over_source_parent_is_refused(tmp_path):
     (tmp_path / "music" / "ecdc").mkdir(parents=True)
     with pytest.raises(UsageError, match="SOURCE .* is inside MOUNTPOINT"):
@@ -223,6 +236,10 @@ def test_no_persist_drops_cache_dir(dirs):
 
 def test_split_options():
     assert cli.split_options("a,b=1,,c\\,d=e\\\\f") == ["a", "b=1", "c,d=e\\f"]
+
+
+def test_help_says_what_clear_cache_deletes():
+    assert "code indexes and decoder graphs" in " ".join(run("--help").stdout.split())
 
 
 def test_help_documents_everything():

@@ -12,6 +12,7 @@ import contextlib
 import io
 import json
 import os
+import struct
 import subprocess
 import sys
 import threading
@@ -697,6 +698,57 @@ def test_encode_equals_encodec_compress(tmp_path):
     assert decoded == expected.astype("<i2").tobytes()
     wav, _ = decompress(out.read_bytes())  # upstream reads the version-0 header
     assert np.array_equal(synth.float_to_pcm16(wav.numpy()).T, expected)
+
+
+def wav_file(pcm: np.ndarray, rate: int, streamed: bool = False, bits: int = 16) -> bytes:
+    """A RIFF/WAVE file of int16 ``pcm`` ``[channels, samples]`` (``bits`` claimed), with
+    a LIST chunk after its data; ``streamed``: sizes of 0xFFFFFFFF and nothing after the
+    data, as ffmpeg writes to a pipe."""
+    data = pcm.T.astype("<i2").tobytes()
+    channels = pcm.shape[0]
+    fmt = struct.pack("<HHIIHH", 1, channels, rate, rate * channels * 2, channels * 2, bits)
+    size = 0xFFFFFFFF if streamed else len(data)
+    body = b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
+    body += b"data" + struct.pack("<I", size) + data
+    if not streamed:  # a pipe's WAV ends with its data
+        body += b"LIST" + struct.pack("<I", 4) + b"INFO"
+    return b"RIFF" + struct.pack("<I", 0xFFFFFFFF if streamed else len(body)) + body
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_encode_reads_a_wav_file_on_stdin_as_its_pcm(tmp_path, torch_home, streamed):
+    """What `ecdc-stream -e out.ecdc < song.wav` asks for: the header is read, not encoded
+    as audio, and nothing after the data chunk is (its size, where it has one)."""
+    pcm = input_pcm(30_000)
+    raw, wav = tmp_path / "raw.ecdc", tmp_path / "wav.ecdc"
+    assert run("-b", "6", "-e", str(raw), stdin=pcm.T.tobytes())[0] == 0
+    rc, _, err = run("-b", "6", "-e", str(wav), stdin=wav_file(pcm, RATE, streamed))
+    assert (rc, err) == (0, "")
+    assert read_ecdc(wav) == read_ecdc(raw)  # al 30,000: the header was not audio
+
+
+def test_encode_takes_a_mono_wav_at_another_rate(tmp_path, torch_home):
+    """Its rate is resampled to the model's; mono goes to both channels, as the same
+    audio in a stereo WAV would."""
+    mono = input_pcm(44_100)[:1]  # 1 s at 44.1 kHz
+    outs = [tmp_path / "mono.ecdc", tmp_path / "stereo.ecdc"]
+    for out, pcm in zip(outs, (mono, np.repeat(mono, 2, axis=0)), strict=True):
+        rc, _, err = run("-b", "6", "-e", str(out), stdin=wav_file(pcm, 44_100))
+        assert (rc, err) == (0, "")
+    _, meta, payload = read_ecdc(outs[0])
+    assert (meta["m"], meta["sr"]) == ("encodec_48khz", 48_000)
+    assert abs(meta["al"] - 48_000) <= 1  # resampled to the model's rate
+    assert (meta, payload) == read_ecdc(outs[1])[1:]
+
+
+@pytest.mark.parametrize("bits", [24, 8])
+def test_encode_refuses_a_wav_it_cannot_read_in_one_line(tmp_path, torch_home, bits):
+    out = tmp_path / "e.ecdc"
+    rc, _, err = run("-e", str(out), stdin=wav_file(input_pcm(4_800), RATE, bits=bits))
+    assert rc == 1
+    (line,) = err.splitlines()
+    assert f"{bits}-bit" in line and "-e takes 16-bit PCM of 1 or 2 channels" in line
+    assert not out.exists()
 
 
 @pytest.mark.parametrize(("kbps", "rate", "version"), [("1.5", 24_000, 0), ("2", 32_000, 193)])
