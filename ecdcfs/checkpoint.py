@@ -140,7 +140,7 @@ def download(url: str, path: Path) -> None:
         length_header = response.headers.get("Content-Length")
         expected = int(length_header) if length_header and length_header.isdigit() else None
 
-        def write(out: BinaryIO) -> None:
+        def write(out: IO[bytes]) -> None:
             sha = hashlib.sha256()
             done = 0
             with tqdm(

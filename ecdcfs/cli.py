@@ -16,7 +16,7 @@ import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from . import version
 from .settings import (
@@ -279,7 +279,7 @@ class Config:
 
 
 class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # one line, not the whole usage
+    def error(self, message: str) -> NoReturn:  # one line, not the whole usage
         raise UsageError(f"{message} (see ecdcfs --help)")
 
 
@@ -349,7 +349,8 @@ def parse_mount_options(texts: list[str]) -> tuple[dict[str, object], dict[str, 
     fuse: dict[str, str | bool] = {}
     for text in texts:
         for item in split_options(text):
-            key, has_value, value = item.partition("=")
+            key, separator, value = item.partition("=")
+            has_value = bool(separator)
             name = key.strip().replace("-", "_")
             option = _OPTIONS_BY_KEY.get(name)
             if option is not None:

@@ -64,6 +64,14 @@ def _fh(fi: Any) -> int | None:
     return fi if fi is None or isinstance(fi, int) else fi.fh
 
 
+def _open_fh(fi: Any) -> int:
+    """The handle number of an open file (EBADF if there is none)."""
+    fh = _fh(fi)
+    if fh is None:
+        raise OSError(errno.EBADF, "no file handle")
+    return fh
+
+
 class EcdcFS(Operations):
     """The mounted view of a SOURCE folder of ``.ecdc`` files."""
 
@@ -114,11 +122,11 @@ class EcdcFS(Operations):
 
     @_errno
     def read(self, path: str, size: int, offset: int, fh: Any) -> bytes:
-        return self.tree.read(_fh(fh), size, offset)
+        return self.tree.read(_open_fh(fh), size, offset)
 
     @_errno
     def release(self, path: str, fh: Any) -> int:
-        self.tree.release(_fh(fh))
+        self.tree.release(_open_fh(fh))
         return 0
 
     @_errno

@@ -30,7 +30,7 @@ import zipfile
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import IO, Any
 
 import numpy as np
 
@@ -57,7 +57,7 @@ class DecoderGraph:
     pad_mode: str
     checkpoint_sha: str = ""  # of the checkpoint it was built from, when the store knows it
 
-    def save(self, f: BinaryIO) -> None:
+    def save(self, f: IO[bytes]) -> None:
         """Write it as an ``.npz`` file (every member carries a CRC-32, checked on load)."""
         np.savez(
             f,
@@ -69,7 +69,7 @@ class DecoderGraph:
         )
 
     @classmethod
-    def load(cls, f: BinaryIO | Path) -> DecoderGraph:
+    def load(cls, f: IO[bytes] | Path) -> DecoderGraph:
         """Read what :meth:`save` wrote; GraphUnusable for anything else, or a damaged copy
         (zipfile checks each member's CRC-32 as it is read to its end)."""
         try:

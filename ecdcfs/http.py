@@ -71,6 +71,7 @@ class HttpSource:
         self._lock = threading.Lock()
         self._blocks: LRUCache = LRUCache(maxsize=cache_blocks)
         self._download: _Download | None = None
+        self._size: int | None = None  # None: a stream without Content-Length, until its end
         response = self._request(0, probe_size)
         headers = response.headers
         status = _status(response)
@@ -116,7 +117,9 @@ class HttpSource:
             return self._head[offset:stop]
         first, last = offset // self.block_size, (stop - 1) // self.block_size
         with self._lock:
-            blocks = {i: self._blocks.get(i) for i in range(first, last + 1)}
+            blocks: dict[int, bytes | None] = {
+                i: self._blocks.get(i) for i in range(first, last + 1)
+            }
             missing = [i for i, block in blocks.items() if block is None]
             while missing:  # one request per run of consecutive missing blocks
                 run = 1
@@ -128,7 +131,7 @@ class HttpSource:
                     block = data[j * self.block_size : (j + 1) * self.block_size]
                     blocks[missing[j]] = self._blocks[missing[j]] = block
                 missing = missing[run:]
-        joined = b"".join(blocks[i] for i in range(first, last + 1))
+        joined = b"".join(blocks[i] or b"" for i in range(first, last + 1))  # all fetched
         skip = offset - first * self.block_size
         return joined[skip : skip + stop - offset]
 

@@ -26,6 +26,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from cachetools import LRUCache
@@ -100,7 +101,7 @@ class CodeIndex:
         """Write atomically (temp file + rename): readers never see half an index."""
         with self._changed:
             codes, scales, next_offset = list(self.codes), list(self.scales), self.next_offset
-        arrays = {
+        arrays: dict[str, Any] = {
             "format": _FORMAT,
             "unit_count": self.unit_count,
             "next_offset": next_offset,

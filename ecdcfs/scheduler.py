@@ -21,7 +21,7 @@ import itertools
 import logging
 import threading
 import time
-from collections.abc import Callable, Hashable
+from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -51,7 +51,7 @@ class Batch:
     group: Hashable
     size: int
     inputs: Callable[[], Any]
-    run: Callable[[list[Any]], list[Decoded]]
+    run: Callable[[list[Any]], Sequence[Decoded]]
 
 
 @dataclass
@@ -270,7 +270,7 @@ class DecodeScheduler:
                 outcomes[position] = exc
         if ready:
             try:
-                decoded: list = jobs[ready[0]].batch.run(inputs)  # type: ignore[union-attr]
+                decoded: Sequence = jobs[ready[0]].batch.run(inputs)  # type: ignore[union-attr]
             except BaseException as exc:
                 decoded = [exc] * len(ready)
             outcomes.update(zip(ready, decoded, strict=True))

@@ -13,7 +13,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import BinaryIO
+from typing import IO
 
 TEMP_SUFFIX = ".tmp"  # of a file being written into a cache dir (see write_atomically)
 GRAPH_SUFFIX = ".npz"  # of a decoder graph in graph_dir()
@@ -72,7 +72,7 @@ def checkpoint_dir() -> Path:
     return Path(torch_home) / "hub" / "checkpoints"
 
 
-def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+def write_atomically(path: Path, write: Callable[[IO[bytes]], object]) -> None:
     """Create ``path`` with ``write(file)`` through a temp file beside it (``<name>.*.tmp``)
     and a rename: readers never see half a file, a failed write leaves none."""
     path.parent.mkdir(parents=True, exist_ok=True)

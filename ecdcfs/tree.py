@@ -125,13 +125,15 @@ class _Folder:
         """``(kind, source name, lstat)`` of the view's entry ``name``, or None."""
         st = self.lstat(name)
         kind = None if st is None else kind_of(st.st_mode)
-        if kind is not None:
+        if st is not None and kind is not None:
             if self.is_ecdc(name) and placement(name, self.exists, self.is_ecdc):
                 return None  # shown as audio under another name
             return kind, name, st
         for source in audio_candidates(name):
             if self.is_ecdc(source) and placement(source, self.exists, self.is_ecdc) == name:
-                return AUDIO, source, self.lstat(source)
+                source_st = self.lstat(source)
+                assert source_st is not None  # is_ecdc: it is a regular file
+                return AUDIO, source, source_st
         return None
 
 
@@ -362,8 +364,9 @@ class SourceTree:
             size = self._probe(entry, folder).size if entry.kind == AUDIO else None
             return _attributes(entry.kind, entry.st, size)
 
-    def _probe(self, entry: Entry, folder: _Folder) -> _Probe:
+    def _probe(self, entry: Entry, folder: _Folder | None) -> _Probe:
         """What the header of the .ecdc ``entry`` says (cached per version of the file)."""
+        assert folder is not None  # only the root has none, and it is a folder
         key = _identity(entry.source, entry.st)
         with self._lock:
             probe = self._probes.get(key)
@@ -430,6 +433,7 @@ class SourceTree:
         with self._lookup(path) as (entry, folder):
             if entry.kind != LINK:
                 raise OSError(errno.EINVAL, "not a symlink", path)
+            assert folder is not None  # only the root has none, and it is a folder
             return os.readlink(os.path.basename(entry.source), dir_fd=folder.fd)
 
     def statfs(self) -> dict:
@@ -458,6 +462,7 @@ class SourceTree:
                 raise IsADirectoryError(errno.EISDIR, "is a directory", path)
             if entry.kind == LINK:  # the kernel follows symlinks itself
                 raise OSError(errno.ELOOP, "is a symlink", path)
+            assert folder is not None  # only the root has none, and it is a folder
             fd = os.open(os.path.basename(entry.source), _FILE_FLAGS, dir_fd=folder.fd)
         try:
             st = os.fstat(fd)
@@ -520,9 +525,9 @@ class SourceTree:
                 raise
             with self._lock:
                 return self._audio.setdefault(key, audio), st
-        exc = EcdcError(f"it kept changing while being read ({_SNAPSHOT_ATTEMPTS} attempts)")
-        self._failed(_identity(source, st), "open", source, exc)
-        raise exc
+        error = EcdcError(f"it kept changing while being read ({_SNAPSHOT_ATTEMPTS} attempts)")
+        self._failed(_identity(source, st), "open", source, error)
+        raise error
 
     @staticmethod
     def _snapshot(fd: int, st: os.stat_result) -> bytes | None:
