@@ -414,10 +414,6 @@ def test_import_of_the_command_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 
 
-def test_config_is_a_plain_dataclass():
-    assert Config().fuse_options == {} and Config().fuse_options is not Config().fuse_options
-
-
 @pytest.mark.parametrize("module, prog", [("ecdcfs", "ecdcfs"), ("ecdcfs.stream", "ecdc-stream")])
 def test_version_of_both_commands(module, prog):
     from importlib.metadata import version

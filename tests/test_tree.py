@@ -367,12 +367,24 @@ def test_corrupt_files_list_and_stat_but_fail_to_open(src, caplog):
     assert NoEngine.calls == 0
 
 
-def test_unreadable_ecdc_stats_as_zero(src, tree):
-    if os.geteuid() == 0:
-        pytest.skip("root reads everything")
+def test_unreadable_ecdc_stats_as_zero(src):
+    """A source file the daemon may not read lists with size 0 (a readable one beside it
+    with its size). Root reads everything: as root, the check runs without the
+    capabilities that let it (setpriv)."""
     (src / "x.ecdc").write_bytes(ecdc())
+    (src / "y.ecdc").write_bytes(ecdc(4_800))
     os.chmod(src / "x.ecdc", 0)
-    assert tree.getattr("/x.wav")["st_size"] == 0
+    code = (
+        "import sys; from ecdcfs.tree import SourceTree\n"
+        "tree = SourceTree(sys.argv[1])\n"
+        "print(tree.getattr('/x.wav')['st_size'], tree.getattr('/y.wav')['st_size'])\n"
+    )
+    command = [sys.executable, "-c", code, str(src)]
+    if os.geteuid() == 0:
+        command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", *command]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["0", str(wav_size(4_800))]
 
 
 def test_probe_cache_hits_and_invalidates_on_change(src, tree, monkeypatch):
