@@ -8,8 +8,6 @@ import logging
 import logging.handlers
 import os
 import re
-import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -19,6 +17,8 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from . import version
+from .logs import setup_logging
+from .mounts import mount_points, unmount
 from .settings import (
     DEFAULT_BUFSIZE,
     DEFAULT_CACHE_DIR_MB,
@@ -27,10 +27,11 @@ from .settings import (
     GRAPH_SUFFIX,
     TORCH_EXTRA,
     Settings,
+    UsageError,
     checkpoint_dir,
     default_cache_dir,
-    default_log_file,
     graph_dir,
+    is_inside,
     torch_installed,
 )
 
@@ -132,13 +133,6 @@ if int(number or 0) >= count:
     sys.exit(f"no such CUDA device: this machine has {count} (cuda:0 to cuda:{count - 1})")
 """
 DEVICE_CHECK_SECONDS = 120
-
-# Where syslog listens (a module constant, so that tests can point it elsewhere).
-SYSLOG_SOCKET = "/dev/log"
-
-
-class UsageError(Exception):
-    """A bad command line: reported in one line, exit status 2."""
 
 
 def _positive_int(text: str) -> int:
@@ -404,11 +398,6 @@ def parse_args(argv: list[str] | None = None) -> Config:
     return cfg
 
 
-def _inside(path: str, folder: str) -> bool:
-    """``path`` is ``folder`` or below it (both resolved)."""
-    return path == folder or path.startswith(folder.rstrip("/") + "/")
-
-
 def check_paths(cfg: Config) -> None:
     """Resolve SOURCE, MOUNTPOINT and the other paths; UsageError if they cannot work.
 
@@ -435,21 +424,21 @@ def check_paths(cfg: Config) -> None:
             f"MOUNTPOINT {cfg.mountpoint!r} is already mounted ({mounted}); "
             "unmount it first (ecdcfs -u MOUNTPOINT)"
         )
-    if _inside(mountpoint, source):
+    if is_inside(mountpoint, source):
         raise UsageError(f"MOUNTPOINT {cfg.mountpoint!r} is inside SOURCE {cfg.source!r}")
-    if _inside(source, mountpoint):
+    if is_inside(source, mountpoint):
         raise UsageError(f"SOURCE {cfg.source!r} is inside MOUNTPOINT {cfg.mountpoint!r}")
     cfg.source, cfg.mountpoint = source, mountpoint
     if cfg.persist:
         cfg.cache_dir = os.path.realpath(cfg.cache_dir or default_cache_dir())
-        if _inside(cfg.cache_dir, mountpoint):
+        if is_inside(cfg.cache_dir, mountpoint):
             raise UsageError(f"the cache dir {cfg.cache_dir!r} is inside MOUNTPOINT")
     if cfg.log_file:
         cfg.log_file = os.path.realpath(cfg.log_file)
-        if _inside(cfg.log_file, mountpoint):
+        if is_inside(cfg.log_file, mountpoint):
             raise UsageError(f"the log file {cfg.log_file!r} is inside MOUNTPOINT")
     hub = os.path.realpath(checkpoint_dir().parent)
-    if _inside(hub, mountpoint):
+    if is_inside(hub, mountpoint):
         raise UsageError(f"the model checkpoints ({hub}, TORCH_HOME) are inside MOUNTPOINT")
     if not cfg.fuse_options.get("nonempty") and os.listdir(cfg.mountpoint):
         raise UsageError(
@@ -480,84 +469,6 @@ def check_device(device: str | None, exact: bool) -> None:
         lines = done.stderr.strip().splitlines()
         reason = lines[-1] if lines else f"the check exited with {done.returncode}"
         raise UsageError(f"--device {device}: {reason}; use --device cpu, or leave it out")
-
-
-class _Formatter(logging.Formatter):
-    """Shows the bytes of a file name that is not UTF-8 as ``\\xff`` escapes.
-
-    Such names reach Python as lone surrogates, which no handler could encode: the line
-    naming the file would be lost.
-    """
-
-    def format(self, record: logging.LogRecord) -> str:
-        text = super().format(record)
-        try:
-            raw = text.encode("utf-8", "surrogateescape")
-        except UnicodeEncodeError:  # a surrogate that no byte stands for
-            raw = text.encode("utf-8", "backslashreplace")
-        return raw.decode("utf-8", "backslashreplace")
-
-
-def _syslog_listening(path: str) -> bool:
-    """Whether a syslog daemon takes messages at ``path`` (its socket can outlive it)."""
-    for kind in (socket.SOCK_DGRAM, socket.SOCK_STREAM):  # as SysLogHandler tries them
-        with socket.socket(socket.AF_UNIX, kind) as sock:
-            try:
-                sock.connect(path)
-                return True
-            except OSError:
-                continue
-    return False
-
-
-def _state_log_handler(cfg: Config) -> logging.Handler:
-    """A daemon's log without --log-file and syslog: the state dir's file, said on stderr."""
-    path = default_log_file()
-    if _inside(os.path.realpath(path), cfg.mountpoint):
-        raise UsageError(
-            f"no syslog ({SYSLOG_SOCKET}), and the log file {str(path)!r} would be inside "
-            "MOUNTPOINT: use --log-file or set XDG_STATE_HOME"
-        )
-    try:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        handler: logging.Handler = logging.FileHandler(path)
-    except OSError as exc:
-        sys.stderr.write(
-            f"ecdcfs: warning: no syslog ({SYSLOG_SOCKET}) and cannot write {path} "
-            f"({exc.strerror}): the daemon's messages are lost (use --log-file or -f)\n"
-        )
-        return logging.NullHandler()
-    sys.stderr.write(f"ecdcfs: no syslog ({SYSLOG_SOCKET}): the daemon logs to {path}\n")
-    return handler
-
-
-def setup_logging(cfg: Config) -> logging.Handler:
-    """Log to --log-file, else to stderr (foreground), else to syslog, else to the state
-    dir (:func:`default_log_file`)."""
-    fmt = "%(asctime)s ecdcfs[%(process)d] %(levelname)s %(name)s: %(message)s"
-    handler: logging.Handler
-    if cfg.log_file:
-        try:
-            handler = logging.FileHandler(cfg.log_file)
-        except OSError as exc:
-            raise UsageError(f"cannot open the log file {cfg.log_file!r}: {exc.strerror}") from None
-    elif cfg.foreground:
-        handler = logging.StreamHandler(sys.stderr)
-    elif _syslog_listening(SYSLOG_SOCKET):
-        handler = logging.handlers.SysLogHandler(
-            SYSLOG_SOCKET, facility=logging.handlers.SysLogHandler.LOG_DAEMON
-        )
-        fmt = "ecdcfs[%(process)d]: %(levelname)s %(name)s: %(message)s"
-    else:
-        handler = _state_log_handler(cfg)
-    handler.setFormatter(_Formatter(fmt))
-    root = logging.getLogger()
-    root.addHandler(handler)
-    level = getattr(logging, cfg.log_level.upper())
-    root.setLevel(level)
-    # mfusepy logs a traceback for every errno at debug level (-o debug shows libfuse's trace).
-    logging.getLogger("fuse").setLevel(max(level, logging.WARNING))
-    return handler
 
 
 def fuse_options(cfg: Config) -> dict[str, str | bool]:
@@ -608,87 +519,6 @@ def mount(cfg: Config) -> int:
     finally:
         tree.close()
     return 0
-
-
-# ----- unmounting -------------------------------------------------------------------
-
-
-def _unescape_mount_path(text: str) -> str:
-    """Mount points in /proc/self/mountinfo escape space, tab, newline and backslash."""
-    raw = text.encode("utf-8", "surrogateescape")
-    out, i = bytearray(), 0
-    while i < len(raw):
-        if raw[i : i + 1] == b"\\" and raw[i + 1 : i + 4].isdigit():
-            out.append(int(raw[i + 1 : i + 4], 8))
-            i += 4
-        else:
-            out.append(raw[i])
-            i += 1
-    return bytes(out).decode("utf-8", "surrogateescape")
-
-
-def mount_points() -> dict[str, str]:
-    """Every mount point of this mount namespace (a dead FUSE mount included) and the type
-    of the file system mounted there (the last one mounted, if several are)."""
-    points: dict[str, str] = {}
-    try:
-        with open("/proc/self/mountinfo", encoding="utf-8", errors="surrogateescape") as f:
-            for line in f:
-                fields = line.split(" ")
-                if len(fields) > 4:
-                    # Optional fields end at "-", which the file system type follows.
-                    kind = fields[fields.index("-", 6) + 1] if "-" in fields[6:] else "?"
-                    points[_unescape_mount_path(fields[4])] = kind
-    except OSError:
-        pass
-    return points
-
-
-def is_mounted(path: str) -> bool:
-    points = mount_points()
-    if points:
-        return os.path.abspath(path) in points
-    try:
-        return os.path.ismount(path)
-    except OSError:
-        return False
-
-
-def unmount(mountpoint: str) -> int:
-    """Unmount with fusermount3, fusermount, then lazily; 0 on success."""
-    # Resolve symlinks above the mount point, not through it: it may be a dead mount.
-    path = os.path.abspath(mountpoint)
-    path = os.path.join(os.path.realpath(os.path.dirname(path)), os.path.basename(path))
-    if not is_mounted(path) and is_mounted(os.path.realpath(path)):
-        path = os.path.realpath(path)
-    if not is_mounted(path):
-        sys.stderr.write(f"ecdcfs: error: {mountpoint!r} is not mounted\n")
-        return 1
-    attempts = (
-        ["fusermount3", "-u"],
-        ["fusermount", "-u"],
-        ["fusermount3", "-uz"],
-        ["fusermount", "-uz"],
-        ["umount", "-l"],
-    )
-    reason = "no fusermount3, fusermount or umount found"
-    for command in attempts:
-        if shutil.which(command[0]) is None:
-            continue
-        try:
-            done = subprocess.run([*command, path], capture_output=True, text=True, timeout=30)
-        except (OSError, subprocess.TimeoutExpired) as exc:
-            reason = f"{command[0]}: {exc}"
-            continue
-        if not is_mounted(path):
-            return 0
-        reason = (
-            done.stderr.strip().splitlines()[-1]
-            if done.stderr.strip()
-            else (f"{' '.join(command)} exited with {done.returncode}")
-        )
-    sys.stderr.write(f"ecdcfs: error: cannot unmount {mountpoint!r}: {reason}\n")
-    return 1
 
 
 def clear_cache(cfg: Config) -> int:

@@ -25,6 +25,16 @@ DEFAULT_CACHE_DIR_MB = 256  # cap of the cache directory's code indexes (not its
 MAX_DEFAULT_THREADS = 4  # parallel decodes by default: one per core, at most this many
 
 
+class UsageError(Exception):
+    """A command line that cannot work: one line on stderr, exit status 2 (``ecdcfs`` and
+    ``ecdc-stream`` alike)."""
+
+
+def is_inside(path: str, folder: str) -> bool:
+    """``path`` is ``folder`` or below it (both resolved)."""
+    return path == folder or path.startswith(folder.rstrip("/") + "/")
+
+
 def _xdg_dir(variable: str, *fallback: str) -> Path:
     """``$variable``, or ``~/<fallback>`` when it is unset or empty (the XDG rule)."""
     return Path(os.environ.get(variable) or os.path.join(os.path.expanduser("~"), *fallback))

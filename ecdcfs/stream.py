@@ -66,7 +66,7 @@ from . import version
 from .container import EcdcError, Header, read_header
 from .encode import BitrateError, parse_bitrate, plan_bitrate
 from .pcm import PCM_BLOCK_ALIGN, PCM_RATE, all_at_once, output_length, pcm_chunks, source_units
-from .settings import TORCH_EXTRA, torch_installed
+from .settings import TORCH_EXTRA, UsageError, torch_installed
 from .source import as_stream, open_source, read_source_header
 
 PROG = "ecdc-stream"
@@ -139,10 +139,6 @@ APPLIES = {
     "--exact": ("decode",),
 }
 FLAG_OPTIONS = ("--exact",)  # options without a value, ignored like the others elsewhere
-
-
-class UsageError(Exception):
-    """Bad arguments: one line on stderr, exit status 2."""
 
 
 @dataclass

@@ -74,7 +74,7 @@ def unmount(mnt: Path) -> None:
 
 
 def is_mounted(mnt: Path) -> bool:
-    from ecdcfs.cli import is_mounted as cli_is_mounted
+    from ecdcfs.mounts import is_mounted as cli_is_mounted
 
     return cli_is_mounted(str(mnt))
 

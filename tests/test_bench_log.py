@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import synth
-from ecdcfs import cli
+from ecdcfs import cli, logs
 from ecdcfs.engine import Engine, Settings
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
@@ -23,7 +23,7 @@ def test_every_decoded_frame_is_one_parsed_line_of_the_debug_log(torch_home, tmp
     args = [str(src), str(tmp_path / "mnt"), "--log-level", "debug", "--log-file", str(log_file)]
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    handler = cli.setup_logging(cli.parse_args(args))  # as the daemon logs
+    handler = logs.setup_logging(cli.parse_args(args))  # as the daemon logs
     try:
         engine = Engine(Settings(device="cpu", exact=True, cache_dir=None))
         audio = engine.open(src / "x.ecdc")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from ecdcfs import cli
+from ecdcfs import cli, logs, mounts
 from ecdcfs.cli import (
     OPTIONS,
     Config,
@@ -209,7 +209,7 @@ def test_a_mountpoint_that_is_not_empty_is_refused_in_one_line_unless_nonempty(d
     assert done.returncode == 2
     (line,) = done.stderr.splitlines()
     assert line.startswith("ecdcfs: error: MOUNTPOINT") and "is not empty" in line
-    assert not cli.is_mounted(mnt)
+    assert not mounts.is_mounted(mnt)
 
 
 def test_mount_over_source_parent_is_refused(tmp_path):
@@ -306,10 +306,10 @@ def test_a_gpu_that_is_not_here_is_refused_before_mounting(dirs):
             assert done.stderr.count("\n") == 1, done.stderr
             assert done.stderr.startswith(f"ecdcfs: error: --device {device}: "), done.stderr
             assert "CUDA" in done.stderr and "--device cpu" in done.stderr
-            assert not cli.is_mounted(mnt)
+            assert not mounts.is_mounted(mnt)
     finally:
-        if cli.is_mounted(mnt):  # the test failed: leave no mount behind
-            cli.unmount(mnt)
+        if mounts.is_mounted(mnt):  # the test failed: leave no mount behind
+            mounts.unmount(mnt)
     for device in ["cpu", *(["cuda", f"cuda:{count - 1}"] if count else [])]:
         cli.check_device(device, exact=False)  # no error
 
@@ -320,8 +320,8 @@ def test_unmount_of_something_not_mounted(dirs):
 
 
 def test_mountinfo_unescaping():
-    assert cli._unescape_mount_path("/mnt/a\\040b\\011c\\134d") == "/mnt/a b\tc\\d"
-    assert "/" in cli.mount_points() or not os.path.exists("/proc/self/mountinfo")
+    assert mounts._unescape_mount_path("/mnt/a\\040b\\011c\\134d") == "/mnt/a b\tc\\d"
+    assert "/" in mounts.mount_points() or not os.path.exists("/proc/self/mountinfo")
 
 
 def test_logging_setup_foreground_and_file(tmp_path, dirs):
@@ -329,12 +329,12 @@ def test_logging_setup_foreground_and_file(tmp_path, dirs):
     before = list(root.handlers)
     try:
         cfg = parse_args([*dirs, "-f", "--log-level", "warning"])
-        handler = cli.setup_logging(cfg)
+        handler = logs.setup_logging(cfg)
         assert isinstance(handler, logging.StreamHandler) and root.level == logging.WARNING
         root.removeHandler(handler)
         cfg = parse_args([*dirs, "--log-file", str(tmp_path / "x.log")])
         check_paths(cfg)
-        handler = cli.setup_logging(cfg)
+        handler = logs.setup_logging(cfg)
         logging.getLogger("ecdcfs.test").info("hello")
         handler.flush()
         assert "hello" in (tmp_path / "x.log").read_text()
@@ -368,10 +368,10 @@ def test_a_daemon_without_syslog_logs_to_the_state_dir(
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
         sock.bind(str(dead))
     for syslog in (tmp_path / "no-syslog", dead):
-        monkeypatch.setattr(cli, "SYSLOG_SOCKET", str(syslog))
+        monkeypatch.setattr(logs, "SYSLOG_SOCKET", str(syslog))
         cfg = parse_args([*dirs])
         check_paths(cfg)
-        handler = cli.setup_logging(cfg)
+        handler = logs.setup_logging(cfg)
         logging.getLogger("ecdcfs.test").error("reason %s", syslog.name)
         handler.flush()
         assert f"ERROR ecdcfs.test: reason {syslog.name}" in log_file.read_text()
@@ -388,10 +388,10 @@ def test_a_daemon_logs_to_a_listening_syslog(tmp_path, dirs, monkeypatch, capsys
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as syslog:
         syslog.bind(str(tmp_path / "syslog"))
         syslog.settimeout(10)
-        monkeypatch.setattr(cli, "SYSLOG_SOCKET", str(tmp_path / "syslog"))
+        monkeypatch.setattr(logs, "SYSLOG_SOCKET", str(tmp_path / "syslog"))
         cfg = parse_args([*dirs])
         check_paths(cfg)
-        handler = cli.setup_logging(cfg)
+        handler = logs.setup_logging(cfg)
         logging.getLogger("ecdcfs.test").error("to syslog")
         message = syslog.recv(4096)  # <27>: facility daemon (3 * 8), severity error (3)
         assert message.startswith(b"<27>ecdcfs[") and b"ERROR ecdcfs.test: to syslog" in message
@@ -402,11 +402,11 @@ def test_a_daemon_logs_to_a_listening_syslog(tmp_path, dirs, monkeypatch, capsys
 
 def test_the_state_dir_log_may_not_be_inside_the_mount_point(dirs, monkeypatch, root_logger):
     monkeypatch.setenv("XDG_STATE_HOME", os.path.join(dirs[1], "state"))
-    monkeypatch.setattr(cli, "SYSLOG_SOCKET", "/nonexistent/syslog")
+    monkeypatch.setattr(logs, "SYSLOG_SOCKET", "/nonexistent/syslog")
     cfg = parse_args([*dirs])
     check_paths(cfg)
     with pytest.raises(UsageError, match="inside MOUNTPOINT: use --log-file"):
-        cli.setup_logging(cfg)
+        logs.setup_logging(cfg)
 
 
 def test_import_of_the_command_does_not_import_torch():

@@ -257,7 +257,7 @@ def test_a_daemon_without_syslog_logs_to_the_state_dir(tmp_path, files):
     mnt.mkdir()
     log = tmp_path / "state" / "ecdcfs" / "ecdcfs.log"
     # The daemon's command with syslog pointed at a path where none listens.
-    code = "import sys; from ecdcfs import cli; cli.SYSLOG_SOCKET = sys.argv[1]; "
+    code = "import sys; from ecdcfs import cli, logs; logs.SYSLOG_SOCKET = sys.argv[1]; "
     code += "sys.exit(cli.main(sys.argv[2:]))"
     no_syslog = str(tmp_path / "no-syslog")
     try:
