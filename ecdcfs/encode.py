@@ -37,6 +37,7 @@ INT16_SCALE = 1 / 32767
 # Bitrates whose sample rate stays within [4 kHz, 384 kHz] (0.25 to 192 kbps).
 MIN_RATE, MAX_RATE = 4_000, 384_000
 BANDWIDTHS = (1.5, 3.0, 6.0, 12.0, 24.0)  # what both models support, kbps
+DEFAULT_BITRATE = 24  # kbps, as Encodec-Stream's -b
 
 
 class BitrateError(ValueError):

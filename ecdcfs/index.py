@@ -26,7 +26,7 @@ import os
 import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 from cachetools import LRUCache
@@ -40,8 +40,15 @@ _FORMAT = 2  # 2: units (frames or blocks of steps) instead of frames
 INDEX_SUFFIX = ".codes.npz"
 
 
-Unit = tuple[int, float | None, np.ndarray, int]
-"""``(unit number, scale, codes, payload offset of the next unit)``."""
+class Unit(NamedTuple):
+    """One unit of an LM-coded file's codes, as a scan yields it."""
+
+    number: int
+    scale: float | None  # a 48 kHz frame's; None for a 24 kHz block
+    codes: np.ndarray  # [codebooks, steps]
+    next_offset: int  # payload offset of the unit after it
+
+
 UnitScan = Callable[[int, int], Iterator[Unit]]
 """``(first unit wanted, its payload offset) -> units in order``, from that unit or earlier."""
 

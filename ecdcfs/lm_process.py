@@ -118,7 +118,7 @@ def _read_units(stream: IO[bytes]) -> Iterator[Unit]:
         if len(raw) < 2 * codebooks * steps:
             raise EcdcError("the LM process stopped mid-record")
         codes = np.frombuffer(raw, "<u2").astype(np.int64).reshape(codebooks, steps)
-        yield unit, None if math.isnan(scale) else scale, codes, next_offset
+        yield Unit(unit, None if math.isnan(scale) else scale, codes, next_offset)
 
 
 def _write_unit(out: BinaryIO, unit: Unit) -> None:

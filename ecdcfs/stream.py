@@ -64,9 +64,9 @@ from typing import Any, BinaryIO, TextIO
 
 from . import version
 from .container import EcdcError, Header, read_header
-from .encode import BitrateError, parse_bitrate, plan_bitrate
+from .encode import DEFAULT_BITRATE, BitrateError, parse_bitrate, plan_bitrate
 from .pcm import PCM_BLOCK_ALIGN, PCM_RATE, all_at_once, output_length, pcm_chunks, source_units
-from .settings import TORCH_EXTRA, UsageError, torch_installed
+from .settings import DEFAULT_BUFSIZE, TORCH_EXTRA, UsageError, torch_installed
 from .source import as_stream, open_source, read_source_header
 
 PROG = "ecdc-stream"
@@ -147,8 +147,8 @@ class Args:
     target: str = ""
     start: float = 0.0
     end: float | None = None
-    bufsize: int = 1  # -d; 0: everything at once
-    bitrate: float | int = 24  # -e
+    bufsize: int = DEFAULT_BUFSIZE  # -d; 0: everything at once
+    bitrate: float | int = DEFAULT_BITRATE  # -e
     name: str | None = None
     source: str | None = None
     thumbnail: str | None = None

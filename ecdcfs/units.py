@@ -211,7 +211,7 @@ class Frames(DecodeUnits):
             scale = read_scale(stream) if self.header.model.normalize else None
             steps = layout.code_steps(frame)
             (codes,) = decode_lm_steps(lm, stream, layout.num_codebooks, steps, steps)
-            yield frame, scale, codes, stream.tell() - base
+            yield Unit(frame, scale, codes, stream.tell() - base)
 
 
 class Chunks(DecodeUnits):
@@ -267,7 +267,7 @@ class Chunks(DecodeUnits):
             lm, stream, layout.num_codebooks, layout.code_steps(0), self.grid.chunk_steps
         )
         for number, codes in enumerate(blocks):
-            yield number, None, codes, stream.tell() - base
+            yield Unit(number, None, codes, stream.tell() - base)
 
 
 def decode_units(header: Header, chunk_steps: int | None = None) -> DecodeUnits:
