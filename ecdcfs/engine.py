@@ -20,12 +20,14 @@ from .audiofile import AudioFile
 from .checkpoint import CHECKPOINTS, LM_CHECKPOINTS, checkpoint_path, fingerprint
 from .container import MODELS, ModelSpec, read_header
 from .decoder import LM_NEEDS_TORCH, FrameDecoder, ModelUnavailable
+from .graph_store import GraphStore
 from .index import IndexStore
 from .interrupts import Interrupts
 from .lm_process import LanguageModel, find_lm
 from .scheduler import DecodeScheduler
 from .settings import Settings, default_threads, torch_installed
 from .source import ByteSource, MemorySource, as_stream
+from .torch_decoder import default_device
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -47,9 +49,6 @@ class Engine:
     """
 
     def __init__(self, settings: Settings | None = None) -> None:
-        from .graph_store import GraphStore
-        from .torch_decoder import default_device
-
         self.settings = settings or Settings()
         self.device = self.settings.device or default_device()
         self.torch_decodes = self.settings.exact or self.device != "cpu"
@@ -200,4 +199,6 @@ class Engine:
         return AudioFile(self, name, source, header)
 
     def close(self) -> None:
+        """Stop decoding; index builds persist what they have (see IndexStore.close)."""
         self.scheduler.close()
+        self.indexes.close()

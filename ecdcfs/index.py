@@ -224,6 +224,8 @@ class IndexStore:
         self._building: dict[str, CodeIndex] = {}  # builds running (kept if evicted above)
         self._lock = threading.Lock()
         self._builders = threading.Semaphore(1)  # indexing is CPU-bound: one file at a time
+        self._threads: set[threading.Thread] = set()
+        self._closing = threading.Event()
         self._persist_lock = threading.Lock()
 
     def _path(self, identity: str) -> Path | None:
@@ -267,13 +269,26 @@ class IndexStore:
         with self._lock:
             if identity in self._building or index.complete or index.error is not None:
                 return
+            if self._closing.is_set():
+                return
             self._building[identity] = index
-        threading.Thread(
-            target=self._build,
-            args=(identity, index, scan, label, unit),
-            name=f"ecdcfs-index-{label}",
-            daemon=True,
-        ).start()
+            thread = threading.Thread(
+                target=self._build,
+                args=(identity, index, scan, label, unit),
+                name=f"ecdcfs-index-{label}",
+                daemon=True,
+            )
+            self._threads.add(thread)
+        thread.start()
+
+    def close(self, timeout: float = 30) -> None:
+        """Stop the builds at their next unit and wait (up to ``timeout`` seconds each) for
+        them to persist what they have: what was indexed is there for the next start."""
+        self._closing.set()
+        with self._lock:
+            threads = list(self._threads)
+        for thread in threads:
+            thread.join(timeout)
 
     def _build(
         self, identity: str, index: CodeIndex, scan: UnitScan, label: str, unit: str
@@ -290,6 +305,7 @@ class IndexStore:
             self.persist(identity, index)
         with self._lock:
             del self._building[identity]
+            self._threads.discard(threading.current_thread())
 
     def _scan_into(
         self, identity: str, index: CodeIndex, scan: UnitScan, label: str, unit: str
@@ -297,13 +313,15 @@ class IndexStore:
         """Append the units ``scan`` yields past the end of ``index``, logging progress."""
         total = index.unit_count
         reported = 100 * len(index) // max(1, total) // 10 * 10
+        if self._closing.is_set():
+            return
         for number, scale, codes, next_offset in scan(len(index), index.next_offset):
             if number < len(index):  # a stream resumed from its start: already indexed
                 continue
             if number > len(index):
                 raise RuntimeError(f"scan skipped from {unit} {len(index)} to {number}")
             index.append(scale, codes, next_offset)
-            if index.complete:  # persisted now, not once the scan has wound down
+            if index.complete or self._closing.is_set():  # persisted now (see close)
                 return
             percent = 100 * len(index) // total
             if total >= 10 and percent >= reported + 10:

@@ -3,7 +3,8 @@ ecdcfs's own CDF building and arithmetic-decoder pull (encodec's codes bit for b
 
 The LM's probabilities depend on float details (even torch's thread count), so it runs
 exactly as encodec's encoder ran it: on the CPU, eager, with torch's default threads.
-torch and encodec (the ``ecdcfs[torch]`` extra) are imported only when an LM is loaded.
+torch and encodec (the ``ecdcfs[torch]`` extra) are imported only when an LM is loaded,
+which the daemon leaves to a child process (:mod:`ecdcfs.lm_process`).
 """
 
 from __future__ import annotations

@@ -53,14 +53,14 @@ def encodec_model(spec: ModelSpec, pretrained: bool = True):  # -> encodec.Encod
         "encodec_48khz": EncodecModel.encodec_model_48khz,
         "encodec_24khz": EncodecModel.encodec_model_24khz,
     }[spec.name]
-    if pretrained:
-        fetch(CHECKPOINTS[spec.name], spec.name)
+    path = fetch(CHECKPOINTS[spec.name], spec.name) if pretrained else None
     with warnings.catch_warnings():  # encodec's weight_norm deprecation: not actionable
         warnings.filterwarnings("ignore", ".*weight_norm", FutureWarning)
         try:
             return constructor(pretrained=pretrained)
         except Exception as exc:  # torch.load's errors for a damaged file
-            path = fetch(CHECKPOINTS[spec.name], spec.name)
+            if path is None:
+                raise
             reason = " ".join(str(exc).split())  # one line, as every model error
             raise ModelUnavailable(
                 f"cannot load {spec.name} from {path}: {reason} (a partial or damaged copy?)"
