@@ -741,6 +741,22 @@ def test_encode_takes_a_mono_wav_at_another_rate(tmp_path, torch_home):
     assert (meta, payload) == read_ecdc(outs[1])[1:]
 
 
+def test_encode_reads_a_wave_format_extensible_header(tmp_path, torch_home):
+    """WAVE_FORMAT_EXTENSIBLE with the PCM subformat, as some tools write 16-bit PCM."""
+    pcm = input_pcm(9_600)
+    plain = wav_file(pcm, RATE)
+    fmt_at = plain.index(b"fmt ")
+    extra = struct.pack("<HHI", 22, 16, 3) + b"\1\0\0\0\0\0\x10\0\x80\0\0\xaa\0\x38\x9b\x71"
+    body = struct.pack("<HHIIHH", 0xFFFE, 2, RATE, RATE * 4, 4, 16) + extra
+    extensible = plain[:fmt_at] + b"fmt " + struct.pack("<I", len(body)) + body
+    extensible += plain[fmt_at + 8 + 16 :]
+    extensible = b"RIFF" + struct.pack("<I", len(extensible) - 8) + extensible[8:]
+    raw, out = tmp_path / "raw.ecdc", tmp_path / "ext.ecdc"
+    assert run("-b", "6", "-e", str(raw), stdin=pcm.T.tobytes())[0] == 0
+    assert run("-b", "6", "-e", str(out), stdin=extensible)[:3:2] == (0, "")
+    assert read_ecdc(out) == read_ecdc(raw)
+
+
 @pytest.mark.parametrize("bits", [24, 8])
 def test_encode_refuses_a_wav_it_cannot_read_in_one_line(tmp_path, torch_home, bits):
     out = tmp_path / "e.ecdc"
