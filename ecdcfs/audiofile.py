@@ -35,10 +35,14 @@ log = logging.getLogger(__name__)
 # Read-ahead never asks for more than this share of the cache, so it cannot evict itself.
 READ_AHEAD_CACHE_SHARE = 4
 MAX_READ_AHEAD_UNITS = 64
+# Library scanners read at most this much audio from the start of a file, then close it
+# (MediaInfo: its first MiB, ffprobe 288 KiB, gst-discoverer 23 KiB): a handle of the mount
+# starts read-ahead only once it has read more in one sequential run.
+SCANNER_READ_BYTES = 5 << 18  # 1.25 MiB
 
 
-def wav_layout(header: Header) -> WavLayout:
-    """The WAV file that presents this header's audio."""
+def wav_layout(header: Header, riff_info: bool = False) -> WavLayout:
+    """The WAV file that presents this header's audio (``riff_info``: see WavLayout)."""
     return WavLayout(
         header.model.channels,
         header.sample_rate,
@@ -46,6 +50,7 @@ def wav_layout(header: Header) -> WavLayout:
         header.title,
         header.source,
         header.thumbnail,
+        riff_info,
     )
 
 
@@ -64,12 +69,19 @@ class AudioFile:
     :class:`Reader`; this class decodes units and serves them through the engine's cache.
     """
 
-    def __init__(self, engine: Engine, name: str, source: ByteSource, header: Header) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        name: str,
+        source: ByteSource,
+        header: Header,
+        riff_info: bool = False,
+    ) -> None:
         self.engine = engine
         self.name = name
         self.header = header
         self.layout = header.layout
-        self.wav = wav_layout(header)
+        self.wav = wav_layout(header, riff_info)
         self.size = self.wav.size
         self.identity = source.identity
         self.units = decode_units(header)
@@ -90,9 +102,10 @@ class AudioFile:
         )
         return max(self.engine.settings.bufsize, min(MAX_READ_AHEAD_UNITS, share))
 
-    def reader(self) -> Reader:
-        """A handle with its own read-ahead window."""
-        return Reader(self, self.engine.settings.bufsize)
+    def reader(self, read_ahead_after: int = 0) -> Reader:
+        """A handle with its own read-ahead window, which opens once the handle has read
+        ``read_ahead_after`` bytes of audio in one sequential run."""
+        return Reader(self, self.engine.settings.bufsize, read_ahead_after)
 
     def read(self, offset: int, size: int) -> bytes:
         """WAV bytes ``[offset, offset + size)``, short at end of file (no read-ahead)."""
@@ -198,15 +211,20 @@ class Reader:
 
     A reader moving forward gets a window that starts at ``bufsize`` units and grows by
     ``bufsize`` each time it advances into a new unit (Encodec-Stream's idea); a seek
-    starts a new window. ``bufsize`` 0: no read-ahead. The reader drives a read: the units
-    it needs, then its read-ahead, then the assembly; the file never calls back.
+    starts a new sequential run, and the window opens only once the run has read
+    ``read_ahead_after`` bytes of audio (a scanner reading the start of a file and closing
+    it never decodes more than it read). ``bufsize`` 0: no read-ahead. The reader drives a
+    read: the units it needs, then its read-ahead, then the assembly; the file never calls
+    back.
     """
 
-    def __init__(self, audio: AudioFile, bufsize: int) -> None:
+    def __init__(self, audio: AudioFile, bufsize: int, read_ahead_after: int = 0) -> None:
         self.audio = audio
         self.bufsize = bufsize
+        self.read_ahead_after = read_ahead_after
         self._lock = threading.Lock()  # the kernel sends concurrent reads on one handle
         self.window = 0
+        self._run: tuple[int, int] | None = None  # samples read in this sequential run
         self._last: range | None = None
         self._ahead: list[int] = []
 
@@ -216,15 +234,16 @@ class Reader:
         stop = min(offset + size, self.audio.size)
         if offset >= stop:
             return b""
-        header = wav.header
+        header, data_stop = wav.header, len(wav.header) + wav.data_bytes
         head = header[offset:stop]
-        if stop <= len(header):
-            return head
-        data_start, data_stop = max(offset, len(header)) - len(header), stop - len(header)
-        first, last = wav.samples_for_bytes(data_start, data_stop)
+        tail = wav.trailer[max(offset, data_stop) - data_stop : max(stop - data_stop, 0)]
+        start, end = max(offset, len(header)) - len(header), min(stop, data_stop) - len(header)
+        if start >= end:  # no PCM: the header or the trailer
+            return head + tail
+        first, last = wav.samples_for_bytes(start, end)
         pcm = float_to_pcm16(self.samples(first, last))
-        skip = data_start - first * wav.block_align
-        return head + pcm[skip : skip + data_stop - data_start]
+        skip = start - first * wav.block_align
+        return head + pcm[skip : skip + end - start] + tail
 
     def samples(self, start: int, stop: int) -> np.ndarray:
         """Decoded float32 audio ``[channels, stop - start]``, equal to encodec's decode."""
@@ -233,9 +252,21 @@ class Reader:
         futures = {i: audio.request(i) for i in needed}
         if self.bufsize and needed:
             with self._lock:
-                self._plan(needed)
+                if self._follow(start, stop):
+                    self._plan(needed)
         decoded = {i: future.result() for i, future in futures.items()}
         return audio.assemble(decoded, start, stop)
+
+    def _follow(self, start: int, stop: int) -> bool:
+        """Extend the sequential run with samples ``[start, stop)`` (a read elsewhere starts
+        a new one, dropping the old run's read-ahead); True once it is long enough for
+        read-ahead."""
+        run = self._run
+        if run is None or not run[0] <= start <= run[1]:
+            self._cancel()
+            self._last, run = None, (start, stop)
+        self._run = run = (run[0], max(run[1], stop))
+        return (run[1] - run[0]) * self.audio.wav.block_align > self.read_ahead_after
 
     def _plan(self, needed: range) -> None:
         """Queue the units after ``needed`` that this reader will probably want next."""

@@ -237,6 +237,12 @@ OPTIONS = (
         "FILE",
     ),
     Option(
+        "riff-info",
+        "also tag each WAV with RIFF LIST/INFO, for software that reads no ID3 chunk "
+        "(minidlna, GStreamer 1.22): ffmpeg 5 then warns that it discards the ID3 tags, and "
+        "MediaInfo shows a non-ASCII INFO title as Latin-1",
+    ),
+    Option(
         "allow-other",
         "let other users read the mount (FUSE allow_other, with default_permissions; "
         "non-root users need user_allow_other in /etc/fuse.conf)",
@@ -264,6 +270,7 @@ class Config:
     no_persist: bool = False
     log_level: str = "info"
     log_file: str | None = None
+    riff_info: bool = False
     allow_other: bool = False
     fuse_options: dict[str, str | bool] = field(default_factory=dict)
 
@@ -472,7 +479,10 @@ def check_device(device: str | None, exact: bool) -> None:
 
 
 def fuse_options(cfg: Config) -> dict[str, str | bool]:
-    options: dict[str, str | bool] = {"ro": True, "fsname": "ecdcfs", "subtype": "ecdcfs"}
+    """The FUSE mount options: ``mount``, ``findmnt`` and ``df`` show SOURCE as the device
+    and ``fuse.ecdcfs`` as the type (libfuse reads ``\\`` and ``\\,`` as escapes)."""
+    source = os.path.realpath(cfg.source).replace("\\", "\\\\").replace(",", "\\,")
+    options: dict[str, str | bool] = {"ro": True, "fsname": source, "subtype": "ecdcfs"}
     if cfg.allow_other:
         options.update(allow_other=True, default_permissions=True)
     options.update(cfg.fuse_options)
@@ -498,7 +508,7 @@ def mount(cfg: Config) -> int:
     )
     # Nothing may start a thread or import torch before libfuse forks the daemon: the
     # engine is created by the first open, in the daemon.
-    tree = SourceTree(cfg.source, engine_factory=lambda: Engine(settings))
+    tree = SourceTree(cfg.source, engine_factory=lambda: Engine(settings), riff_info=cfg.riff_info)
     log.debug("mounting %s on %s with %s", cfg.source, cfg.mountpoint, fuse_options(cfg))
     try:
         FUSE(

@@ -179,16 +179,17 @@ class Engine:
                 with contextlib.suppress(ModelUnavailable):
                     self.decoder(MODELS[name])
 
-    def open(self, path: Path, data: bytes | None = None) -> AudioFile:
-        """Validate an .ecdc file (its bytes, or read from ``path``) as an :class:`AudioFile`.
+    def open(self, path: Path, data: bytes | None = None, riff_info: bool = False) -> AudioFile:
+        """Validate an .ecdc file (its bytes, or read from ``path``) as an :class:`AudioFile`
+        (``riff_info``: its WAV has LIST/INFO tags too, see :class:`~ecdcfs.wav.WavLayout`).
 
         Raises :class:`EcdcError` if the file is unusable.
         """
         if data is None:
             data = Path(path).read_bytes()
-        return self.open_source(str(path), MemorySource(data))
+        return self.open_source(str(path), MemorySource(data), riff_info)
 
-    def open_source(self, name: str, source: ByteSource) -> AudioFile:
+    def open_source(self, name: str, source: ByteSource, riff_info: bool = False) -> AudioFile:
         """An :class:`AudioFile` over any byte source (``name`` is for messages).
 
         An LM-coded file without torch raises ModelUnavailable: it can never be decoded.
@@ -196,7 +197,7 @@ class Engine:
         header = read_header(as_stream(source, block=1), source.size)  # exactly the header
         if header.use_lm and not torch_installed():
             self.lm(header.model)  # raises LM_NEEDS_TORCH, logged once
-        return AudioFile(self, name, source, header)
+        return AudioFile(self, name, source, header, riff_info)
 
     def close(self) -> None:
         """Stop decoding; index builds persist what they have (see IndexStore.close)."""

@@ -3,11 +3,12 @@
 Errors map to errno values: :class:`~ecdcfs.container.EcdcError` (a bad file, a failed
 decode, a missing model) -> EIO, ``OSError`` -> its errno, any write -> EROFS. An audio
 file that cannot be read says why in its extended attribute ``user.ecdcfs.error``
-(:data:`ERROR_XATTR`; files that read fine have none). Files are
-opened without ``keep_cache``, so the kernel drops its cached pages of a file at every
-open and a source replaced since is read afresh (the frame cache is keyed by content); a
-handle opened while another version of the same path is open gets ``direct_io``, so the
-two versions never share cached pages (:meth:`~ecdcfs.tree.SourceTree.open`).
+(:data:`ERROR_XATTR`; files that read fine have none); the root's ``user.ecdcfs.stats``
+(:data:`STATS_XATTR`) holds the mount's counters as JSON. Audio files are opened with
+``direct_io`` (reads reach ecdcfs as the reader made them); other files without
+``keep_cache``, so the kernel drops its cached pages of a file at every open and a source
+replaced since is read afresh, and with ``direct_io`` while another version of the same
+path is open (:meth:`~ecdcfs.tree.SourceTree.open`).
 
 Mounted with mfusepy's ``raw_fi`` (to set ``direct_io``), ``open`` receives the
 ``fuse_file_info`` and the other operations receive it in place of a handle number; they
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import json
 import logging
 import os
 import threading
@@ -33,6 +35,8 @@ log = logging.getLogger(__name__)
 
 # The extended attribute in which an audio file that cannot be read says why.
 ERROR_XATTR = "user.ecdcfs.error"
+# The mount root's extended attribute with the counters of SourceTree.stats(), as JSON.
+STATS_XATTR = "user.ecdcfs.stats"
 
 
 def _errno(func: Callable) -> Callable:
@@ -135,6 +139,8 @@ class EcdcFS(Operations):
 
     @_errno
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
+        if name == STATS_XATTR and path == "/":
+            return json.dumps(self.tree.stats()).encode()
         reason = self.tree.error(path) if name == ERROR_XATTR else None
         if reason is None:
             raise FuseOSError(errno.ENODATA)
@@ -142,6 +148,8 @@ class EcdcFS(Operations):
 
     @_errno
     def listxattr(self, path: str) -> list[str]:
+        if path == "/":
+            return [STATS_XATTR]
         return [ERROR_XATTR] if self.tree.error(path) is not None else []
 
     chmod = chown = create = link = mkdir = mknod = rename = rmdir = _read_only

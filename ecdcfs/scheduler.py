@@ -91,8 +91,11 @@ class DecodeScheduler:
     ) -> None:
         self.capacity_bytes = capacity_bytes
         self.workers = workers
-        self.decoded_count = 0  # units produced since start (for benchmarks and tests)
-        self.interrupted_count = 0  # interruptions of read-ahead decodes asked for (for tests)
+        # Counters since start (see stats()).
+        self.decoded_count = 0  # units decoded
+        self.started_count = 0  # decodes started (decoded, failed, interrupted or running)
+        self.interrupted_count = 0  # read-ahead decodes interrupted
+        self.hits = self.misses = 0  # requests answered from the cache, or not
         self._cache: LRUCache = LRUCache(maxsize=capacity_bytes, getsizeof=lambda f: f.nbytes)
         self._jobs: dict[Hashable, _Job] = {}
         self._queue: list[tuple[int, int, int, _Job]] = []  # (priority, place, push, job)
@@ -124,9 +127,11 @@ class DecodeScheduler:
                 return _failed(_shutting_down())
             cached = self._cache.get(key)
             if cached is not None:
+                self.hits += 1
                 done: Future = Future()
                 done.set_result(cached)
                 return done
+            self.misses += 1
             job = self._jobs.get(key)
             if job is None:
                 job = self._jobs[key] = _Job(key, produce, urgent, batch, pressing=urgent)
@@ -182,6 +187,18 @@ class DecodeScheduler:
         self.interrupted_count += 1
         self._interrupts.interrupt(thread)
 
+    def stats(self) -> dict[str, int]:
+        """What the decoders have done since start (the mount's ``user.ecdcfs.stats``)."""
+        with self._lock:
+            return {
+                "units_decoded": self.decoded_count,
+                "decodes_started": self.started_count,
+                "decodes_interrupted": self.interrupted_count,
+                "cache_hits": self.hits,
+                "cache_misses": self.misses,
+                "cache_bytes": int(self._cache.currsize),
+            }
+
     def is_cached(self, key: Hashable) -> bool:
         with self._lock:
             return key in self._cache
@@ -221,6 +238,7 @@ class DecodeScheduler:
                 if not job.started and not job.future.cancelled():
                     job.started = True
                     jobs = self._running[thread] = [job, *self._companions(job)]
+                    self.started_count += len(jobs)
                     return jobs
 
     def _startable(self) -> bool:

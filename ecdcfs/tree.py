@@ -26,10 +26,13 @@ Versions: the header is validated before the file is read whole (a huge file tha
 an ECDC costs no memory), and a snapshot is taken only if the file did not change while
 it was read (else it is read again, and opening fails if it keeps changing), so a
 snapshot is never half old, half new. An open handle keeps reading its version, even if
-the source is replaced, rewritten or deleted meanwhile. The kernel keeps one page cache
-per path of the view, though, so a handle opened while a handle of another version of the
-same path is still open bypasses it (:meth:`SourceTree.direct_io`): cached pages never mix
-two versions.
+the source is replaced, rewritten or deleted meanwhile.
+
+The kernel's page cache (:meth:`SourceTree.direct_io`): audio handles bypass it, so a read
+of a few header or tag bytes reaches ecdcfs as just those bytes (no page rounding, no
+kernel read-ahead) and decodes nothing. Other files use it, except a handle opened while a
+handle of another version of the same path is open: the kernel keeps one page cache per
+path, and cached pages must never mix two versions.
 """
 
 from __future__ import annotations
@@ -49,7 +52,7 @@ from pathlib import Path
 
 from cachetools import LRUCache
 
-from .audiofile import AudioFile, Reader, wav_layout
+from .audiofile import SCANNER_READ_BYTES, AudioFile, Reader, wav_layout
 from .container import MODELS, EcdcError, ModelSpec, read_header
 from .decoder import ModelUnavailable
 from .engine import Engine
@@ -80,6 +83,17 @@ _SNAPSHOT_ATTEMPTS = 3
 WARM_UP_QUIET_SECONDS = 1.0
 # Headers read (in this many folders at most) to learn which models to load at mount.
 WARM_UP_HEADERS, WARM_UP_FOLDERS = 64, 256
+
+
+# The decoders' counters (DecodeScheduler.stats), zero before the engine starts.
+_DECODER_STATS = (
+    "units_decoded",
+    "decodes_started",
+    "decodes_interrupted",
+    "cache_hits",
+    "cache_misses",
+    "cache_bytes",
+)
 
 
 @dataclass(frozen=True)
@@ -175,7 +189,7 @@ class AudioHandle:
 
     def __init__(self, audio: AudioFile, path: str, source: str, st: os.stat_result) -> None:
         self.audio = audio
-        self.reader: Reader = audio.reader()
+        self.reader: Reader = audio.reader(SCANNER_READ_BYTES)
         self.path = path  # the view's path (the kernel's page cache is per path)
         self.st = st  # the source's stat when opened (the version the snapshot holds)
         self.version = _identity(source, st)
@@ -210,8 +224,10 @@ class SourceTree:
         engine_factory: Callable[[], Engine] = Engine,
         probe_cache_size: int = 16384,
         audio_cache_size: int = 32,
+        riff_info: bool = False,
     ) -> None:
         self.source = os.path.realpath(os.fspath(source))
+        self.riff_info = riff_info  # WAVs with LIST/INFO tags too (see ecdcfs.wav)
         self._engine_factory = engine_factory
         self._engine: Engine | None = None
         self._lock = threading.Lock()
@@ -222,6 +238,7 @@ class SourceTree:
         self._handles: dict[int, AudioHandle | FileHandle] = {}
         self._next_fh = itertools.count(1)
         self._closed = False
+        self._bytes_served = 0
         self.log_once = _LogOnce()
         self._last_activity = time.monotonic()  # of the last lookup or read: see warm_up
 
@@ -375,7 +392,8 @@ class SourceTree:
                 fd = _open_noatime(os.path.basename(entry.source), folder.fd)
                 with open(fd, "rb") as f:
                     header = read_header(f, os.fstat(f.fileno()).st_size)
-                probe = _Probe(wav_layout(header).size, header.model, header.use_lm)
+                size = wav_layout(header, self.riff_info).size
+                probe = _Probe(size, header.model, header.use_lm)
             except (EcdcError, OSError) as exc:
                 log.debug("cannot probe %s: %s", entry.source, exc)
                 probe = _Probe(0, error=_reason(exc))
@@ -437,18 +455,11 @@ class SourceTree:
             return os.readlink(os.path.basename(entry.source), dir_fd=folder.fd)
 
     def statfs(self) -> dict:
+        """The source file system's figures: ``df`` shows the disk the library is on, its
+        size and free space (not a full disk, which monitors alert on)."""
         sv = os.statvfs(self.source)
-        return {
-            "f_bsize": sv.f_bsize,
-            "f_frsize": sv.f_frsize,
-            "f_blocks": sv.f_blocks,
-            "f_bfree": 0,
-            "f_bavail": 0,
-            "f_files": sv.f_files,
-            "f_ffree": 0,
-            "f_favail": 0,
-            "f_namemax": sv.f_namemax,
-        }
+        fields = ("bsize", "frsize", "blocks", "bfree", "bavail", "files", "ffree", "favail")
+        return {f"f_{name}": getattr(sv, f"f_{name}") for name in (*fields, "namemax")}
 
     # ----- open files ---------------------------------------------------------------
 
@@ -481,9 +492,11 @@ class SourceTree:
             os.close(fd)
             handle = AudioHandle(audio, path, entry.source, st)
         with self._lock:
-            # The kernel caches pages per path: if another version of this path is open,
-            # its pages and ours must not mix, so this handle bypasses the page cache.
-            handle.direct_io = any(
+            # Audio bypasses the kernel's page cache: a read asks for exactly the bytes the
+            # reader asked for, not whole pages or a read-ahead window, so reading the header
+            # or the last bytes never decodes. Other files bypass it while another version of
+            # the same path is open: the kernel caches pages per path, and they must not mix.
+            handle.direct_io = isinstance(handle, AudioHandle) or any(
                 other.path == path and other.version != handle.version
                 for other in self._handles.values()
             )
@@ -514,7 +527,7 @@ class SourceTree:
                 if data is None:  # changed while being read: take the new version
                     st = os.fstat(fd)
                     continue
-                audio = self.engine.open(Path(source), data)
+                audio = self.engine.open(Path(source), data, self.riff_info)
             except ModelUnavailable:
                 raise  # error() asks the engine (see Engine.failure), which logs it once
             except EcdcError as exc:
@@ -555,8 +568,17 @@ class SourceTree:
         if isinstance(handle, FileHandle):
             return os.pread(handle.fd, size, offset)
         audio = handle.audio
+        pcm_start = len(audio.wav.header)
+        if offset < pcm_start:
+            # A read of the header ends where the PCM begins (a short read, which direct_io
+            # hands on as it is): a buffered reader that refills from a chunk header, the
+            # data chunk's included, reads no audio (and decodes nothing) until it asks.
+            size = min(size, pcm_start - offset)
         try:
-            return handle.reader.read(offset, size)
+            data = handle.reader.read(offset, size)
+            with self._lock:
+                self._bytes_served += len(data)
+            return data
         except ModelUnavailable:
             raise  # the engine logs it once and remembers it (see error())
         except EcdcError as exc:
@@ -599,6 +621,21 @@ class SourceTree:
     def open_handles(self) -> int:
         with self._lock:
             return len(self._handles)
+
+    def stats(self) -> dict[str, int]:
+        """Counters since the mount started (the root's ``user.ecdcfs.stats``): the
+        decoders' (see :meth:`~ecdcfs.scheduler.DecodeScheduler.stats`; zeros before the
+        first audio open), the bytes of audio served and the files open."""
+        with self._lock:
+            engine, served, handles = self._engine, self._bytes_served, list(self._handles.values())
+        decoders = (
+            engine.scheduler.stats() if engine is not None else dict.fromkeys(_DECODER_STATS, 0)
+        )
+        return {
+            **decoders,
+            "bytes_served": served,
+            "files_open": sum(isinstance(handle, AudioHandle) for handle in handles),
+        }
 
 
 def _attributes(kind: str, st: os.stat_result, wav_size: int | None = None) -> dict:

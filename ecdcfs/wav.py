@@ -1,8 +1,23 @@
-"""WAV layout: header bytes (RIFF or RF64, optional tags) and float -> PCM s16le.
+"""WAV layout (RIFF or RF64) and float -> PCM s16le.
 
-Tags go in twice, before ``data``: an ID3v2.4 tag in an ``id3 `` chunk (UTF-8 frames, which
-ffmpeg, TagLib, mutagen, MediaInfo and ExifTool read) and LIST/INFO for older readers
-(UTF-8 too, but INFO has no charset, so some show a non-ASCII title as Latin-1).
+The file is ``RIFF|RF64 WAVE [ds64] fmt [id3 ] JUNK data <PCM> JUNK``:
+
+- Tags are one ID3v2.4 tag in an ``id3 `` chunk (UTF-8 frames, which ffmpeg, TagLib,
+  mutagen, MediaInfo and ExifTool read). LIST/INFO (UTF-8 too) is written only when asked
+  for (``riff_info``), for minidlna and GStreamer 1.22, which read nothing else: beside an
+  ID3 tag, ffmpeg 5 drops the ID3 tag with a warning, and MediaInfo reads INFO as
+  Latin-1.
+- A ``JUNK`` chunk before ``data`` puts the PCM at 8 KiB at least (:data:`MIN_PCM_OFFSET`:
+  scanners read the header in buffers of up to 8 KiB, ExifTool's, and ask for no audio
+  then) and ends the PCM at a 4 KiB boundary (:data:`PCM_END_ALIGN`): glibc reads a
+  ``FILE`` from a block boundary after a seek, so a chunk walker (TagLib) that looks for the
+  chunk after the PCM, or a tag reader that looks at the file's last bytes, reads none of
+  the audio.
+- A ``JUNK`` chunk of :data:`TRAILER_BYTES` follows the PCM: scanners look for ID3v1 and
+  APE tags in the last bytes of a file (mutagen the last 160, TagLib the last KiB) and
+  find no audio there either.
+- Every chunk has an even size (a pad byte that some readers skip and others do not never
+  appears), and the whole layout follows from the header's fields alone.
 """
 
 from __future__ import annotations
@@ -16,6 +31,9 @@ import numpy as np
 
 BYTES_PER_SAMPLE = 2  # PCM s16le
 _U32_MAX = 0xFFFFFFFF
+MIN_PCM_OFFSET = 8192  # where the PCM starts, at least (see the module doc)
+PCM_END_ALIGN = 4096  # where it ends: a multiple of this
+TRAILER_BYTES = 1024  # the JUNK chunk after the PCM, its header included
 _PCM_SCALE = np.float32(32767)
 _UTF8 = b"\x03"  # ID3v2.4 text encoding 3
 # Language of the comment frame: what taggers write (players that filter by one expect it).
@@ -32,10 +50,13 @@ def _chunk(tag: bytes, body: bytes) -> bytes:
 
 
 def _info_chunk(tags: dict[bytes, str]) -> bytes:
-    """LIST/INFO chunk with NUL-terminated UTF-8 strings; empty when there is nothing to say."""
-    body = b"".join(
-        _chunk(tag, text.encode("utf-8", "replace") + b"\0") for tag, text in tags.items() if text
-    )
+    """LIST/INFO chunk with NUL-terminated UTF-8 strings, each padded with NULs to an even
+    size; empty when there is nothing to say."""
+    body = b""
+    for tag, text in tags.items():
+        if text:
+            data = text.encode("utf-8", "replace") + b"\0"
+            body += _chunk(tag, data + b"\0" * (len(data) % 2))
     return _chunk(b"LIST", b"INFO" + body) if body else b""
 
 
@@ -69,7 +90,21 @@ def _id3_chunk(title: str, comment: str, source: str, thumbnail: str) -> bytes:
     if not frames:
         return b""
     body = b"".join(tag + _syncsafe(len(data)) + b"\0\0" + data for tag, data in frames)
+    body += b"\0" * (len(body) % 2)  # ID3 padding: an even chunk, no RIFF pad byte
     return _chunk(b"id3 ", b"ID3\x04\x00\x00" + _syncsafe(len(body)) + body)
+
+
+def _ds64(riff_size: int, data_size: int, frames: int) -> bytes:
+    """The RF64 sizes chunk (its 32-bit fields say 0xFFFFFFFF)."""
+    return _chunk(b"ds64", struct.pack("<QQQI", riff_size, data_size, frames, 0))
+
+
+def pcm_offset(chunks_end: int, data_bytes: int) -> int:
+    """Where ``data_bytes`` of PCM start after chunks that end at ``chunks_end`` (the JUNK
+    chunk's and the data chunk's headers included): at :data:`MIN_PCM_OFFSET` or after the
+    chunks, and so that the PCM ends at a multiple of :data:`PCM_END_ALIGN`."""
+    start = max(MIN_PCM_OFFSET, chunks_end)
+    return start + -(start + data_bytes) % PCM_END_ALIGN
 
 
 @dataclass(frozen=True)
@@ -82,6 +117,7 @@ class WavLayout:
     title: str | None = None
     source: str | None = None
     thumbnail: str | None = None
+    riff_info: bool = False  # the tags as LIST/INFO too (see the module doc)
 
     @property
     def block_align(self) -> int:
@@ -98,7 +134,7 @@ class WavLayout:
 
     @cached_property
     def header(self) -> bytes:
-        """Every byte before the PCM data."""
+        """Every byte before the PCM: ``len(header)`` is where the PCM starts."""
         fmt = _chunk(
             b"fmt ",
             struct.pack(
@@ -111,40 +147,44 @@ class WavLayout:
                 8 * BYTES_PER_SAMPLE,
             ),
         )
-        comment = self.comment
-        tags = _info_chunk({b"INAM": self.title or "", b"ICMT": comment}) + _id3_chunk(
-            self.title or "", comment, self.source or "", self.thumbnail or ""
-        )
-        # Chunks after the RIFF/RF64 word: [ds64] fmt [LIST] [id3] data-header.
-        small_riff = 4 + len(fmt) + len(tags) + 8 + self.data_bytes
-        if small_riff <= _U32_MAX:
-            return (
-                b"RIFF"
-                + struct.pack("<I", small_riff)
-                + b"WAVE"
-                + fmt
-                + tags
-                + b"data"
-                + struct.pack("<I", self.data_bytes)
+        tags = _id3_chunk(self.title or "", self.comment, self.source or "", self.thumbnail or "")
+        if self.riff_info:
+            tags = _info_chunk({b"INAM": self.title or "", b"ICMT": self.comment}) + tags
+        chunks = 4 + len(fmt) + len(tags) + 16  # WAVE, the chunks, the JUNK and data headers
+        ds64 = b""
+        if self._riff_size(chunks) > _U32_MAX:  # RF64: the sizes go in a ds64 chunk up front
+            ds64 = _ds64(
+                self._riff_size(chunks + len(_ds64(0, 0, 0))), self.data_bytes, self.frames
             )
-        ds64 = _chunk(b"ds64", struct.pack("<QQQI", 0, self.data_bytes, self.frames, 0))
-        riff_size = small_riff + len(ds64)
-        ds64 = _chunk(b"ds64", struct.pack("<QQQI", riff_size, self.data_bytes, self.frames, 0))
-        return (
-            b"RF64"
-            + struct.pack("<I", _U32_MAX)
-            + b"WAVE"
-            + ds64
-            + fmt
-            + tags
-            + b"data"
-            + struct.pack("<I", _U32_MAX)
-        )
+            chunks += len(ds64)
+        if ds64:
+            head, data_size = b"RF64" + struct.pack("<I", _U32_MAX), _U32_MAX
+        else:
+            head, data_size = b"RIFF" + struct.pack("<I", self._riff_size(chunks)), self.data_bytes
+        junk = _chunk(b"JUNK", bytes(pcm_offset(8 + chunks, self.data_bytes) - 8 - chunks))
+        return head + b"WAVE" + ds64 + fmt + tags + junk + b"data" + struct.pack("<I", data_size)
+
+    def _riff_size(self, chunks: int) -> int:
+        """The RIFF size (the file less 8 bytes) with ``chunks`` bytes before the PCM."""
+        return pcm_offset(8 + chunks, self.data_bytes) - 8 + self.data_bytes + TRAILER_BYTES
+
+    @property
+    def pcm_end(self) -> int:
+        return len(self.header) + self.data_bytes
+
+    @property
+    def trailer(self) -> bytes:
+        """Every byte after the PCM: a JUNK chunk (see the module doc)."""
+        return _chunk(b"JUNK", bytes(TRAILER_BYTES - 8))
 
     @property
     def size(self) -> int:
         """Exact size of the whole WAV file in bytes."""
-        return len(self.header) + self.data_bytes
+        return self.pcm_end + TRAILER_BYTES
+
+    def wrap(self, pcm: bytes) -> bytes:
+        """The whole WAV file around ``pcm`` (``data_bytes`` of it)."""
+        return self.header + pcm + self.trailer
 
     def samples_for_bytes(self, start: int, stop: int) -> tuple[int, int]:
         """Sample range ``[first, last)`` whose PCM covers data bytes ``[start, stop)``."""

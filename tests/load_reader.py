@@ -49,9 +49,12 @@ def read_for(
             errors += 1
             continue
         worst = max(worst, time.perf_counter() - t)
-        if got != expected[offset : offset + length]:
+        # A read of a mounted .wav's header ends where the PCM begins: a prefix.
+        if not got and offset < size or got != expected[offset : offset + len(got)]:
             print(f"MISMATCH {path} at {offset}+{length}", file=sys.stderr)
             errors += 1
+            offset = size  # (sequential: start again)
+            continue
         checked += len(got)
         reads += 1
         offset += len(got)

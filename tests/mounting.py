@@ -31,31 +31,51 @@ def fuse_available() -> bool:
     )
 
 
+def wav_size(data_bytes: int, tags: int = 0) -> int:
+    """Size of the WAV a mount serves for ``data_bytes`` of PCM with a ``tags``-byte id3
+    chunk: the PCM from 8 KiB on (after long tags), to a 4 KiB boundary, then 1 KiB."""
+    start = max(8192, 44 + 8 + tags)
+    return start + -(start + data_bytes) % 4096 + data_bytes + 1024
+
+
 def wav_bytes(pcm: np.ndarray, rate: int, title: str | None = None) -> bytes:
-    """A 16-bit PCM WAV of ``pcm`` [samples, channels], built independently of ecdcfs."""
+    """A 16-bit PCM WAV of ``pcm`` [samples, channels], built independently of ecdcfs in
+    the layout a mount serves: ``RIFF WAVE fmt [id3 ] JUNK data <PCM> JUNK``."""
     channels = pcm.shape[1]
     data = pcm.astype("<i2").tobytes()
     fmt = struct.pack(
         "<4sIHHIIHH", b"fmt ", 16, 1, channels, rate, rate * channels * 2, channels * 2, 16
     )
-    info = b""
-    if title:
-        text = title.encode() + b"\0"
-        text += b"\0" * (len(text) % 2)
-        inam = b"INAM" + struct.pack("<I", len(title.encode()) + 1) + text
-        info = b"LIST" + struct.pack("<I", 4 + len(inam)) + b"INFO" + inam + _id3_chunk(title)
-    body = b"WAVE" + fmt + info + b"data" + struct.pack("<I", len(data)) + data
+    tags = _id3_chunk(title) if title else b""
+    head = b"WAVE" + fmt + tags
+    pcm_start = wav_size(len(data), len(tags)) - 1024 - len(data)
+    junk = pcm_start - 8 - len(head) - 16
+    head += b"JUNK" + struct.pack("<I", junk) + bytes(junk) + b"data" + struct.pack("<I", len(data))
+    body = head + data + b"JUNK" + struct.pack("<I", 1016) + bytes(1016)
     return b"RIFF" + struct.pack("<I", len(body)) + body
 
 
 def _id3_chunk(title: str) -> bytes:
-    """An ``id3 `` chunk holding an ID3v2.4 tag with a UTF-8 title, written by mutagen."""
+    """An ``id3 `` chunk holding an ID3v2.4 tag with a UTF-8 title, written by mutagen
+    (with a byte of padding where the tag would have an odd size)."""
     tag = ID3()
     tag.add(TIT2(encoding=Encoding.UTF8, text=title))
-    out = io.BytesIO()
-    tag.save(out, v2_version=4, padding=lambda info: 0)
-    body = out.getvalue()
-    return b"id3 " + struct.pack("<I", len(body)) + body + b"\0" * (len(body) % 2)
+    for padding in (0, 1):
+        out = io.BytesIO()
+        tag.save(out, v2_version=4, padding=lambda info, n=padding: n)
+        body = out.getvalue()
+        if len(body) % 2 == 0:
+            break
+    return b"id3 " + struct.pack("<I", len(body)) + body
+
+
+def pread_full(fd: int, length: int, offset: int) -> bytes:
+    """``length`` bytes at ``offset`` (fewer at the end of the file) in as many reads as it
+    takes: a read of a mounted .wav's header ends where its PCM begins."""
+    out = b""
+    while len(out) < length and (chunk := os.pread(fd, length - len(out), offset + len(out))):
+        out += chunk
+    return out
 
 
 def unmount(mnt: Path) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import random
+import struct
 import threading
 import time
 
@@ -19,6 +20,7 @@ from ecdcfs.index import INDEX_SUFFIX, CodeIndex
 from ecdcfs.lm import decode_lm_steps, load_lm
 from ecdcfs.lm_process import LanguageModel
 from ecdcfs.units import Chunks
+from mounting import wav_size
 
 READ = 128 * 1024
 SR = 24_000
@@ -35,7 +37,9 @@ def read_all(reader, size: int = READ) -> bytes:
 
 
 def pcm_of(wav: bytes) -> np.ndarray:
-    return np.frombuffer(wav[44:], "<i2").astype(np.int32)
+    start = wav.index(b"data") + 8  # no tags: nothing else says "data"
+    data_bytes = struct.unpack_from("<I", wav, start - 4)[0]
+    return np.frombuffer(wav[start : start + data_bytes], "<i2").astype(np.int32)
 
 
 def assert_within_one_lsb(wav: bytes, data: bytes) -> None:
@@ -101,7 +105,7 @@ def test_sequential_read_within_one_lsb_of_encodec(
     data = synth.make_ecdc(model="encodec_24khz", samples=samples, kbps=kbps, lm=lm, seed=3)
     audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
     wav = read_all(audio.reader())
-    assert len(wav) == audio.size == 44 + 2 * samples
+    assert len(wav) == audio.size == wav_size(2 * samples)
     assert_within_one_lsb(wav, data)
     if samples <= CHUNK:  # one chunk is encodec's own whole-file decode
         assert np.array_equal(pcm_of(wav), synth.reference_pcm(data)[:, 0])
@@ -123,9 +127,10 @@ def test_random_and_concurrent_reads_equal_a_sequential_read(torch_home, tmp_pat
         audio = engine.open(path)
         # The last chunk first, then reads from several threads in random order, each on a
         # handle of its own, of every size, some straddling the seams between chunks.
-        assert audio.read(audio.size - 1000, 5000) == expected[-1000:]
+        end = audio.wav.pcm_end
+        assert audio.read(end - 1000, 5000) == expected[end - 1000 : end + 4000]
         rng = random.Random(7)
-        spans = [(44 + 2 * k * CHUNK - 10, 20) for k in range(1, 6)]
+        spans = [(len(audio.wav.header) + 2 * k * CHUNK - 10, 20) for k in range(1, 6)]
         for _ in range(24):
             spans.append((rng.randrange(audio.size), rng.choice([1, 3, 4096, READ, 3 * CHUNK])))
         rng.shuffle(spans)
@@ -154,7 +159,7 @@ def test_one_hour_file_seeks_in_bounded_memory_and_time(engine, tmp_path):
         synth.container_24khz(samples, nc, synth.random_packed_24khz(samples, nc)),
     )
     audio = engine.open(path)
-    assert audio.size == 44 + 2 * samples
+    assert audio.size == wav_size(2 * samples)
     codec = engine.decoder(MODELS["encodec_24khz"])
     codes = np.random.default_rng(1).integers(0, 1024, (nc, CHUNK_STEPS), dtype=np.int64)
     codec.decode_frame(EncodedFrame(codes[:, :10], None))  # warm the model
@@ -164,12 +169,12 @@ def test_one_hour_file_seeks_in_bounded_memory_and_time(engine, tmp_path):
 
     measured = synth.reset_peak_rss(os.getpid())
     rss_before = synth.proc_kib(os.getpid(), "VmRSS")
-    offset = 44 + 2 * 45 * 60 * SR
+    offset = len(audio.wav.header) + 2 * 45 * 60 * SR
     started = time.perf_counter()
     data = audio.reader().read(offset, 2 * SR)
     elapsed = time.perf_counter() - started
     assert len(data) == 2 * SR
-    assert pcm_of(b"\0" * 44 + data).std() > 0
+    assert np.frombuffer(data, "<i2").std() > 0
     # One chunk with its warm-up: about 1.2x the baseline (generous: shared CPUs are noisy).
     assert engine.scheduler.decoded_count == 1
     assert elapsed < 6 * baseline + 1, (elapsed, baseline)
@@ -233,10 +238,12 @@ def test_lm_file_reads_like_the_plain_file_of_its_codes(engine, small_chunks, tm
     expected = read_all(engine.open(synth.write(tmp_path, "plain.ecdc", plain_data)).reader())
     path = synth.write(tmp_path, "lm.ecdc", lm_data)
     audio = engine.open(path)
-    assert audio.size == len(expected) == 44 + 2 * samples
+    assert audio.size == len(expected) == wav_size(2 * samples)
     rng = random.Random(3)
     spans = [(rng.randrange(audio.size), rng.choice([1, 100, 4096, 3 * SMALL_CHUNK * HOP]))]
-    spans += [(44 + 2 * k * SMALL_CHUNK * HOP - 7, 14) for k in range(1, 6)]  # the seams
+    spans += [
+        (len(audio.wav.header) + 2 * k * SMALL_CHUNK * HOP - 7, 14) for k in range(1, 6)
+    ]  # the seams
     rng.shuffle(spans)
     for offset, size in spans:
         assert audio.read(offset, size) == expected[offset : offset + size]
@@ -263,19 +270,19 @@ def test_lm_reads_wait_only_for_the_blocks_they_need(engine, small_chunks, tmp_p
     gated = GatedBlocks(open_blocks=1).patch(monkeypatch)
     audio = engine.open(synth.write(tmp_path, "lm.ecdc", lm_data))
     reader = audio.reader()
-    first_chunk = 2 * SMALL_CHUNK * HOP
-    assert reader.read(0, 44 + first_chunk) == expected[: 44 + first_chunk]  # block 0 only
+    first_chunk = len(audio.wav.header) + 2 * SMALL_CHUNK * HOP
+    assert reader.read(0, first_chunk) == expected[:first_chunk]  # block 0 only
     assert len(audio.code_index()) == 1
     done = threading.Event()
     last = []
     thread = threading.Thread(
-        target=lambda: (last.append(audio.read(audio.size - 10, 10)), done.set())
+        target=lambda: (last.append(audio.read(audio.wav.pcm_end - 10, 10)), done.set())
     )
     thread.start()
     assert not done.wait(0.5)  # the last chunk waits for its block
     gated.gate.set()
     thread.join(60)
-    assert last == [expected[-10:]]
+    assert last == [expected[audio.wav.pcm_end - 10 : audio.wav.pcm_end]]
     assert read_all(reader) == expected
 
 
@@ -301,7 +308,7 @@ def test_partial_lm_index_serves_its_blocks_while_the_rest_is_rebuilt(
     second = Engine(engine.settings)
     try:
         audio = second.open(path)
-        two_chunks = 44 + 2 * 2 * SMALL_CHUNK * HOP
+        two_chunks = len(audio.wav.header) + 2 * 2 * SMALL_CHUNK * HOP
         assert audio.read(0, two_chunks) == expected[:two_chunks]  # served from the index
         assert gated.yielded == 0
         gated.gate.set()
@@ -318,9 +325,9 @@ def test_truncated_lm_file_reads_up_to_the_damage(engine, small_chunks, tmp_path
     audio = engine.open(synth.write(tmp_path, "lm.ecdc", lm_data[: len(lm_data) // 2]))
     assert audio.read(0, 1000) == expected[:1000]
     with pytest.raises(EcdcError, match="truncated"):
-        audio.read(audio.size - 10, 10)
+        audio.read(audio.wav.pcm_end - 10, 10)
     with pytest.raises(EcdcError, match="truncated"):  # again, at once
-        audio.read(audio.size - 10, 10)
+        audio.read(audio.wav.pcm_end - 10, 10)
     assert audio.read(0, 1000) == expected[:1000]
 
 
@@ -330,13 +337,13 @@ def test_long_lm_file_opens_with_its_exact_size_and_fails_only_where_damaged(eng
         tmp_path, "long.ecdc", synth.container_24khz(samples, 2, bytes(range(64)), lm=True)
     )
     audio = engine.open(path)
-    assert audio.size == 44 + 2 * samples
-    assert audio.read(0, 44) == audio.wav.header
+    assert audio.size == wav_size(2 * samples)
+    assert audio.read(0, len(audio.wav.header)) == audio.wav.header
     assert engine.decoder(MODELS["encodec_24khz"]) and engine.lm(MODELS["encodec_24khz"])
     # (loaded: not counted below)
     rss_before = synth.proc_kib(os.getpid(), "VmRSS")
     with pytest.raises(EcdcError):
-        audio.read(audio.size - 10, 10)
+        audio.read(audio.wav.pcm_end - 10, 10)
     assert (synth.proc_kib(os.getpid(), "VmRSS") - rss_before) / 1024 < 100
 
 

@@ -24,7 +24,7 @@ def expected_wav(
 ) -> bytes:
     pcm = synth.reference_pcm(data)
     layout = WavLayout(pcm.shape[1], sample_rate or 48_000, pcm.shape[0], title, source, thumbnail)
-    return layout.header + pcm.astype("<i2").tobytes()
+    return layout.wrap(pcm.astype("<i2").tobytes())
 
 
 def read_all(reader, size: int = READ) -> bytes:
@@ -225,7 +225,7 @@ def test_24khz_short_file_equals_encodec_decode(engine, tmp_path):
     expected = expected_wav(data, 24_000)
     assert read_all(audio.reader()) == expected
     assert audio.read(50_000, 999) == expected[50_000:50_999]
-    assert np.frombuffer(expected[44:], "<i2").std() > 100  # not silence
+    assert np.frombuffer(expected[-1024 - 2 * 40_000 : -1024], "<i2").std() > 100  # not silence
 
 
 @pytest.mark.parametrize(
@@ -247,5 +247,28 @@ def test_read_ahead_cap_is_a_quarter_of_the_cache_in_units(
         assert plain.units.decoded_bytes == 2 * 48_000 * 4
         assert chunked.units.decoded_bytes == 375 * 320 * 4
         assert (plain.max_read_ahead, chunked.max_read_ahead) == (frames_48k, chunks_24k)
+    finally:
+        engine.close()
+
+
+def test_read_ahead_opens_after_a_sequential_run_of_read_ahead_after_bytes(torch_home, tmp_path):
+    """A scanner reads the first MiB or so of a file and closes it: a mount's reader starts
+    read-ahead only once one sequential run has read more than that (a seek starts anew)."""
+    engine = Engine(Settings(device="cpu", exact=True, bufsize=1, cache_dir=None))
+    try:
+        audio = engine.open(synth.write(tmp_path, "x.ecdc", synth.make_ecdc(samples=480_000)))
+        frame_bytes = 47_520 * 4  # a 48 kHz frame's stride of stereo PCM
+        reader, pcm = audio.reader(read_ahead_after=3 * frame_bytes), len(audio.wav.header)
+        end = pcm + 3 * frame_bytes
+        for offset in range(pcm, end, 65_536):  # three frames' worth, no more
+            reader.read(offset, min(65_536, end - offset))
+        assert reader.window == 0 and engine.scheduler.stats()["decodes_started"] <= 4
+        reader.read(pcm + 3 * frame_bytes, 65_536)  # past it: read-ahead opens
+        assert reader.window == 1
+        reader.read(pcm + 7 * frame_bytes, 4096)  # a seek: a new run, read-ahead dropped
+        assert reader.window == 1 and reader._ahead == []
+        eager = audio.reader()  # read_ahead_after 0 (ecdcfs.open, ecdc-stream): at once
+        eager.read(pcm, 4096)
+        assert eager.window == 1 and eager._ahead == [1]
     finally:
         engine.close()

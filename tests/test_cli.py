@@ -116,21 +116,21 @@ def test_fuse_options_pass_through_and_mount_only_ones_are_dropped():
     }
 
 
-def test_fuse_options_given_to_libfuse():
+def test_fuse_options_given_to_libfuse(tmp_path, monkeypatch):
+    """SOURCE is the device (``mount``, ``findmnt``, ``df``), with libfuse's escapes."""
+    monkeypatch.chdir(tmp_path)
     cfg = parse_args(["a", "b", "-o", "allow_other,attr_timeout=5"])
     assert cli.fuse_options(cfg) == {
         "ro": True,
-        "fsname": "ecdcfs",
+        "fsname": f"{tmp_path}/a",
         "subtype": "ecdcfs",
         "allow_other": True,
         "default_permissions": True,
         "attr_timeout": "5",
     }
-    assert cli.fuse_options(parse_args(["a", "b"])) == {
-        "ro": True,
-        "fsname": "ecdcfs",
-        "subtype": "ecdcfs",
-    }
+    odd = parse_args(["my,music\\x", "b"])
+    assert cli.fuse_options(odd)["fsname"] == f"{tmp_path}/my\\,music\\\\x"
+    assert cli.fuse_options(parse_args(["a", "b", "-o", "fsname=x"]))["fsname"] == "x"
 
 
 @pytest.mark.parametrize(

@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 import synth
 from ecdcfs.causal import CHUNK_STEPS
 from ecdcfs.container import SCALE, parse_header, unpack_codes
+from mounting import wav_size
 
 STRIDE = 47_520
 READ = 128 * 1024
@@ -38,7 +39,8 @@ def read_all(reader, size: int = READ) -> bytes:
 def data_pcm(audio, wav: bytes) -> np.ndarray:
     """The PCM of a WAV read back, as int16 ``[samples, channels]``."""
     header = len(audio.wav.header)
-    return np.frombuffer(wav[header:], "<i2").reshape(-1, audio.wav.channels)
+    pcm = wav[header : header + audio.wav.data_bytes]
+    return np.frombuffer(pcm, "<i2").reshape(-1, audio.wav.channels)
 
 
 def encoder_frames(samples: int, kbps: float, seed: int) -> tuple[bytes, list]:
@@ -81,7 +83,7 @@ def test_layout_finds_every_frame_the_encoder_wrote(torch_home, k, r, kbps):
 def test_48khz_edge_lengths_read_exactly(engine, tmp_path, samples):
     data = synth.make_ecdc(samples=samples, kbps=3)
     audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
-    assert audio.size == len(audio.wav.header) + samples * 4  # st_size: from the header
+    assert audio.size == wav_size(samples * 4)  # st_size: from the header
     wav = read_all(audio.reader())
     assert len(wav) == audio.size
     expected = synth.reference_pcm(data)
@@ -143,7 +145,7 @@ EDGE_LENGTHS_24K = [
 def test_24khz_edge_lengths_read_within_one_lsb(engine, tmp_path, samples):
     data = synth.make_ecdc(model="encodec_24khz", samples=samples, kbps=6, seed=5)
     audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
-    assert audio.size == len(audio.wav.header) + samples * 2
+    assert audio.size == wav_size(samples * 2)
     wav = read_all(audio.reader())
     assert len(wav) == audio.size
     actual = data_pcm(audio, wav).astype(np.int32)
@@ -154,7 +156,8 @@ def test_24khz_edge_lengths_read_within_one_lsb(engine, tmp_path, samples):
         assert np.abs(actual - expected).max() <= 1
     # The last samples first, then a read across each seam between chunks.
     fresh = audio.reader()
-    assert fresh.read(audio.size - 2, 2) == wav[-2:]
+    end = audio.wav.pcm_end
+    assert fresh.read(end - 2, 2) == wav[end - 2 : end]
     for seam in range(1, audio.unit_count):
         offset = len(audio.wav.header) + 2 * seam * CHUNK_24K - 6
         assert fresh.read(offset, 12) == wav[offset : offset + 12]

@@ -32,9 +32,11 @@ from mounting import (
     ecdcfs_cmd,
     fuse_available,
     is_mounted,
+    pread_full,
     source_folder,
     wait_daemon_gone,
     wav_bytes,
+    wav_size,
 )
 
 pytestmark = pytest.mark.mount
@@ -137,7 +139,7 @@ def test_listing_and_sizes(mount, media):
         b"notes.txt",
         "Ünïcode track.wav".encode(),
     ]
-    assert os.stat(mount.mnt / "song.wav").st_size == 44 + SONG_SAMPLES * 2 * 2
+    assert os.stat(mount.mnt / "song.wav").st_size == wav_size(SONG_SAMPLES * 2 * 2)
     titled = len(wav_bytes(media["short_pcm"], 44_100, TITLE))
     assert os.stat(mount.mnt / "titled.wav").st_size == titled
     st = os.stat(mount.mnt / "song.wav")
@@ -204,7 +206,7 @@ def test_concurrent_cold_reads(mount, media):
                 fd = rng.choice([own, shared])
                 length = rng.choice([7, 4096, 65_536, 131_072])
                 offset = size - 5000 if i == 0 and seed % 2 else rng.randrange(size)
-                got = os.pread(fd, length, offset)
+                got = pread_full(fd, length, offset)
                 assert got == expected[offset : offset + length], (seed, offset, length)
         finally:
             os.close(own)
@@ -229,7 +231,7 @@ def test_v193_rate_and_title(mount, media):
     assert data == wav_bytes(media["short_pcm"], 44_100, TITLE)
     with _wave(data) as w:
         assert w.getframerate() == 44_100 and w.getnframes() == SHORT_SAMPLES
-    assert b"INAM" in data[:200] and TITLE.encode() in data[:200]
+    assert b"LIST" not in data[:8192] and TITLE.encode() in data[:200]  # ID3 only
     assert WAVE(mount.mnt / "titled.wav").tags["TIT2"].text == [TITLE]  # the tag reader's view
 
 
@@ -326,9 +328,18 @@ def test_writes_fail_with_erofs(mount):
     assert (mount.src / "cover.jpg").exists()
 
 
-def test_statfs(mount):
-    sv = os.statvfs(mount.mnt)
-    assert sv.f_bavail == 0 and sv.f_bsize > 0
+def test_statfs_and_mount_table_name_the_source(mount):
+    """df shows the disk SOURCE is on (not a full disk), and names SOURCE as the device."""
+    sv, src = os.statvfs(mount.mnt), os.statvfs(mount.src)
+    assert (sv.f_blocks, sv.f_bsize, sv.f_files) == (src.f_blocks, src.f_bsize, src.f_files)
+    assert sv.f_bfree > 0 and abs(sv.f_bavail - src.f_bavail) < src.f_blocks // 100
+    assert sv.f_flag & os.ST_RDONLY
+    found = subprocess.run(
+        ["findmnt", "-n", "-o", "SOURCE,FSTYPE", str(mount.mnt)], capture_output=True, text=True
+    )
+    assert found.stdout.split() == [str(mount.src.resolve()), "fuse.ecdcfs"]
+    df = subprocess.run(["df", "-P", str(mount.mnt)], capture_output=True, text=True)
+    assert df.stdout.splitlines()[1].split()[0] == str(mount.src.resolve())
 
 
 # ----- mount life cycle ---------------------------------------------------------------
@@ -456,7 +467,7 @@ def test_one_hour_24khz_file_mounts_seeks_and_streams_in_bounded_memory(torch_ho
     m = Mount(src, tmp_path / "mnt", tmp_path / "log", "--cache-mb", "16")
     try:
         wav = m.mnt / "hour.wav"
-        assert os.stat(wav).st_size == 44 + 2 * samples
+        assert os.stat(wav).st_size == wav_size(2 * samples)
         deadline = time.monotonic() + 120
         while "loaded encodec_24khz" not in m.log_text():  # the only model its files use
             assert time.monotonic() < deadline, m.log_text()
@@ -469,9 +480,9 @@ def test_one_hour_24khz_file_mounts_seeks_and_streams_in_bounded_memory(torch_ho
         engine = Engine(Settings(device="cpu", exact=True, cache_dir=None))
         expected = engine.open(path)
         with open(wav, "rb") as f:
-            seek = 44 + 2 * 45 * 60 * rate  # 45:00
+            seek = 8192 + 2 * 45 * 60 * rate  # 45:00
             assert os.pread(f.fileno(), 2 * rate, seek) == expected.read(seek, 2 * rate)
-            start = 44 + 2 * 10 * 60 * rate  # 10:00, then 40 s in 128 KiB reads
+            start = 8192 + 2 * 10 * 60 * rate  # 10:00, then 40 s in 128 KiB reads
             f.seek(start)
             for offset in range(start, start + 2 * 40 * rate, 128 << 10):
                 assert f.read(128 << 10) == expected.read(offset, 128 << 10), offset
@@ -505,11 +516,11 @@ def test_lm_coded_24khz_file_reads_like_the_plain_file_of_its_codes(torch_home, 
     m = Mount(src, tmp_path / "mnt", tmp_path / "log")
     try:
         with open(m.mnt / "lm.wav", "rb") as f:  # the second chunk first
-            tail = os.pread(f.fileno(), 10_000, 44 + 2 * 375 * 320 - 5000)
+            tail = os.pread(f.fileno(), 10_000, 8192 + 2 * 375 * 320 - 5000)
             whole = f.read()
         expected = (m.mnt / "plain.wav").read_bytes()
-        assert whole == expected and len(whole) == 44 + 2 * samples
-        assert tail == expected[44 + 2 * 375 * 320 - 5000 :][:10_000]
+        assert whole == expected and len(whole) == wav_size(2 * samples)
+        assert tail == expected[8192 + 2 * 375 * 320 - 5000 :][:10_000]
         assert "Traceback" not in m.log_text()
     finally:
         m.stop()
@@ -527,7 +538,7 @@ def test_edge_length_library_copies_whole(torch_home, tmp_path):
         subprocess.run(["cp", "-r", str(m.mnt), str(copy)], check=True, timeout=300)
         for n in lengths:
             expected = synth.reference_pcm(files[f"{n}.ecdc"])
-            assert os.stat(m.mnt / f"{n}.wav").st_size == 44 + 4 * n
+            assert os.stat(m.mnt / f"{n}.wav").st_size == wav_size(4 * n)
             with wave.open(str(copy / f"{n}.wav")) as w:
                 assert w.getnframes() == n
                 pcm = np.frombuffer(w.readframes(n), "<i2").reshape(-1, 2)
@@ -560,5 +571,7 @@ def test_default_decoder_mount_never_loads_torch_and_is_the_same_on_every_mount(
         copies.append({p.name: p.read_bytes() for p in (base / "copy").iterdir()})
     assert copies[0] == copies[1]
     for name, pcm in (("song.wav", media["song_pcm"]), ("short.wav", media["short_pcm"])):
-        got = np.frombuffer(copies[0][name][-pcm.nbytes :], "<i2").reshape(pcm.shape)
+        copy = copies[0][name]
+        start = copy.index(b"data") + 8
+        got = np.frombuffer(copy[start : start + pcm.nbytes], "<i2").reshape(pcm.shape)
         assert np.abs(got.astype(np.int32) - pcm).max() <= 2

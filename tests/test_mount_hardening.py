@@ -31,10 +31,12 @@ from mounting import (
     ecdcfs_cmd,
     fuse_available,
     is_mounted,
+    pread_full,
     source_folder,
     unmount,
     wait_daemon_gone,
     wav_bytes,
+    wav_size,
 )
 from test_cli import cuda_device_count
 
@@ -128,7 +130,7 @@ def test_hostile_folder(tmp_path, files):
         for name in [n[:-5] + ".wav" for n in bad] + ["bad \udcff name.wav"]:
             path = m.mnt / name
             size = os.stat(path).st_size
-            assert size == (44 + 7200 * 24_000 * 2 if name.startswith("lm 24k") else 0), name
+            assert size == (wav_size(7200 * 24_000 * 2) if name.startswith("lm 24k") else 0), name
             started = time.monotonic()
             done = subprocess.run(["cat", str(path)], capture_output=True, timeout=60)
             assert done.returncode != 0 and b"Input/output error" in done.stderr, name
@@ -170,7 +172,7 @@ def test_source_replaced_truncated_or_deleted_while_open(tmp_path, files):
     assert len(old) == len(new) and old != new
 
     def read_all(fd: int, size: int) -> bytes:
-        return b"".join(os.pread(fd, 65536, off) for off in range(0, size, 65536))
+        return pread_full(fd, size, 0)
 
     def replace(data: bytes) -> None:
         (src / "tmp").write_bytes(data)
@@ -178,7 +180,7 @@ def test_source_replaced_truncated_or_deleted_while_open(tmp_path, files):
 
     try:
         first = os.open(path, os.O_RDONLY)
-        assert os.pread(first, 100_000, 0) == old[:100_000]  # in the kernel's cache now
+        assert pread_full(first, 100_000, 0) == old[:100_000]
         replace(files["song2"])  # same length, other audio
         time.sleep(1.1)  # past the attribute timeout: the kernel asks again
         second = os.open(path, os.O_RDONLY)
@@ -299,7 +301,7 @@ def test_reasons_in_an_xattr_and_a_checkpoint_copied_in_while_mounted(
     x, name = m.mnt / "x.wav", "user.ecdcfs.error"
     try:
         for path in (x, m.mnt / "a.txt", m.mnt):  # nothing known against them
-            assert os.listxattr(path) == []
+            assert os.listxattr(path) == (["user.ecdcfs.stats"] if path == m.mnt else [])
             with pytest.raises(OSError) as info:
                 os.getxattr(path, name)
             assert info.value.errno == errno.ENODATA
@@ -621,7 +623,8 @@ def test_many_readers_for_a_while(tmp_path, files):
                         offset = rng.randrange(len(data))
                         length = rng.choice([1, 3, 4096, 131072])
                     got = os.pread(fd, length, offset)
-                    if got != data[offset : offset + length]:
+                    # (a read of the header ends where the PCM begins: a prefix)
+                    if not got and offset < len(data) or got != data[offset : offset + len(got)]:
                         errors.append(f"{name}: wrong bytes at {offset}+{length}")
                         return
                     total += len(got)

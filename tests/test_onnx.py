@@ -396,7 +396,8 @@ def test_whole_file_is_within_2_lsb_and_the_same_whatever_the_threads(
             engine.close()
     assert results[0] == results[1] == results[2]
     expected = synth.reference_pcm(data)
-    pcm = np.frombuffer(results[0][len(audio.wav.header) :], "<i2").reshape(expected.shape)
+    pcm = results[0][len(audio.wav.header) : audio.wav.pcm_end]
+    pcm = np.frombuffer(pcm, "<i2").reshape(expected.shape)
     assert np.abs(pcm.astype(np.int32) - expected).max() <= 2
 
 

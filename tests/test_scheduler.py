@@ -369,3 +369,26 @@ def test_closing_fails_queued_work_and_later_requests_instead_of_hanging():
     closing.join(30)
     with pytest.raises(EcdcError, match="shutting down"):
         scheduler.request("later", lambda: frame(2)).result(5)
+
+
+def test_counters_say_what_was_decoded_started_and_found_in_the_cache(scheduler):
+    """What the mount's ``user.ecdcfs.stats`` reports: a request for a unit that is queued
+    or decoding is a miss that shares its decode; one for a cached unit is a hit."""
+    release = block_worker(scheduler)
+    first = scheduler.request("a", lambda: frame(1))
+    same = scheduler.request("a", lambda: frame(1))
+    release.set()
+    assert first.result(30) is same.result(30)
+    scheduler.request("a", lambda: frame(2)).result(30)
+    failing = scheduler.request("b", lambda: (_ for _ in ()).throw(EcdcError("bad")))
+    with pytest.raises(EcdcError):
+        failing.result(30)
+    stats = scheduler.stats()
+    assert stats == {
+        "units_decoded": 2,  # the blocker and "a"
+        "decodes_started": 3,  # and "b", which failed
+        "decodes_interrupted": 0,
+        "cache_hits": 1,
+        "cache_misses": 4,
+        "cache_bytes": 2 * frame(0).nbytes,
+    }

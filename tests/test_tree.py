@@ -22,8 +22,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from mfusepy import FuseOSError
 
+import mounting
 from ecdcfs.container import MODELS, EcdcError, FrameLayout
-from ecdcfs.fs import ERROR_XATTR, EcdcFS
+from ecdcfs.fs import ERROR_XATTR, STATS_XATTR, EcdcFS
 from ecdcfs.names import AUDIO, DIR, FILE, LINK, list_names
 from ecdcfs.tree import SourceTree
 
@@ -39,7 +40,7 @@ def ecdc(
 
 
 def wav_size(samples: int, channels: int = 2) -> int:
-    return 44 + samples * channels * 2
+    return mounting.wav_size(samples * channels * 2)
 
 
 class NoEngine:
@@ -97,12 +98,15 @@ def test_ecdc_shown_as_wav_with_exact_size_and_source_attributes(src, tree):
 
 
 def test_v193_header_size_includes_the_tag_chunks(src, tree):
-    # v193 with sr and a title: 44-byte header + LIST/INFO with INAM "Song\0" (padded)
-    # + an ID3v2.4 tag with a TIT2 frame in an "id3 " chunk.
+    # v193 with sr and a title: an ID3v2.4 tag with a TIT2 frame in an "id3 " chunk, padded
+    # to an even size; a long one pushes the PCM past 8 KiB.
     (src / "t.ecdc").write_bytes(ecdc(9_600, version=193, sr=44_100, n="Song", br=6.0))
-    info = 4 + (8 + 6)  # "INFO" + INAM chunk of "Song\0" padded to 6 bytes
-    id3 = 10 + 10 + 1 + 5  # tag header + frame header + UTF-8 encoding byte + "Song\0"
-    assert tree.getattr("/t.wav")["st_size"] == 44 + 8 + info + 8 + id3 + 9_600 * 4
+    id3 = 10 + 10 + 1 + 5 + 1  # tag header + frame header + UTF-8 byte + "Song\0" + padding
+    assert tree.getattr("/t.wav")["st_size"] == mounting.wav_size(9_600 * 4, 8 + id3)
+    long = "é" * 5000
+    (src / "l.ecdc").write_bytes(ecdc(9_600, version=193, sr=44_100, n=long, br=6.0))
+    id3 = 10 + 10 + 1 + 10_001 + 1
+    assert tree.getattr("/l.wav")["st_size"] == mounting.wav_size(9_600 * 4, 8 + id3)
 
 
 def test_24khz_mono_size(src, tree):
@@ -527,7 +531,7 @@ class TestFuseOperations:
         ]:
             assert self.errno_of(op, *args) == errno.EROFS
 
-    def test_listing_and_reading(self, ops):
+    def test_listing_and_reading(self, ops, src):
         entries = ops.readdir("/", 0)
         assert entries[:2] == [".", ".."]
         assert {e[0] for e in entries[2:]} == {"x.wav", "bad.wav", "a.txt"}
@@ -535,7 +539,13 @@ class TestFuseOperations:
         fh = ops.open("/a.txt", os.O_RDONLY)
         assert ops.read("/a.txt", 100, 0, fh) == b"text"
         assert ops.release("/a.txt", fh) == 0
-        assert ops.statfs("/")["f_bavail"] == 0
+        fs, source = ops.statfs("/"), os.statvfs(src)  # the disk SOURCE is on, not full
+        assert (fs["f_bsize"], fs["f_blocks"], fs["f_files"]) == (
+            source.f_bsize,
+            source.f_blocks,
+            source.f_files,
+        )
+        assert fs["f_bavail"] > 0 and fs["f_namemax"] == source.f_namemax
 
     def test_start_and_end_name_source_and_mount_point(self, src, caplog):
         caplog.set_level(logging.INFO, "ecdcfs")
@@ -555,11 +565,30 @@ class TestFuseOperations:
         assert ops.getxattr("/bad.wav", ERROR_XATTR) == reason
         assert self.errno_of(ops.getxattr, "/bad.wav", "user.other") == errno.ENODATA
         for path in ("/x.wav", "/a.txt", "/d", "/"):
-            assert ops.listxattr(path) == [], path
+            assert ops.listxattr(path) == ([STATS_XATTR] if path == "/" else []), path
             assert self.errno_of(ops.getxattr, path, ERROR_XATTR) == errno.ENODATA, path
         assert self.errno_of(ops.listxattr, "/missing.wav") == errno.ENOENT
         (src / "bad.ecdc").write_bytes(ecdc())  # repaired: the new version reads fine
         assert ops.listxattr("/bad.wav") == []
+        assert NoEngine.calls == 0
+
+    def test_the_root_has_the_counters_without_starting_the_engine(self, ops, src):
+        """``user.ecdcfs.stats``: zeros before any audio is opened; files open and bytes
+        served count audio only (the decoders' counters are the scheduler's, tested there)."""
+        assert json.loads(ops.getxattr("/", STATS_XATTR)) == {
+            "units_decoded": 0,
+            "decodes_started": 0,
+            "decodes_interrupted": 0,
+            "cache_hits": 0,
+            "cache_misses": 0,
+            "cache_bytes": 0,
+            "bytes_served": 0,
+            "files_open": 0,
+        }
+        assert self.errno_of(ops.getxattr, "/x.wav", STATS_XATTR) == errno.ENODATA
+        text = ops.open("/a.txt", os.O_RDONLY)
+        assert ops.read("/a.txt", 100, 0, text) == b"text"
+        assert json.loads(ops.getxattr("/", STATS_XATTR))["files_open"] == 0
         assert NoEngine.calls == 0
 
     def test_an_open_that_failed_says_why_in_an_xattr(self, ops, monkeypatch):

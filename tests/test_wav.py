@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from mutagen.wave import WAVE
 
-from ecdcfs.wav import WavLayout, float_to_pcm16
+from ecdcfs.wav import MIN_PCM_OFFSET, WavLayout, float_to_pcm16
 
 TITLE, SOURCE, THUMB = (
     "Test Song é ☃",
@@ -38,31 +38,34 @@ def chunks(header: bytes) -> dict[bytes, bytes]:
     return found
 
 
-def info_tags(header: bytes) -> dict[bytes, str]:
-    """LIST/INFO sub-chunks as text."""
-    body, found, offset = chunks(header)[b"LIST"], {}, 4
-    assert body[:4] == b"INFO"
-    while offset < len(body):
-        tag, size = body[offset : offset + 4], struct.unpack_from("<I", body, offset + 4)[0]
-        found[tag] = body[offset + 8 : offset + 8 + size].rstrip(b"\0").decode()
-        offset += 8 + size + size % 2
+def chunk_walk(data: bytes) -> list[tuple[bytes, int, int]]:
+    """``(id, offset, size)`` of every chunk to the end, walked the way minidlna does: from
+    size to size, skipping no pad byte."""
+    found, offset = [], 12
+    while offset + 8 <= len(data):
+        tag, size = data[offset : offset + 4], struct.unpack_from("<I", data, offset + 4)[0]
+        found.append((tag, offset, size))
+        offset += 8 + size
+    assert offset == len(data)
     return found
 
 
 def ffprobe_tags(path) -> dict:
+    """ffprobe's format tags, at Jellyfin's log level: it must have nothing to say."""
     probe = subprocess.run(
-        ["ffprobe", "-v", "error", "-show_format", "-of", "json", str(path)],
+        ["ffprobe", "-v", "warning", "-show_format", "-of", "json", str(path)],
         capture_output=True,
         text=True,
         timeout=60,
         check=True,
     )
+    assert probe.stderr == ""
     return json.loads(probe.stdout)["format"].get("tags", {})
 
 
 def test_header_parses_with_stdlib_wave():
     layout = WavLayout(channels=2, sample_rate=44_100, frames=1000, title="Tïtle", source="u")
-    data = layout.header + bytes(layout.data_bytes)
+    data = layout.wrap(bytes(layout.data_bytes))
     assert len(data) == layout.size
     with wave.open(io.BytesIO(data)) as w:
         assert (w.getnchannels(), w.getframerate(), w.getnframes(), w.getsampwidth()) == (
@@ -71,13 +74,12 @@ def test_header_parses_with_stdlib_wave():
             1000,
             2,
         )
-    assert b"LIST" in layout.header and "Tïtle".encode() + b"\0" in layout.header
 
 
 def test_tags_read_by_mutagen():
     """ID3v2.4 in an ``id3 `` chunk before ``data``: UTF-8 title, source and thumbnail."""
     layout = tagged(title=TITLE, source=SOURCE, thumbnail=THUMB)
-    wav = WAVE(io.BytesIO(layout.header + bytes(layout.data_bytes)))
+    wav = WAVE(io.BytesIO(layout.wrap(bytes(layout.data_bytes))))
     tags = wav.tags
     assert tags.version == (2, 4, 0)
     assert tags["TIT2"].text == [TITLE] and tags["TIT2"].encoding == 3
@@ -86,13 +88,55 @@ def test_tags_read_by_mutagen():
     assert tags["WXXX:thumbnail"].url == THUMB
     assert sorted(tags.keys()) == ["COMM::eng", "TIT2", "WOAS", "WXXX:thumbnail"]
     assert (wav.info.channels, wav.info.sample_rate) == (2, 44_100)
-    assert list(chunks(layout.header)) == [b"fmt ", b"LIST", b"id3 "]
+    assert list(chunks(layout.header)) == [b"fmt ", b"id3 ", b"JUNK"]
 
 
-def test_info_chunk_keeps_title_and_comment_for_older_readers():
-    header = tagged(title=TITLE, source=SOURCE, thumbnail=THUMB).header
-    assert info_tags(header) == {b"INAM": TITLE, b"ICMT": COMMENT}
-    assert info_tags(tagged(thumbnail=THUMB).header) == {b"ICMT": THUMB}
+def test_no_riff_info_unless_asked_for():
+    """One set of tags: with LIST/INFO beside ID3, ffmpeg 5 drops the ID3 tag with a
+    warning and MediaInfo reads the INFO title as Latin-1."""
+    assert b"LIST" not in tagged(title=TITLE, source=SOURCE, thumbnail=THUMB).header
+
+
+@pytest.mark.parametrize("title", ["a", "ab", TITLE])
+def test_riff_info_holds_title_and_comment_in_even_chunks(title):
+    """For minidlna and GStreamer 1.22 (``riff_info``): UTF-8, NUL-terminated, each
+    sub-chunk padded with NULs to an even size (minidlna skips no pad byte)."""
+    layout = WavLayout(2, 44_100, 10, title, SOURCE, THUMB, riff_info=True)
+    data = layout.wrap(bytes(layout.data_bytes))
+    assert [tag for tag, _, _ in chunk_walk(data)][:3] == [b"fmt ", b"LIST", b"id3 "]
+    info, found, offset = chunks(layout.header)[b"LIST"], {}, 4
+    assert info[:4] == b"INFO"
+    while offset < len(info):
+        tag, size = info[offset : offset + 4], struct.unpack_from("<I", info, offset + 4)[0]
+        assert size % 2 == 0
+        found[tag] = info[offset + 8 : offset + 8 + size].rstrip(b"\0").decode()
+        offset += 8 + size
+    assert found == {b"INAM": title, b"ICMT": COMMENT}
+    assert WAVE(io.BytesIO(data)).tags["TIT2"].text == [title]
+    assert b"LIST" not in WavLayout(2, 44_100, 10, riff_info=True).header  # no tags: none
+
+
+@pytest.mark.parametrize("channels", [1, 2])
+@pytest.mark.parametrize("frames", [0, 1, 7, 1023, 1024, 1025, 48_000, 1_000_001])
+@pytest.mark.parametrize("title", [None, "a", "ab", "Tïtle ☃", "x" * 5000, "é" * 9000])
+def test_pcm_from_8_kib_to_a_4_kib_boundary_every_chunk_even(channels, frames, title):
+    """JUNK before ``data`` puts the PCM at 8 KiB at least (after long tags: the first
+    offset that fits) and ends it at a 4 KiB boundary; 1 KiB of JUNK follows. Every chunk
+    is even-sized, so walking the file without pad bytes (as minidlna does) lands on each
+    chunk and ends at its end."""
+    layout = WavLayout(channels, 48_000, frames, title, "https://e.org/s" if title else None)
+    data = layout.wrap(bytes(layout.data_bytes))
+    walk = chunk_walk(data)
+    tags = [b"id3 "] if title else []
+    assert [tag for tag, _, _ in walk] == [b"fmt ", *tags, b"JUNK", b"data", b"JUNK"]
+    assert all(size % 2 == 0 for _, _, size in walk)
+    pcm_start, pcm_end = len(layout.header), layout.pcm_end
+    assert walk[-2][1:] == (pcm_start - 8, layout.data_bytes)
+    assert pcm_start >= MIN_PCM_OFFSET and pcm_end % 4096 == 0
+    earliest = max(MIN_PCM_OFFSET, walk[-3][1] + 16)  # after the JUNK and data headers
+    assert pcm_start - earliest < 4096
+    assert walk[-1] == (b"JUNK", pcm_end, 1024 - 8) and len(data) == pcm_end + 1024
+    assert len(data) == layout.size and struct.unpack_from("<I", data, 4)[0] == len(data) - 8
 
 
 @pytest.mark.parametrize(
@@ -105,12 +149,12 @@ def test_info_chunk_keeps_title_and_comment_for_older_readers():
 )
 def test_only_the_tags_there_are(tags, frames):
     layout = tagged(**tags)
-    assert sorted(WAVE(io.BytesIO(layout.header + bytes(layout.data_bytes))).tags.keys()) == frames
+    assert sorted(WAVE(io.BytesIO(layout.wrap(bytes(layout.data_bytes)))).tags.keys()) == frames
 
 
 def test_no_tags_no_chunks():
-    assert list(chunks(tagged().header)) == [b"fmt "]
-    assert list(chunks(tagged(title="", source="", thumbnail="").header)) == [b"fmt "]
+    assert list(chunks(tagged().header)) == [b"fmt ", b"JUNK"]
+    assert list(chunks(tagged(title="", source="", thumbnail="").header)) == [b"fmt ", b"JUNK"]
 
 
 def test_non_ascii_url_is_percent_encoded_in_url_frames():
@@ -118,7 +162,7 @@ def test_non_ascii_url_is_percent_encoded_in_url_frames():
     the comment (UTF-8) keeps it as it is."""
     url = "https://example.org/pistes/é ☃?q=1%20x"
     layout = tagged(source=url)
-    tags = WAVE(io.BytesIO(layout.header + bytes(layout.data_bytes))).tags
+    tags = WAVE(io.BytesIO(layout.wrap(bytes(layout.data_bytes)))).tags
     assert tags["WOAS"].url == "https://example.org/pistes/%C3%A9%20%E2%98%83?q=1%20x"
     assert tags["COMM::eng"].text == [url]
 
@@ -127,7 +171,7 @@ def test_non_ascii_url_is_percent_encoded_in_url_frames():
 def test_odd_tags_keep_stdlib_wave_and_the_size_exact(channels):
     for title in ("a", "ab", "Tïtle ☃"):
         layout = tagged(channels=channels, frames=7, title=title, source="s", thumbnail="tt")
-        data = layout.header + bytes(layout.data_bytes)
+        data = layout.wrap(bytes(layout.data_bytes))
         assert len(data) == layout.size and struct.unpack_from("<I", data, 4)[0] == len(data) - 8
         with wave.open(io.BytesIO(data)) as w:
             assert (w.getnchannels(), w.getnframes()) == (channels, 7)
@@ -139,7 +183,7 @@ def test_ffprobe_shows_title_and_comment_and_ffmpeg_reads_the_audio(tmp_path):
     layout = tagged(title=TITLE, source=SOURCE, thumbnail=THUMB)
     pcm = np.random.default_rng(0).integers(-32768, 32768, layout.data_bytes // 2, "<i2")
     path = tmp_path / "t.wav"
-    path.write_bytes(layout.header + pcm.tobytes())
+    path.write_bytes(layout.wrap(pcm.tobytes()))
     tags = ffprobe_tags(path)
     assert tags["title"] == TITLE and tags["comment"] == COMMENT
     decoded = subprocess.run(
@@ -163,8 +207,8 @@ def test_rf64_keeps_the_tags(tmp_path):
     assert tags["title"] == TITLE and tags["comment"] == COMMENT
 
 
-def test_plain_header_is_44_bytes():
-    assert len(WavLayout(channels=1, sample_rate=24_000, frames=5).header) == 44
+def test_plain_header_is_8_kib_and_a_bit():
+    assert len(WavLayout(channels=1, sample_rate=24_000, frames=5).header) == 8192 + 4086
 
 
 @pytest.mark.parametrize("tags", [{}, {"title": TITLE, "source": SOURCE, "thumbnail": THUMB}])
@@ -175,7 +219,7 @@ def test_rf64_above_4_gib(tags):
     riff_size, data_size, frames = struct.unpack_from("<QQQ", header, 20)
     assert (riff_size, data_size, frames) == (layout.size - 8, layout.data_bytes, 1_200_000_000)
     assert header[-8:] == b"data\xff\xff\xff\xff"
-    assert list(chunks(header)) == [b"ds64", b"fmt ", b"LIST", b"id3 "][: 2 + 2 * bool(tags)]
+    assert list(chunks(header)) == [b"ds64", b"fmt ", *([b"id3 "] if tags else []), b"JUNK"]
 
 
 def test_samples_for_bytes_rounds_outward():
@@ -198,6 +242,6 @@ def test_float_to_pcm16_interleaves_channels():
 def test_tags_that_are_not_valid_unicode_are_replaced():
     """JSON may hold lone surrogates: they become "?" rather than failing the listing."""
     layout = tagged(title="a\ud800b", source="https://x/\udfff", thumbnail="t\ud800")
-    tags = WAVE(io.BytesIO(layout.header + bytes(layout.data_bytes))).tags
+    tags = WAVE(io.BytesIO(layout.wrap(bytes(layout.data_bytes)))).tags
     assert tags["TIT2"].text == ["a?b"] and tags["WOAS"].url == "https://x/?"
     assert tags["WXXX:thumbnail"].url == "t?" and tags["COMM::eng"].text == ["https://x/?\nt?"]
