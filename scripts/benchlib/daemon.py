@@ -11,6 +11,7 @@ so the bench counts and times the daemon's decodes without patching anything in 
 from __future__ import annotations
 
 import ast
+import json
 import os
 import re
 import subprocess
@@ -76,6 +77,15 @@ class Mount:
     def tail(self) -> str:
         """The end of the daemon's log (for error messages)."""
         return self.log_text()[-2000:] or "(no log)"
+
+    def stats(self) -> dict[str, int]:
+        """The mount's counters (``user.ecdcfs.stats``), once every file is closed."""
+        deadline = time.monotonic() + 30
+        while True:
+            found = json.loads(os.getxattr(self.mnt, "user.ecdcfs.stats"))
+            if found["files_open"] == 0 or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
 
     def decoded(self) -> list[Decoded]:
         """Every unit the daemon decoded so far, in order."""

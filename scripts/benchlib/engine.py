@@ -39,7 +39,7 @@ def seek_while_playing(mount: Mount, audios: dict, codec) -> tuple[list[float], 
     for k, (start, far) in enumerate(SEEKS[:SEEK_FILES]):
         name = f"seek{k + 1}"
         audio = audios[name]
-        header, data = audio.size - audio.wav.data_bytes, audio.wav.data_bytes
+        header, data = len(audio.wav.header), audio.wav.data_bytes
         first = header + int(data * start) // PREAD * PREAD
         target = header + int(data * far) // PREAD * PREAD
         frame = int(far * audio.layout.frame_count)

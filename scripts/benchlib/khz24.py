@@ -71,7 +71,7 @@ class Setup24:
     codec: object
     hour: bytes  # the .ecdc bytes of the one-hour file
     short: bytes  # and of the file copied out with cp
-    header: int  # WAV header bytes (the same for every mono 24 kHz file)
+    header: int  # the hour file's WAV header bytes (where its PCM starts)
     out: Path
     preads: int
     stream_seconds: float
@@ -142,7 +142,7 @@ def setup_24khz(args: argparse.Namespace, work: Path, env: dict, cache: Path) ->
     (src / "hour.ecdc").write_bytes(hour)
     (src / "short.ecdc").write_bytes(short)
     (src / "warm.ecdc").write_bytes(ecdc_24khz(1, 3))
-    header = probe(src / "hour.ecdc").size - PREAD_24 * HOUR_24
+    header = len(probe(src / "hour.ecdc").header)
 
     codec = Engine(Settings(device="cpu", exact=True, cache_dir=None)).decoder(MODELS[MODEL_24])
     decode_24khz(codec, codes_24khz(hour, 0, BASELINE_STEPS_24))  # the first is slower
@@ -303,7 +303,9 @@ def cp_24khz(s: Setup24) -> tuple[list[Row], list[str]]:
     floor = (first + second) / 2
     own = sum(sec for _, _, sec in in_daemon)
     expected = np.frombuffer(float_to_pcm16(audio[:, : round(seconds * SR_24)]), "<i2")
-    got = np.frombuffer((s.out / "short.wav").read_bytes()[s.header :], "<i2")
+    wav = (s.out / "short.wav").read_bytes()
+    start = wav.index(b"data") + 8  # (no tags: the data chunk's header)
+    got = np.frombuffer(wav[start : start + expected.size * 2], "<i2")
     close = got.shape == expected.shape and np.abs(got - expected.astype(np.int32)).max() <= 1
     rows = [
         Row(

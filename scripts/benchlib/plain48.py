@@ -318,7 +318,7 @@ def copy_rows(f: Files, mount: Mount, c: Copies, exact: Copies) -> tuple[list[Ro
 def cold_preads(f: Files, mount: Mount, count: int) -> tuple[list[Row], list[str]]:
     """2. cold 4 KiB preads of cold.wav, each right after a warm decode of its frame."""
     cold = f.audios["cold"]
-    header = cold.size - cold.wav.data_bytes
+    header = len(cold.wav.header)
     fractions: list[float] = []
     for frac in PREAD_FRACTIONS:
         if len(fractions) < count and all(
@@ -404,12 +404,14 @@ def decode_counts(f: Files, copies: Copies, cache_mb: int, cache: Path) -> list[
         f.src / f"{f.cp_names[0]}.ecdc", cache_mb, cache
     )
     # Correctness: every cp equals the in-process AudioFile (header) and Engine (PCM).
-    data_bytes = f.audios[f.cp_names[0]].wav.data_bytes
+    first = f.audios[f.cp_names[0]].wav
+    reference_pcm = reference[len(first.header) : first.pcm_end]
     cp_ok = True
     for name in f.cp_names:
-        got = (f.out / f"{name}.wav").read_bytes()
-        head = f.audios[name].read(0, f.audios[name].size - data_bytes)
-        cp_ok = cp_ok and got[:-data_bytes] == head and got[-data_bytes:] == reference[-data_bytes:]
+        got, wav = (f.out / f"{name}.wav").read_bytes(), f.audios[name].wav
+        pcm = slice(len(wav.header), wav.pcm_end)
+        cp_ok = cp_ok and got[: pcm.start] == wav.header and got[pcm.stop :] == wav.trailer
+        cp_ok = cp_ok and got[pcm] == reference_pcm
     return [
         Row(
             "3. frames decoded / needed, cp (daemon, its debug log)",
