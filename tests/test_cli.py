@@ -458,3 +458,35 @@ def test_checkpoint_dir_is_torch_hubs_without_importing_torch(monkeypatch, env):
     for name, value in env.items():
         monkeypatch.setenv(name, value)
     assert checkpoint_dir() == Path(torch.hub.get_dir()) / "checkpoints"
+
+
+def test_the_readme_option_table_is_the_option_spec():
+    """Every option of cli.OPTIONS has its row in the README's table, with its ``-o`` form
+    (none for --foreground, which is -f), its metavar, and its default where the help
+    says one; the table has no other row."""
+    readme = (Path(__file__).parent.parent / "README.md").read_text()
+    start = readme.index("| option | `-o` form | meaning |")
+    rows = readme[start:].split("\n\n", 1)[0].splitlines()[2:]
+    table = {}
+    for row in rows:
+        option, o_form, meaning = (cell.strip() for cell in row.strip("|").split("|", 2))
+        table[option.strip("`").split()[0]] = (option, o_form.strip("`"), meaning)
+    expected = {"-f" if o.name == "foreground" else f"--{o.name}": o for o in cli.OPTIONS}
+    assert table.keys() == expected.keys()
+    for flag, option in expected.items():
+        shown, o_form, meaning = table[flag]
+        if option.name == "foreground":
+            assert o_form == "", flag
+            continue
+        assert o_form.split("=")[0] == option.attr, flag
+        if option.convert is None:
+            assert "=" not in o_form and shown == f"`{flag}`", flag
+        else:
+            assert o_form.endswith("=" + shown.strip("`").split()[1]), flag
+        default = (
+            option.help.rsplit("(default: ", 1)[1].split(")")[0]
+            if "(default: " in option.help
+            else None
+        )
+        if default and default[0].isdigit():  # a number: the README gives it too
+            assert default.split()[0] in meaning, (flag, default)
