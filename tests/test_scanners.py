@@ -42,9 +42,10 @@ def library(torch_home, tmp_path_factory) -> Path:
     """Four files of the same audio with different headers (so nothing is shared)."""
     v0 = synth.make_ecdc(samples=SECONDS * SR, seed=31)
     src = tmp_path_factory.mktemp("scan-src")
-    for name, title in TITLES.items():
+    for i, (name, title) in enumerate(TITLES.items()):
         source = "https://example.org/watch?v=1" if name == "sourced" else None
-        (src / f"{name}.ecdc").write_bytes(synth.to_v193(v0, SR, name=title, source=source))
+        data = synth.to_v193(v0, SR, name=title, source=source, br=6 + i / 1000)
+        (src / f"{name}.ecdc").write_bytes(data)
     return src
 
 

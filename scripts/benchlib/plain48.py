@@ -488,23 +488,27 @@ def lm_file(f: Files, mount: Mount) -> tuple[list[Row], list[str]]:
     from encodec.compress import decompress
 
     import synth
+    from ecdcfs.audiofile import probe
 
     wait_idle(mount.pid)
+    audio = len(probe(f.src / "lm.ecdc").header)  # where its PCM starts
     t0 = time.perf_counter()
     with open(mount.mnt / "lm.wav", "rb", buffering=0) as fh:
-        first = fh.read(PREAD)
+        if len(os.pread(fh.fileno(), PREAD, audio)) != PREAD:
+            raise RuntimeError("the first audio of lm.wav came short")
         ttfb = time.perf_counter() - t0
+        fh.seek(0)
         rest = b"".join(iter(lambda: fh.read(CHUNK), b""))
     t_lm = time.perf_counter() - t0
-    lm_wav = first + rest
+    lm_wav = rest  # (the whole file, read after its first audio)
     _, meta, _ = synth.parse_header(f.lm)
     upstream_ok = synth.decodes_upstream(meta["al"], synth.load_model(MODEL))
     upstream = decompress if upstream_ok else synth.decompress_fixed
     label = "encodec.compress.decompress" if upstream_ok else "synth.decompress_fixed"
     t_up, (wav, _) = timed(upstream, f.lm)
     pcm = synth.float_to_pcm16(wav.detach().cpu().numpy()).T.astype("<i2").tobytes()
-    header = len(lm_wav) - len(pcm)
-    lm_same = 0 < header < 4096 and within_lsb(lm_wav[header:], pcm)
+    header = lm_wav.index(b"data") + 8  # (no tags: the data chunk's header)
+    lm_same = within_lsb(lm_wav[header : header + len(pcm)], pcm)
     s = f.lm_seconds
     rows = [
         Row(

@@ -62,7 +62,8 @@ def write_files(work: Path, n_files: int, seconds: float) -> Path:
     for i in range(n_files):
         title = TITLES[i % len(TITLES)]
         source = f"https://example.org/watch?v={i}" if i % len(TITLES) == 3 else None
-        data = synth.to_v193(v0, SR, name=title and title.format(i), source=source)
+        br = 6 + i / 1000  # (distinct bytes, untitled files too: nothing is shared)
+        data = synth.to_v193(v0, SR, name=title and title.format(i), source=source, br=br)
         (src / f"song {i:03d}.ecdc").write_bytes(data)
     return src
 
