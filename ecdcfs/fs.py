@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import itertools
 import json
 import logging
 import os
@@ -29,7 +30,7 @@ from typing import Any
 from mfusepy import FuseOSError, Operations
 
 from .container import EcdcError
-from .tree import SourceTree
+from .tree import FileInfo, Handle, SourceTree
 
 log = logging.getLogger(__name__)
 
@@ -68,12 +69,22 @@ def _fh(fi: Any) -> int | None:
     return fi if fi is None or isinstance(fi, int) else fi.fh
 
 
-def _open_fh(fi: Any) -> int:
-    """The handle number of an open file (EBADF if there is none)."""
-    fh = _fh(fi)
-    if fh is None:
-        raise OSError(errno.EBADF, "no file handle")
-    return fh
+def _stat(info: FileInfo) -> dict[str, int]:
+    """A tree's FileInfo as FUSE's ``st_*`` dict (times in ns: :attr:`EcdcFS.use_ns`)."""
+    return {
+        "st_mode": info.mode,
+        "st_size": info.size,
+        "st_nlink": info.nlink,
+        "st_uid": info.uid,
+        "st_gid": info.gid,
+        "st_atime": info.atime_ns,
+        "st_mtime": info.mtime_ns,
+        "st_ctime": info.ctime_ns,
+        "st_blocks": info.blocks,
+    }
+
+
+_STATVFS_FIELDS = ("bsize", "frsize", "blocks", "bfree", "bavail", "files", "ffree", "favail")
 
 
 class EcdcFS(Operations):
@@ -83,6 +94,9 @@ class EcdcFS(Operations):
 
     def __init__(self, tree: SourceTree, mountpoint: str = "", warm_up: bool = True) -> None:
         self.tree = tree
+        self._handles: dict[int, Handle] = {}  # FUSE's handle numbers
+        self._next_fh = itertools.count(1)
+        self._lock = threading.Lock()
         self.mountpoint = mountpoint  # for messages (libfuse passes "/" to init and destroy)
         self.warm_up = warm_up  # load models with checkpoints on disk as the mount starts
 
@@ -96,9 +110,18 @@ class EcdcFS(Operations):
         self.tree.close()
         log.info("unmounted %s", self.mountpoint)
 
+    def _handle(self, fi: Any) -> Handle:
+        """The open handle a ``fuse_file_info`` or handle number names (EBADF if none)."""
+        with self._lock:
+            handle = self._handles.get(_fh(fi) or 0)
+        if handle is None:
+            raise OSError(errno.EBADF, "bad file handle")
+        return handle
+
     @_errno
     def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
-        return self.tree.getattr(path, _fh(fh))
+        handle = self._handle(fh) if _fh(fh) else None
+        return _stat(self.tree.getattr(path, handle))
 
     @_errno
     def readdir(self, path: str, fh: int) -> list:
@@ -118,24 +141,31 @@ class EcdcFS(Operations):
 
     @_errno
     def open(self, path: str, fi: Any) -> int:
+        handle = self.tree.open(path, fi if isinstance(fi, int) else fi.flags)
+        with self._lock:
+            fh = next(self._next_fh)
+            self._handles[fh] = handle
         if isinstance(fi, int):  # flags (without raw_fi): the handle number is returned
-            return self.tree.open(path, fi)
-        fi.fh = self.tree.open(path, fi.flags)
-        fi.direct_io = self.tree.direct_io(fi.fh)
+            return fh
+        fi.fh, fi.direct_io = fh, handle.bypass_page_cache
         return 0
 
     @_errno
     def read(self, path: str, size: int, offset: int, fh: Any) -> bytes:
-        return self.tree.read(_open_fh(fh), size, offset)
+        return self.tree.read(self._handle(fh), size, offset)
 
     @_errno
     def release(self, path: str, fh: Any) -> int:
-        self.tree.release(_open_fh(fh))
+        with self._lock:
+            handle = self._handles.pop(_fh(fh) or 0, None)
+        if handle is not None:
+            self.tree.release(handle)
         return 0
 
     @_errno
     def statfs(self, path: str) -> dict[str, int]:
-        return self.tree.statfs()
+        sv = self.tree.statfs()
+        return {f"f_{name}": getattr(sv, f"f_{name}") for name in (*_STATVFS_FIELDS, "namemax")}
 
     @_errno
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:

@@ -1,5 +1,6 @@
 """Where the daemon's messages go: --log-file, stderr in the foreground, syslog, or a file
-in the state dir when no syslog listens (containers, WSL, small servers)."""
+in the state dir when no syslog listens (containers, WSL, small servers); and saying a
+file's trouble once (:class:`LogOnce`)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import logging.handlers
 import os
 import socket
 import sys
+import threading
+from collections import OrderedDict
 from typing import TYPE_CHECKING
 
 from .settings import UsageError, default_log_file, is_inside
@@ -95,3 +98,22 @@ def setup_logging(cfg: Config) -> logging.Handler:
     # mfusepy logs a traceback for every errno at debug level (-o debug shows libfuse's trace).
     logging.getLogger("fuse").setLevel(max(level, logging.WARNING))
     return handler
+
+
+class LogOnce:
+    """Logs each (file, reason) to ``logger`` once, remembering the last ``size`` keys."""
+
+    def __init__(self, logger: logging.Logger, size: int = 4096) -> None:
+        self._logger, self._size = logger, size
+        self._seen: OrderedDict[tuple, None] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def __call__(self, level: int, key: tuple, msg: str, *args, exc_info=None) -> None:
+        with self._lock:
+            if key in self._seen:
+                self._seen.move_to_end(key)
+                return
+            self._seen[key] = None
+            if len(self._seen) > self._size:
+                self._seen.popitem(last=False)
+        self._logger.log(level, msg, *args, exc_info=exc_info)

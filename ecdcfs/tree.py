@@ -1,8 +1,9 @@
-"""The read-only view of a SOURCE folder that ecdcfs mounts (no FUSE here).
+"""The read-only view of a SOURCE folder that ecdcfs mounts (no FUSE here: records and
+handle objects; :mod:`ecdcfs.fs` speaks FUSE).
 
-What the view shows under which name (``x.ecdc`` as ``x.wav``, collisions, hidden
-entries) is :mod:`ecdcfs.names`. Paths are resolved one component at a time with
-``O_NOFOLLOW``, so no content from outside SOURCE is ever served.
+Reading the folder without following symlinks, and what each name shows as, is
+:mod:`ecdcfs.folders` (and :mod:`ecdcfs.names`): no content from outside SOURCE is ever
+served.
 
 Attributes never decode and never load a model: an audio file's size comes from its
 header alone (:func:`~ecdcfs.audiofile.wav_layout`), cached by the source's identity
@@ -28,7 +29,7 @@ it was read (else it is read again, and opening fails if it keeps changing), so 
 snapshot is never half old, half new. An open handle keeps reading its version, even if
 the source is replaced, rewritten or deleted meanwhile.
 
-The kernel's page cache (:meth:`SourceTree.direct_io`): audio handles bypass it, so a read
+The kernel's page cache (``Handle.bypass_page_cache``): audio handles bypass it, so a read
 of a few header or tag bytes reaches ecdcfs as just those bytes (no page rounding, no
 kernel read-ahead) and decodes nothing. Other files use it, except a handle opened while a
 handle of another version of the same path is open: the kernel keeps one page cache per
@@ -38,51 +39,45 @@ path, and cached pages must never mix two versions.
 from __future__ import annotations
 
 import errno
-import itertools
 import logging
 import math
 import os
 import stat
 import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from cachetools import LRUCache
 
 from .audiofile import SCANNER_READ_BYTES, AudioFile, Reader, wav_layout
-from .container import MODELS, EcdcError, ModelSpec, read_header
+from .container import EcdcError, ModelSpec, read_header
 from .decoder import ModelUnavailable
 from .engine import Engine
-from .names import (
-    AUDIO,
-    DIR,
-    FILE,
-    LINK,
-    audio_candidates,
-    is_ecdc_name,
-    kind_of,
-    list_names,
-    placement,
+from .folders import (
+    FILE_FLAGS,
+    Entry,
+    Folder,
+    list_folder,
+    lookup,
+    models_in_use,
+    open_noatime,
+    read_all,
+    version,
 )
+from .logs import LogOnce
+from .names import AUDIO, DIR, FILE, LINK
 
 log = logging.getLogger(__name__)
 
 WRITE_BITS = stat.S_IWUSR | stat.S_IWGRP | stat.S_IWOTH
-# Folders are walked with O_PATH descriptors: like a path lookup, that needs search (x)
-# permission only; listing a folder opens it for reading.
-_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_LIST_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
-_FILE_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
 _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 # Times a file that changes while it is being snapshotted is read again before giving up.
 _SNAPSHOT_ATTEMPTS = 3
 
 WARM_UP_QUIET_SECONDS = 1.0
-# Headers read (in this many folders at most) to learn which models to load at mount.
-WARM_UP_HEADERS, WARM_UP_FOLDERS = 64, 256
 
 
 # The decoders' counters (DecodeScheduler.stats), zero before the engine starts.
@@ -96,59 +91,18 @@ _DECODER_STATS = (
 )
 
 
-@dataclass(frozen=True)
-class Entry:
-    """What a path of the view is: its kind, its source path and the source's lstat."""
+class FileInfo(NamedTuple):
+    """What ``stat`` shows for a path of the view (times in nanoseconds)."""
 
-    kind: str
-    source: str  # absolute source path
-    st: os.stat_result
-
-
-def _identity(path: str, st: os.stat_result) -> tuple:
-    """Changes whenever the file at ``path`` may have changed."""
-    return (path, st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
-
-
-class _Folder:
-    """Name checks inside one open source folder (``lstat`` relative to its fd)."""
-
-    def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self._stats: dict[str, os.stat_result | None] = {}
-
-    def lstat(self, name: str) -> os.stat_result | None:
-        if name not in self._stats:
-            try:
-                self._stats[name] = os.stat(name, dir_fd=self.fd, follow_symlinks=False)
-            except (FileNotFoundError, NotADirectoryError):
-                self._stats[name] = None
-        return self._stats[name]
-
-    def exists(self, name: str) -> bool:
-        st = self.lstat(name)
-        return st is not None and kind_of(st.st_mode) is not None
-
-    def is_ecdc(self, name: str) -> bool:
-        if not is_ecdc_name(name):
-            return False
-        st = self.lstat(name)
-        return st is not None and stat.S_ISREG(st.st_mode)
-
-    def lookup(self, name: str) -> tuple[str, str, os.stat_result] | None:
-        """``(kind, source name, lstat)`` of the view's entry ``name``, or None."""
-        st = self.lstat(name)
-        kind = None if st is None else kind_of(st.st_mode)
-        if st is not None and kind is not None:
-            if self.is_ecdc(name) and placement(name, self.exists, self.is_ecdc):
-                return None  # shown as audio under another name
-            return kind, name, st
-        for source in audio_candidates(name):
-            if self.is_ecdc(source) and placement(source, self.exists, self.is_ecdc) == name:
-                source_st = self.lstat(source)
-                assert source_st is not None  # is_ecdc: it is a regular file
-                return AUDIO, source, source_st
-        return None
+    mode: int
+    size: int
+    nlink: int
+    uid: int
+    gid: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    blocks: int  # of 512 bytes
 
 
 @dataclass(frozen=True)
@@ -169,21 +123,6 @@ def _reason(exc: BaseException) -> str:
     return str(exc)
 
 
-class _LogOnce:
-    """Logs each (file, reason) once, remembering a bounded number of them."""
-
-    def __init__(self, size: int = 4096) -> None:
-        self._seen: LRUCache = LRUCache(maxsize=size)
-        self._lock = threading.Lock()
-
-    def __call__(self, level: int, key: tuple, msg: str, *args, exc_info=None) -> None:
-        with self._lock:
-            if key in self._seen:
-                return
-            self._seen[key] = True
-        log.log(level, msg, *args, exc_info=exc_info)
-
-
 class AudioHandle:
     """An open ``x.wav``: the shared AudioFile plus this handle's own Reader."""
 
@@ -192,8 +131,8 @@ class AudioHandle:
         self.reader: Reader = audio.reader(SCANNER_READ_BYTES)
         self.path = path  # the view's path (the kernel's page cache is per path)
         self.st = st  # the source's stat when opened (the version the snapshot holds)
-        self.version = _identity(source, st)
-        self.direct_io = False
+        self.version = version(source, st)
+        self.bypass_page_cache = False
 
     def close(self) -> None:
         self.reader.close()
@@ -205,11 +144,14 @@ class FileHandle:
     def __init__(self, fd: int, path: str, source: str, st: os.stat_result) -> None:
         self.fd = fd
         self.path = path
-        self.version = _identity(source, st)
-        self.direct_io = False
+        self.version = version(source, st)
+        self.bypass_page_cache = False
 
     def close(self) -> None:
         os.close(self.fd)
+
+
+Handle = AudioHandle | FileHandle
 
 
 class SourceTree:
@@ -232,14 +174,13 @@ class SourceTree:
         self._engine: Engine | None = None
         self._lock = threading.Lock()
         self._probes: LRUCache = LRUCache(maxsize=probe_cache_size)
-        # Why a version (_identity) of a file failed to open or read, for error().
+        # Why a version of a file failed to open or read, for error().
         self._errors: LRUCache = LRUCache(maxsize=probe_cache_size)
         self._audio: LRUCache = LRUCache(maxsize=audio_cache_size)
-        self._handles: dict[int, AudioHandle | FileHandle] = {}
-        self._next_fh = itertools.count(1)
+        self._open: set[Handle] = set()
         self._closed = False
         self._bytes_served = 0
-        self.log_once = _LogOnce()
+        self.log_once = LogOnce(log)
         self._last_activity = time.monotonic()  # of the last lookup or read: see warm_up
 
     # ----- shared machinery ---------------------------------------------------------
@@ -271,34 +212,15 @@ class SourceTree:
             log.exception("loading the models in the background failed")
 
     def models_in_use(self) -> set[str]:
-        """Names of the models of the first .ecdc files under the source.
-
-        Reads at most :data:`WARM_UP_HEADERS` headers in :data:`WARM_UP_FOLDERS` folders,
-        so a huge tree costs no more; unreadable and corrupt files are skipped.
-        """
-        names: set[str] = set()
-        headers = 0
-        for folders, (folder, _, files) in enumerate(os.walk(self.source), 1):
-            for name in sorted(filter(is_ecdc_name, files)):
-                try:
-                    with open(_open_noatime(os.path.join(folder, name)), "rb") as f:
-                        st = os.fstat(f.fileno())
-                        if stat.S_ISREG(st.st_mode):
-                            names.add(read_header(f, st.st_size).model.name)
-                except (EcdcError, OSError) as exc:
-                    log.debug("warm-up: skipping %s: %s", name, exc)
-                headers += 1
-                if headers >= WARM_UP_HEADERS or len(names) == len(MODELS):
-                    return names
-            if folders >= WARM_UP_FOLDERS:
-                break
-        return names
+        """Names of the models of the first .ecdc files under the source (see
+        :func:`~ecdcfs.folders.models_in_use`)."""
+        return models_in_use(self.source)
 
     def close(self) -> None:
         """Close every handle and the engine (at unmount)."""
         with self._lock:
             self._closed = True
-            handles, self._handles = list(self._handles.values()), {}
+            handles, self._open = list(self._open), set()
             engine, self._engine = self._engine, None
             self._audio.clear()
         for handle in handles:
@@ -309,60 +231,15 @@ class SourceTree:
         if engine is not None:
             engine.close()
 
-    # ----- path resolution ----------------------------------------------------------
-
-    @staticmethod
-    def _split(path: str) -> list[str]:
-        parts = [p for p in path.split("/") if p]
-        if any(p in (".", "..") for p in parts):
-            raise FileNotFoundError(errno.ENOENT, "no such entry", path)
-        return parts
-
-    @contextmanager
-    def _folder(self, parts: list[str]) -> Iterator[tuple[_Folder, str]]:
-        """The source folder ``parts`` opened without following symlinks, and its path.
-
-        Folders keep their names in the view, so each component must be a real folder.
-        """
-        fd = os.open(self.source, _DIR_FLAGS)
-        try:
-            for part in parts:
-                try:
-                    next_fd = os.open(part, _DIR_FLAGS, dir_fd=fd)
-                except OSError as exc:
-                    # A symlink (the kernel resolves those), or a file of the view.
-                    if exc.errno == errno.ELOOP or _Folder(fd).lookup(part) is not None:
-                        raise NotADirectoryError(errno.ENOTDIR, "not a directory", part) from None
-                    raise
-                os.close(fd)
-                fd = next_fd
-            yield _Folder(fd), os.path.join(self.source, *parts)
-        finally:
-            os.close(fd)
-
-    @contextmanager
-    def _lookup(self, path: str) -> Iterator[tuple[Entry, _Folder | None]]:
-        """The view's entry at ``path`` and its open source folder (None for the root)."""
-        parts = self._split(path)
-        if not parts:
-            yield Entry(DIR, self.source, os.lstat(self.source)), None
-            return
-        with self._folder(parts[:-1]) as (folder, dirpath):
-            found = folder.lookup(parts[-1])
-            if found is None:
-                raise FileNotFoundError(errno.ENOENT, "no such entry", path)
-            kind, name, st = found
-            yield Entry(kind, os.path.join(dirpath, name), st), folder
+    # ----- metadata -----------------------------------------------------------------
 
     def resolve(self, path: str) -> Entry:
         """The view's entry at ``path``; FileNotFoundError if there is none."""
-        with self._lookup(path) as (entry, _):
+        with lookup(self.source, path) as (entry, _):
             return entry
 
-    # ----- metadata -----------------------------------------------------------------
-
-    def getattr(self, path: str, fh: int | None = None) -> dict:
-        """stat(2)-like attributes (times in nanoseconds); never decodes.
+    def getattr(self, path: str, handle: Handle | None = None) -> FileInfo:
+        """What ``stat`` shows for ``path``; never decodes.
 
         With the handle of an open file, the attributes are those of the version it reads,
         even if the source has been replaced or deleted since. (The kernel passes the handle
@@ -371,25 +248,23 @@ class SourceTree:
         go on.)
         """
         self._last_activity = time.monotonic()
-        with self._lock:
-            handle = self._handles.get(fh) if fh else None
         if isinstance(handle, AudioHandle):
             return _attributes(AUDIO, handle.st, handle.audio.size)
         if isinstance(handle, FileHandle):
             return _attributes(FILE, os.fstat(handle.fd))
-        with self._lookup(path) as (entry, folder):
+        with lookup(self.source, path) as (entry, folder):
             size = self._probe(entry, folder).size if entry.kind == AUDIO else None
             return _attributes(entry.kind, entry.st, size)
 
-    def _probe(self, entry: Entry, folder: _Folder | None) -> _Probe:
+    def _probe(self, entry: Entry, folder: Folder | None) -> _Probe:
         """What the header of the .ecdc ``entry`` says (cached per version of the file)."""
         assert folder is not None  # only the root has none, and it is a folder
-        key = _identity(entry.source, entry.st)
+        key = version(entry.source, entry.st)
         with self._lock:
             probe = self._probes.get(key)
         if probe is None:
             try:
-                fd = _open_noatime(os.path.basename(entry.source), folder.fd)
+                fd = open_noatime(os.path.basename(entry.source), folder.fd)
                 with open(fd, "rb") as f:
                     header = read_header(f, os.fstat(f.fileno()).st_size)
                 size = wav_layout(header, self.riff_info).size
@@ -404,14 +279,14 @@ class SourceTree:
     def error(self, path: str) -> str | None:
         """Why the audio file ``path`` cannot be read; None if no reason is known (it has
         read fine, or not been read yet, or is no audio file). Never decodes or loads."""
-        with self._lookup(path) as (entry, folder):
+        with lookup(self.source, path) as (entry, folder):
             if entry.kind != AUDIO:
                 return None
             probe = self._probe(entry, folder)
         if probe.error is not None:
             return probe.error
         with self._lock:
-            reason = self._errors.get(_identity(entry.source, entry.st))
+            reason = self._errors.get(version(entry.source, entry.st))
             engine = self._engine
         if reason is None and engine is not None and probe.model is not None:
             reason = engine.failure(probe.model, probe.use_lm)
@@ -427,54 +302,35 @@ class SourceTree:
     def readdir(self, path: str) -> list[tuple[str, int]]:
         """``(name, file type bits)`` of every entry of the view's folder ``path``."""
         self._last_activity = time.monotonic()
-        kinds: dict[str, str] = {}
-        with self._folder(self._split(path)) as (folder, _):
-            fd = os.open(".", _LIST_FLAGS, dir_fd=folder.fd)
-        try:
-            with os.scandir(fd) as it:  # scandir reads a duplicate of fd
-                for dirent in it:
-                    try:
-                        if dirent.is_symlink():
-                            kinds[dirent.name] = LINK
-                        elif dirent.is_dir(follow_symlinks=False):
-                            kinds[dirent.name] = DIR
-                        elif dirent.is_file(follow_symlinks=False):
-                            kinds[dirent.name] = FILE
-                    except OSError:  # vanished meanwhile
-                        continue
-        finally:
-            os.close(fd)
         types = {DIR: stat.S_IFDIR, FILE: stat.S_IFREG, LINK: stat.S_IFLNK, AUDIO: stat.S_IFREG}
-        return [(name, types[kind]) for name, (kind, _) in sorted(list_names(kinds).items())]
+        return [(name, types[kind]) for name, kind in list_folder(self.source, path)]
 
     def readlink(self, path: str) -> str:
-        with self._lookup(path) as (entry, folder):
+        with lookup(self.source, path) as (entry, folder):
             if entry.kind != LINK:
                 raise OSError(errno.EINVAL, "not a symlink", path)
             assert folder is not None  # only the root has none, and it is a folder
             return os.readlink(os.path.basename(entry.source), dir_fd=folder.fd)
 
-    def statfs(self) -> dict:
+    def statfs(self) -> os.statvfs_result:
         """The source file system's figures: ``df`` shows the disk the library is on, its
         size and free space (not a full disk, which monitors alert on)."""
-        sv = os.statvfs(self.source)
-        fields = ("bsize", "frsize", "blocks", "bfree", "bavail", "files", "ffree", "favail")
-        return {f"f_{name}": getattr(sv, f"f_{name}") for name in (*fields, "namemax")}
+        return os.statvfs(self.source)
 
     # ----- open files ---------------------------------------------------------------
 
-    def open(self, path: str, flags: int = os.O_RDONLY) -> int:
-        """A handle number for reading ``path``; OSError(EROFS) for any write access."""
+    def open(self, path: str, flags: int = os.O_RDONLY) -> Handle:
+        """A handle for reading ``path``; OSError(EROFS) for any write access."""
         self._last_activity = time.monotonic()
         if flags & _WRITE_FLAGS:
             raise OSError(errno.EROFS, "read-only file system", path)
-        with self._lookup(path) as (entry, folder):
+        with lookup(self.source, path) as (entry, folder):
             if entry.kind == DIR:
                 raise IsADirectoryError(errno.EISDIR, "is a directory", path)
             if entry.kind == LINK:  # the kernel follows symlinks itself
                 raise OSError(errno.ELOOP, "is a symlink", path)
             assert folder is not None  # only the root has none, and it is a folder
-            fd = os.open(os.path.basename(entry.source), _FILE_FLAGS, dir_fd=folder.fd)
+            fd = os.open(os.path.basename(entry.source), FILE_FLAGS, dir_fd=folder.fd)
         try:
             st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
@@ -496,17 +352,11 @@ class SourceTree:
             # reader asked for, not whole pages or a read-ahead window, so reading the header
             # or the last bytes never decodes. Other files bypass it while another version of
             # the same path is open: the kernel caches pages per path, and they must not mix.
-            handle.direct_io = isinstance(handle, AudioHandle) or any(
-                other.path == path and other.version != handle.version
-                for other in self._handles.values()
+            handle.bypass_page_cache = isinstance(handle, AudioHandle) or any(
+                other.path == path and other.version != handle.version for other in self._open
             )
-            fh = next(self._next_fh)
-            self._handles[fh] = handle
-        return fh
-
-    def direct_io(self, fh: int) -> bool:
-        """Whether handle ``fh`` must bypass the kernel's page cache (see :meth:`open`)."""
-        return self.handle(fh).direct_io
+            self._open.add(handle)
+        return handle
 
     def _audio_file(
         self, source: str, fd: int, st: os.stat_result
@@ -517,7 +367,7 @@ class SourceTree:
         since ``st`` was taken; then it is read again).
         """
         for _ in range(_SNAPSHOT_ATTEMPTS):
-            key = _identity(source, st)
+            key = version(source, st)
             with self._lock:
                 audio = self._audio.get(key)
             if audio is not None:
@@ -539,7 +389,7 @@ class SourceTree:
             with self._lock:
                 return self._audio.setdefault(key, audio), st
         error = EcdcError(f"it kept changing while being read ({_SNAPSHOT_ATTEMPTS} attempts)")
-        self._failed(_identity(source, st), "open", source, error)
+        self._failed(version(source, st), "open", source, error)
         raise error
 
     @staticmethod
@@ -552,7 +402,7 @@ class SourceTree:
         """
         with open(fd, "rb", closefd=False) as f:
             header = read_header(f, st.st_size)
-        data = _read_all(fd, min(st.st_size, header.payload_bound))
+        data = read_all(fd, min(st.st_size, header.payload_bound))
         after = os.fstat(fd)
         if (after.st_size, after.st_mtime_ns, after.st_ctime_ns) != (
             st.st_size,
@@ -562,9 +412,9 @@ class SourceTree:
             return None
         return data
 
-    def read(self, fh: int, size: int, offset: int) -> bytes:
+    def read(self, handle: Handle, size: int, offset: int) -> bytes:
         self._last_activity = time.monotonic()
-        handle = self.handle(fh)
+        self._check_open(handle)
         if isinstance(handle, FileHandle):
             return os.pread(handle.fd, size, offset)
         audio = handle.audio
@@ -597,19 +447,18 @@ class SourceTree:
                 self._errors[handle.version] = str(error)
             raise error from exc
 
-    def release(self, fh: int) -> None:
+    def release(self, handle: Handle) -> None:
         with self._lock:
-            handle = self._handles.pop(fh, None)
-        if handle is not None:
-            handle.close()
+            if handle not in self._open:
+                return
+            self._open.discard(handle)
+        handle.close()
 
-    def handle(self, fh: int) -> AudioHandle | FileHandle:
-        """The open handle ``fh``; OSError(EBADF) if there is none."""
+    def _check_open(self, handle: Handle) -> None:
+        """OSError(EBADF) unless ``handle`` is open."""
         with self._lock:
-            handle = self._handles.get(fh)
-        if handle is None:
-            raise OSError(errno.EBADF, "bad file handle")
-        return handle
+            if handle not in self._open:
+                raise OSError(errno.EBADF, "bad file handle")
 
     @property
     def engine_started(self) -> bool:
@@ -620,14 +469,14 @@ class SourceTree:
     @property
     def open_handles(self) -> int:
         with self._lock:
-            return len(self._handles)
+            return len(self._open)
 
     def stats(self) -> dict[str, int]:
         """Counters since the mount started (the root's ``user.ecdcfs.stats``): the
         decoders' (see :meth:`~ecdcfs.scheduler.DecodeScheduler.stats`; zeros before the
         first audio open), the bytes of audio served and the files open."""
         with self._lock:
-            engine, served, handles = self._engine, self._bytes_served, list(self._handles.values())
+            engine, served, handles = self._engine, self._bytes_served, list(self._open)
         decoders = (
             engine.scheduler.stats() if engine is not None else dict.fromkeys(_DECODER_STATS, 0)
         )
@@ -638,40 +487,12 @@ class SourceTree:
         }
 
 
-def _attributes(kind: str, st: os.stat_result, wav_size: int | None = None) -> dict:
-    """What getattr shows for a source entry of this kind (an audio file: its WAV size)."""
-    attrs = {
-        "st_mode": st.st_mode if kind == LINK else st.st_mode & ~WRITE_BITS,
-        "st_nlink": st.st_nlink,
-        "st_uid": st.st_uid,
-        "st_gid": st.st_gid,
-        "st_size": st.st_size,
-        "st_atime": st.st_atime_ns,
-        "st_mtime": st.st_mtime_ns,
-        "st_ctime": st.st_ctime_ns,
-        "st_blocks": st.st_blocks,
-    }
+def _attributes(kind: str, st: os.stat_result, wav_size: int | None = None) -> FileInfo:
+    """What stat shows for a source entry of this kind (an audio file: its WAV size)."""
+    mode = st.st_mode if kind == LINK else st.st_mode & ~WRITE_BITS
+    size, blocks, nlink = st.st_size, st.st_blocks, st.st_nlink
     if kind == AUDIO:
         size = wav_size or 0
-        attrs.update(st_size=size, st_blocks=math.ceil(size / 512), st_nlink=1)
-    return attrs
-
-
-def _open_noatime(name: str, dir_fd: int | None = None) -> int:
-    """Open to read a header without touching the source's atime (where allowed)."""
-    try:
-        return os.open(name, _FILE_FLAGS | os.O_NOATIME, dir_fd=dir_fd)
-    except PermissionError:  # O_NOATIME needs to own the file
-        return os.open(name, _FILE_FLAGS, dir_fd=dir_fd)
-
-
-def _read_all(fd: int, size: int) -> bytes:
-    """The first ``size`` bytes of ``fd`` (fewer if it is shorter now)."""
-    chunks, total = [], 0
-    while total < size:
-        chunk = os.pread(fd, size - total, total)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        total += len(chunk)
-    return b"".join(chunks)
+        blocks, nlink = math.ceil(size / 512), 1
+    times = (st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns)
+    return FileInfo(mode, size, nlink, st.st_uid, st.st_gid, *times, blocks)

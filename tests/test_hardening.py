@@ -126,13 +126,13 @@ def test_every_bad_header_lists_stats_and_fails_fast_with_one_line(src, caplog):
     assert set(listing) == {n[:-5] + ".wav" for n in BAD_FILES} | {"good.wav", "dir.ecdc"}
     for name in BAD_FILES:
         path = "/" + name[:-5] + ".wav"
-        assert tree.getattr(path)["st_size"] == 0, name
+        assert tree.getattr(path).size == 0, name
         started = time.monotonic()
         for _ in range(2):
             with pytest.raises(EcdcError):
                 tree.open(path)
         assert time.monotonic() - started < 2, name
-    assert tree.getattr("/dir.ecdc/inner.wav")["st_size"] == 0
+    assert tree.getattr("/dir.ecdc/inner.wav").size == 0
     errors = [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert len(errors) == len(BAD_FILES)  # one line per file, naming it
     for name in BAD_FILES:
@@ -161,12 +161,12 @@ def test_huge_files_are_never_read_whole(src):
         f.write(lm)
         f.truncate(8 << 30)
     started = time.monotonic()
-    assert tree.getattr("/zeros.wav")["st_size"] == 0
+    assert tree.getattr("/zeros.wav").size == 0
     with pytest.raises(EcdcError):
         tree.open("/zeros.wav")
     fh = tree.open("/tail.wav")
     assert engine.opened == [len(good)]  # only the bytes the header describes
-    assert tree.getattr("/tail.wav", fh)["st_size"] == wav_size(48_000 * 4)
+    assert tree.getattr("/tail.wav", fh).size == wav_size(48_000 * 4)
     tree.release(fh)
     fh = tree.open("/lm.wav")  # 11 frames of at most 16 + 150 * 2 * 4 bytes are read
     assert engine.opened[-1] == len(lm) - 100 + 11 * (16 + 150 * 2 * 4)
@@ -181,7 +181,7 @@ def test_a_file_changing_while_it_is_snapshotted_is_read_again(src, monkeypatch)
     tree = SourceTree(src, engine_factory=engine)
     path = src / "x.ecdc"
     path.write_bytes(plain(4_800))
-    real = tree_module._read_all
+    real = tree_module.read_all
     writes = [plain(9_600)]
 
     def rewrite_during_read(fd, size):
@@ -191,11 +191,11 @@ def test_a_file_changing_while_it_is_snapshotted_is_read_again(src, monkeypatch)
                 f.write(writes.pop())
         return data
 
-    monkeypatch.setattr(tree_module, "_read_all", rewrite_during_read)
+    monkeypatch.setattr(tree_module, "read_all", rewrite_during_read)
     fh = tree.open("/x.wav")
     # The first read saw the old bytes of a file that changed: it was read again, whole.
     assert engine.opened == [len(plain(9_600))]
-    assert tree.handle(fh).audio.size == wav_size(9_600 * 4)
+    assert fh.audio.size == wav_size(9_600 * 4)
     tree.release(fh)
 
     def always_rewrite(fd, size):
@@ -203,7 +203,7 @@ def test_a_file_changing_while_it_is_snapshotted_is_read_again(src, monkeypatch)
         os.utime(path, ns=(0, time.time_ns()))
         return data
 
-    monkeypatch.setattr(tree_module, "_read_all", always_rewrite)
+    monkeypatch.setattr(tree_module, "read_all", always_rewrite)
     path.write_bytes(plain(14_400))
     with pytest.raises(EcdcError, match="kept changing"):
         tree.open("/x.wav")
@@ -217,22 +217,22 @@ def test_audio_and_other_versions_of_one_path_bypass_the_page_cache(src):
     (src / "a.txt").write_text("old")
     first, same = tree.open("/x.wav"), tree.open("/x.wav")
     text = tree.open("/a.txt")
-    assert tree.direct_io(first) and tree.direct_io(same) and not tree.direct_io(text)
+    assert first.bypass_page_cache and same.bypass_page_cache and not text.bypass_page_cache
     (src / "new").write_bytes(plain(9_600))
     os.replace(src / "new", src / "x.ecdc")
     (src / "new").write_text("new!")
     os.replace(src / "new", src / "a.txt")
     second = tree.open("/x.wav")  # another version while the first is open
     text2 = tree.open("/a.txt")
-    assert tree.direct_io(second) and tree.direct_io(text2)
+    assert second.bypass_page_cache and text2.bypass_page_cache
     assert tree.read(text, 10, 0) == b"old" and tree.read(text2, 10, 0) == b"new!"
-    assert tree.getattr("/x.wav", first)["st_size"] == wav_size(4_800 * 4)
-    assert tree.getattr("/x.wav", second)["st_size"] == wav_size(9_600 * 4)
+    assert tree.getattr("/x.wav", first).size == wav_size(4_800 * 4)
+    assert tree.getattr("/x.wav", second).size == wav_size(9_600 * 4)
     for fh in (first, same, text):
         tree.release(fh)
     third = tree.open("/x.wav")
     text3 = tree.open("/a.txt")  # only its own version is open: the page cache is safe
-    assert tree.direct_io(third) and not tree.direct_io(text3)
+    assert third.bypass_page_cache and not text3.bypass_page_cache
     for fh in (second, third, text2, text3):
         tree.release(fh)
     assert tree.open_handles == 0
@@ -246,14 +246,14 @@ def test_deleted_or_truncated_source_keeps_serving_the_open_snapshot(src):
     head = tree.read(fh, 44, 0)
     with open(path, "r+b") as f:
         f.truncate(10)
-    assert tree.getattr("/x.wav")["st_size"] == 0  # the file as it is now
+    assert tree.getattr("/x.wav").size == 0  # the file as it is now
     with pytest.raises(EcdcError):
         tree.open("/x.wav")
     path.unlink()
     with pytest.raises(FileNotFoundError):
         tree.getattr("/x.wav")
     assert tree.read(fh, 44, 0) == head  # the handle reads what it opened
-    assert tree.getattr("/x.wav", fh)["st_size"] == wav_size(4_800 * 4)  # fstat still works
+    assert tree.getattr("/x.wav", fh).size == wav_size(4_800 * 4)  # fstat still works
     tree.release(fh)
 
 
@@ -441,7 +441,7 @@ def test_a_frame_that_cannot_be_decoded_says_why_in_the_xattr(torch_home, src, c
     try:
         fh = tree.open("/bad.wav")
         assert tree.error("/bad.wav") is None  # not known before a read needs frame 1
-        pcm = len(tree.handle(fh).audio.wav.header)
+        pcm = len(fh.audio.wav.header)
         assert len(tree.read(fh, 1000, pcm)) == 1000  # frame 0 is fine
         for _ in range(2):
             with pytest.raises(EcdcError, match="non-finite scale"):
@@ -662,7 +662,7 @@ def test_view_of_a_hostile_tree_has_no_surprises(src, tmp_path):
     assert len(shown) == len(names) + 1
     for name in shown:
         assert tree.resolve("/" + name).kind == AUDIO
-        assert tree.getattr("/" + name)["st_size"] == wav_size(4800 * 4)
+        assert tree.getattr("/" + name).size == wav_size(4800 * 4)
 
 
 @settings(
@@ -681,7 +681,7 @@ def test_fuzzed_files_through_the_view_only_fail_cleanly(tmp_path_factory, data)
     cut = data.draw(st.integers(0, len(original)))
     (src / "f.ecdc").write_bytes(bytes(original[:cut]))
     tree = SourceTree(src, engine_factory=RecordingEngine())
-    size = tree.getattr("/f.wav")["st_size"]
+    size = tree.getattr("/f.wav").size
     try:
         fh = tree.open("/f.wav")
     except EcdcError:

@@ -80,13 +80,13 @@ def test_ecdc_shown_as_wav_with_exact_size_and_source_attributes(src, tree):
     assert stat.S_ISREG(listing["x.wav"])
     attrs = tree.getattr("/x.wav")
     source = os.lstat(src / "x.ecdc")
-    assert attrs["st_size"] == wav_size(48_000)
-    assert attrs["st_blocks"] == -(-wav_size(48_000) // 512)
-    assert attrs["st_mode"] == stat.S_IFREG | 0o444
-    assert attrs["st_mtime"] == 1_500_000_000_987_654_321
-    assert attrs["st_atime"] == source.st_atime_ns
-    assert attrs["st_ctime"] == source.st_ctime_ns
-    assert (attrs["st_uid"], attrs["st_gid"], attrs["st_nlink"]) == (
+    assert attrs.size == wav_size(48_000)
+    assert attrs.blocks == -(-wav_size(48_000) // 512)
+    assert attrs.mode == stat.S_IFREG | 0o444
+    assert attrs.mtime_ns == 1_500_000_000_987_654_321
+    assert attrs.atime_ns == source.st_atime_ns
+    assert attrs.ctime_ns == source.st_ctime_ns
+    assert (attrs.uid, attrs.gid, attrs.nlink) == (
         source.st_uid,
         source.st_gid,
         1,
@@ -102,16 +102,16 @@ def test_v193_header_size_includes_the_tag_chunks(src, tree):
     # to an even size; a long one pushes the PCM past 8 KiB.
     (src / "t.ecdc").write_bytes(ecdc(9_600, version=193, sr=44_100, n="Song", br=6.0))
     id3 = 10 + 10 + 1 + 5 + 1  # tag header + frame header + UTF-8 byte + "Song\0" + padding
-    assert tree.getattr("/t.wav")["st_size"] == mounting.wav_size(9_600 * 4, 8 + id3)
+    assert tree.getattr("/t.wav").size == mounting.wav_size(9_600 * 4, 8 + id3)
     long = "é" * 5000
     (src / "l.ecdc").write_bytes(ecdc(9_600, version=193, sr=44_100, n=long, br=6.0))
     id3 = 10 + 10 + 1 + 10_001 + 1
-    assert tree.getattr("/l.wav")["st_size"] == mounting.wav_size(9_600 * 4, 8 + id3)
+    assert tree.getattr("/l.wav").size == mounting.wav_size(9_600 * 4, 8 + id3)
 
 
 def test_24khz_mono_size(src, tree):
     (src / "m.ecdc").write_bytes(ecdc(24_000, model="encodec_24khz", nc=4))
-    assert tree.getattr("/m.wav")["st_size"] == wav_size(24_000, channels=1)
+    assert tree.getattr("/m.wav").size == wav_size(24_000, channels=1)
 
 
 def test_subfolders_mirrored_and_folders_named_ecdc_kept(src, tree):
@@ -124,10 +124,10 @@ def test_subfolders_mirrored_and_folders_named_ecdc_kept(src, tree):
     assert list(names(tree, "/Album")) == ["01 intro.wav"]
     assert list(names(tree, "/folder.ecdc")) == ["inner.wav"]
     attrs = tree.getattr("/Album")
-    assert attrs["st_mode"] == stat.S_IFDIR | 0o555
-    assert attrs["st_nlink"] == os.lstat(src / "Album").st_nlink
-    assert tree.getattr("/folder.ecdc")["st_mode"] & stat.S_IFDIR
-    assert tree.getattr("/folder.ecdc/inner.wav")["st_size"] == wav_size(4800)
+    assert attrs.mode == stat.S_IFDIR | 0o555
+    assert attrs.nlink == os.lstat(src / "Album").st_nlink
+    assert tree.getattr("/folder.ecdc").mode & stat.S_IFDIR
+    assert tree.getattr("/folder.ecdc/inner.wav").size == wav_size(4800)
     with pytest.raises(FileNotFoundError):
         tree.getattr("/folder.wav")
     with pytest.raises(NotADirectoryError):
@@ -141,8 +141,8 @@ def test_passthrough_files_read_only_and_identical(src, tree):
     os.chmod(src / "cover.jpg", 0o644)
     assert set(names(tree)) == {"cover.jpg", "list.m3u"}
     attrs = tree.getattr("/cover.jpg")
-    assert attrs["st_size"] == len(data)
-    assert attrs["st_mode"] == stat.S_IFREG | 0o444
+    assert attrs.size == len(data)
+    assert attrs.mode == stat.S_IFREG | 0o444
     fh = tree.open("/cover.jpg", os.O_RDONLY)
     try:
         assert tree.read(fh, 4096, 0) == data[:4096]
@@ -193,8 +193,8 @@ def test_symlinks_shown_verbatim_and_never_followed(src, tree, tmp_path):
     assert tree.readlink("/secret") == str(outside)
     assert tree.readlink("/y.ecdc") == "x.ecdc"
     assert tree.readlink("/dangling.wav") == "missing"
-    assert stat.S_ISLNK(tree.getattr("/secret")["st_mode"])
-    assert stat.S_ISLNK(tree.getattr("/linkdir")["st_mode"])
+    assert stat.S_ISLNK(tree.getattr("/secret").mode)
+    assert stat.S_ISLNK(tree.getattr("/linkdir").mode)
     with pytest.raises(OSError) as info:
         tree.open("/secret")
     assert info.value.errno == errno.ELOOP
@@ -220,8 +220,8 @@ def test_collision_real_wav_wins_decoded_becomes_ecdc_wav(src, tree):
     (src / "x.wav").write_bytes(b"RIFF real")
     listing = names(tree)
     assert set(listing) == {"x.wav", "x.ecdc.wav"}
-    assert tree.getattr("/x.wav")["st_size"] == len(b"RIFF real")
-    assert tree.getattr("/x.ecdc.wav")["st_size"] == wav_size(9_600)
+    assert tree.getattr("/x.wav").size == len(b"RIFF real")
+    assert tree.getattr("/x.ecdc.wav").size == wav_size(9_600)
     assert tree.resolve("/x.ecdc.wav").kind == AUDIO
     fh = tree.open("/x.wav")
     assert tree.read(fh, 100, 0) == b"RIFF real"
@@ -237,7 +237,7 @@ def test_collision_with_both_names_taken_shows_raw_ecdc(src, tree):
     assert set(names(tree)) == {"x.wav", "x.ecdc.wav", "x.ecdc"}
     assert tree.resolve("/x.ecdc").kind == FILE
     assert tree.resolve("/x.wav").kind == DIR
-    assert tree.getattr("/x.ecdc")["st_size"] == len(ecdc(9_600))
+    assert tree.getattr("/x.ecdc").size == len(ecdc(9_600))
 
 
 def test_collision_chain_primary_name_wins_over_fallback(src, tree):
@@ -247,7 +247,7 @@ def test_collision_chain_primary_name_wins_over_fallback(src, tree):
     listing = names(tree)
     assert set(listing) == {"x.wav", "x.ecdc.wav", "x.ecdc"}
     assert tree.resolve("/x.ecdc.wav").source == str(src / "x.ecdc.ecdc")
-    assert tree.getattr("/x.ecdc.wav")["st_size"] == wav_size(9_600)
+    assert tree.getattr("/x.ecdc.wav").size == wav_size(9_600)
     assert tree.resolve("/x.ecdc").kind == FILE
 
 
@@ -293,7 +293,7 @@ def test_lookup_agrees_with_listing_and_is_one_to_one(tmp_path_factory, entries)
     assert sorted(sources) == sorted(str(src / n) for n in visible)
     for name in shown:
         entry = tree.resolve("/" + name)
-        assert stat.S_IFMT(tree.getattr("/" + name)["st_mode"]) == shown[name]
+        assert stat.S_IFMT(tree.getattr("/" + name).mode) == shown[name]
         if entry.kind == AUDIO:
             assert name.endswith(".wav") and entry.source.endswith(".ecdc")
         else:
@@ -322,7 +322,7 @@ def test_unusual_names(src, tree):
     expected = {n[:-5] + ".wav" for n in weird} | {bad, "x.wav", ".ecdc"}
     assert set(listing) == expected
     for name in expected - {".ecdc"}:
-        assert tree.getattr("/" + name)["st_size"] == wav_size(4800)
+        assert tree.getattr("/" + name).size == wav_size(4800)
     fh = tree.open("/" + bad)
     tree.release(fh)
 
@@ -355,7 +355,7 @@ def test_corrupt_files_list_and_stat_but_fail_to_open(src, caplog):
     caplog.set_level(logging.INFO, logger="ecdcfs")
     for name in CORRUPT:
         path = "/" + name[:-5] + ".wav"
-        assert tree.getattr(path)["st_size"] == 0
+        assert tree.getattr(path).size == 0
         for _ in range(3):
             with pytest.raises(EcdcError):
                 tree.open(path)
@@ -381,7 +381,7 @@ def test_unreadable_ecdc_stats_as_zero(src):
     code = (
         "import sys; from ecdcfs.tree import SourceTree\n"
         "tree = SourceTree(sys.argv[1])\n"
-        "print(tree.getattr('/x.wav')['st_size'], tree.getattr('/y.wav')['st_size'])\n"
+        "print(tree.getattr('/x.wav').size, tree.getattr('/y.wav').size)\n"
     )
     command = [sys.executable, "-c", code, str(src)]
     if os.geteuid() == 0:
@@ -400,14 +400,14 @@ def test_probe_cache_hits_and_invalidates_on_change(src, tree, monkeypatch):
     path = src / "x.ecdc"
     path.write_bytes(ecdc(4_800))
     before = os.lstat(path)
-    assert tree.getattr("/x.wav")["st_size"] == wav_size(4_800)
-    assert tree.getattr("/x.wav")["st_size"] == wav_size(4_800)
+    assert tree.getattr("/x.wav").size == wav_size(4_800)
+    assert tree.getattr("/x.wav").size == wav_size(4_800)
     names(tree)
     assert len(calls) == 1
     # Same mtime, different size: re-probed.
     path.write_bytes(ecdc(9_600))
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    assert tree.getattr("/x.wav")["st_size"] == wav_size(9_600)
+    assert tree.getattr("/x.wav").size == wav_size(9_600)
     # Same size, same mtime, other content (in place): ctime changed, re-probed.
     path.write_bytes(ecdc(9_600, version=193, sr=44_100))
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
@@ -417,7 +417,7 @@ def test_probe_cache_hits_and_invalidates_on_change(src, tree, monkeypatch):
     # Replaced by another file (new inode).
     (src / "new").write_bytes(ecdc(14_400))
     os.replace(src / "new", path)
-    assert tree.getattr("/x.wav")["st_size"] == wav_size(14_400)
+    assert tree.getattr("/x.wav").size == wav_size(14_400)
 
 
 def test_getattr_and_readdir_import_no_torch(tmp_path):
@@ -446,7 +446,7 @@ class TestOpenAudio:
     def test_handles_share_audio_file_but_not_readers(self, src, tree):
         (src / "x.ecdc").write_bytes(ecdc(9_600))
         a, b = tree.open("/x.wav"), tree.open("/x.wav")
-        ha, hb = tree.handle(a), tree.handle(b)
+        ha, hb = a, b
         assert ha.audio is hb.audio and ha.reader is not hb.reader
         assert ha.audio.size == wav_size(9_600)
         assert tree.read(a, 44, 0)[:4] == b"RIFF"  # the header needs no decoding
@@ -464,12 +464,12 @@ class TestOpenAudio:
         (src / "new").write_bytes(ecdc(4_800))
         os.replace(src / "new", src / "x.ecdc")
         b = tree.open("/x.wav")
-        assert tree.handle(a).audio.size == wav_size(9_600)
-        assert tree.handle(b).audio.size == wav_size(4_800)
+        assert a.audio.size == wav_size(9_600)
+        assert b.audio.size == wav_size(4_800)
         # fstat() of an open handle gives the size of the version it reads.
-        assert tree.getattr("/x.wav", a)["st_size"] == wav_size(9_600)
-        assert tree.getattr("/x.wav", b)["st_size"] == wav_size(4_800)
-        assert tree.getattr("/x.wav")["st_size"] == wav_size(4_800)
+        assert tree.getattr("/x.wav", a).size == wav_size(9_600)
+        assert tree.getattr("/x.wav", b).size == wav_size(4_800)
+        assert tree.getattr("/x.wav").size == wav_size(4_800)
         tree.release(a)
         tree.release(b)
 
