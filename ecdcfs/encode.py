@@ -22,7 +22,7 @@ import struct
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 import numpy as np
 
@@ -263,13 +263,19 @@ def header_bytes(metadata: dict[str, Any], version: int) -> bytes:
     return HEADER.pack(MAGIC, version, len(dumped)) + dumped
 
 
+class Tags(NamedTuple):
+    """What Encodec-Stream's header says about the audio besides its codes."""
+
+    name: str | None = None  # the title ("n")
+    source: str | None = None  # the source URL ("s")
+    thumbnail: str | None = None  # the thumbnail URL ("t")
+
+
+NO_TAGS = Tags()
+
+
 def metadata_for(
-    plan: Plan,
-    audio_length: int,
-    num_codebooks: int,
-    name: str | None = None,
-    source: str | None = None,
-    thumbnail: str | None = None,
+    plan: Plan, audio_length: int, num_codebooks: int, tags: Tags = NO_TAGS
 ) -> dict[str, Any]:
     """Header metadata in Encodec-Stream's key order (``n``, ``s``, ``t`` when non-empty)."""
     metadata: dict[str, Any] = {
@@ -280,7 +286,7 @@ def metadata_for(
         "br": plan.bitrate,
         "sr": plan.sample_rate,
     }
-    for key, value in (("n", name), ("s", source), ("t", thumbnail)):
+    for key, value in zip(("n", "s", "t"), tags, strict=True):
         if value:
             metadata[key] = value
     return metadata
@@ -337,9 +343,7 @@ def encode_pcm(
     plan: Plan,
     device: str | None = None,
     *,
-    name: str | None = None,
-    source: str | None = None,
-    thumbnail: str | None = None,
+    tags: Tags = NO_TAGS,
     progress: Callable[[int], None] = lambda samples: None,
     warn: Callable[[str], None] = log.warning,
 ) -> dict[str, Any]:
@@ -378,7 +382,7 @@ def encode_pcm(
         writer.finish()
         if writer.frames == 0 or writer.num_codebooks is None:
             raise EcdcError("no audio on stdin: nothing to encode")
-        metadata = metadata_for(plan, writer.length, writer.num_codebooks, name, source, thumbnail)
+        metadata = metadata_for(plan, writer.length, writer.num_codebooks, tags)
         output.commit(header_bytes(metadata, plan.version))
     except BaseException:
         output.close()

@@ -358,7 +358,7 @@ def run_decode(args: Args, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO) ->
 
 def run_encode(args: Args, stdin: BinaryIO, stderr: TextIO) -> int:
     """``-e``: PCM on stdin to the file (:func:`~ecdcfs.encode.encode_pcm`)."""
-    from .encode import encode_pcm
+    from .encode import Tags, encode_pcm
 
     if _isatty(stdin):
         raise UsageError("stdin is a terminal: pipe PCM into it (s16le, 2 channels, 48 kHz)")
@@ -375,9 +375,7 @@ def run_encode(args: Args, stdin: BinaryIO, stderr: TextIO) -> int:
             out,
             plan_bitrate(args.bitrate),
             device,
-            name=args.name,
-            source=args.source,
-            thumbnail=args.thumbnail,
+            tags=Tags(args.name, args.source, args.thumbnail),
             progress=progress.update,
             warn=functools.partial(_warn, stderr),
         )
