@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 from .settings import UsageError, default_log_file, is_inside
 
 if TYPE_CHECKING:
-    from .cli import Config
+    from .options import Config
 
 # Where syslog listens (a module constant, so that tests can point it elsewhere).
 SYSLOG_SOCKET = "/dev/log"

@@ -11,16 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from ecdcfs import cli, logs, mounts
-from ecdcfs.cli import (
-    OPTIONS,
-    Config,
-    UsageError,
-    build_parser,
-    check_paths,
-    parse_args,
-    parse_mount_options,
-)
+from ecdcfs import cli, logs, mounts, options
+from ecdcfs.cli import UsageError, build_parser, check_paths, parse_args
+from ecdcfs.options import OPTIONS, Config, parse_mount_options
 
 
 @pytest.fixture
@@ -235,7 +228,7 @@ def test_no_persist_drops_cache_dir(dirs):
 
 
 def test_split_options():
-    assert cli.split_options("a,b=1,,c\\,d=e\\\\f") == ["a", "b=1", "c,d=e\\f"]
+    assert options.split_options("a,b=1,,c\\,d=e\\\\f") == ["a", "b=1", "c,d=e\\f"]
 
 
 def test_help_says_what_clear_cache_deletes():
@@ -461,7 +454,7 @@ def test_checkpoint_dir_is_torch_hubs_without_importing_torch(monkeypatch, env):
 
 
 def test_the_readme_option_table_is_the_option_spec():
-    """Every option of cli.OPTIONS has its row in the README's table, with its ``-o`` form
+    """Every option of options.OPTIONS has its row in the README's table, with its ``-o`` form
     (none for --foreground, which is -f), its metavar, and its default where the help
     says one; the table has no other row."""
     readme = (Path(__file__).parent.parent / "README.md").read_text()
@@ -471,7 +464,7 @@ def test_the_readme_option_table_is_the_option_spec():
     for row in rows:
         option, o_form, meaning = (cell.strip() for cell in row.strip("|").split("|", 2))
         table[option.strip("`").split()[0]] = (option, o_form.strip("`"), meaning)
-    expected = {"-f" if o.name == "foreground" else f"--{o.name}": o for o in cli.OPTIONS}
+    expected = {"-f" if o.name == "foreground" else f"--{o.name}": o for o in options.OPTIONS}
     assert table.keys() == expected.keys()
     for flag, option in expected.items():
         shown, o_form, meaning = table[flag]
