@@ -21,9 +21,10 @@ import pytest
 import torch
 
 import synth
-from ecdcfs import checkpoint
-from ecdcfs.checkpoint import load_state_dict, read_state_dict
+from ecdcfs import checkpoint, torchfile
+from ecdcfs.checkpoint import load_state_dict
 from ecdcfs.decoder import ModelUnavailable
+from ecdcfs.torchfile import read_state_dict
 
 # --------------------------------------------------------------------------------------
 # Helpers
@@ -65,7 +66,7 @@ def write_zip(path: Path, members: dict[str, bytes], top: str = "archive") -> Pa
 
 def write_legacy(path: Path, *pickles: bytes, payload: bytes = b"") -> Path:
     """A legacy-format file: magic, protocol, sys_info, then ``pickles``, then ``payload``."""
-    head = [pickle.dumps(checkpoint.LEGACY_MAGIC, 2), pickle.dumps(1001, 2)]
+    head = [pickle.dumps(torchfile.LEGACY_MAGIC, 2), pickle.dumps(1001, 2)]
     head.append(pickle.dumps({"protocol_version": 1001, "little_endian": True}, 2))
     path.write_bytes(b"".join(head) + b"".join(pickles) + payload)
     return path
@@ -545,9 +546,10 @@ def test_existing_file_is_used_without_a_request(server: Server, home: Path) -> 
 
 
 def test_no_torch_import() -> None:
-    source = Path(checkpoint.__file__).read_text()
-    for name in ("import torch", "__import__", "importlib"):
-        assert name not in source
+    for module in (checkpoint, torchfile):
+        source = Path(module.__file__).read_text()
+        for name in ("import torch", "__import__", "importlib"):
+            assert name not in source, module
 
 
 def test_reading_does_not_import_torch(tmp_path: Path) -> None:
@@ -555,7 +557,7 @@ def test_reading_does_not_import_torch(tmp_path: Path) -> None:
 
     torch.save(tricky_tensors(), tmp_path / "x.pt")
     code = (
-        "import sys; from pathlib import Path; from ecdcfs.checkpoint import read_state_dict; "
+        "import sys; from pathlib import Path; from ecdcfs.torchfile import read_state_dict; "
         f"d = read_state_dict(Path({str(tmp_path / 'x.pt')!r})); "
         "assert len(d) > 10; assert 'torch' not in sys.modules, 'torch imported'"
     )

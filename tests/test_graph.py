@@ -22,11 +22,12 @@ from torch import nn
 import synth
 import torchscript_graph
 from ecdcfs import graph
-from ecdcfs.checkpoint import CHECKPOINTS, checkpoint_path, read_state_dict
+from ecdcfs.checkpoint import CHECKPOINTS, checkpoint_path
 from ecdcfs.container import MODELS
 from ecdcfs.decoder import ModelUnavailable
 from ecdcfs.onnx_decoder import new_session
 from ecdcfs.torch_decoder import encodec_model
+from ecdcfs.torchfile import read_state_dict
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*weight_norm.*:FutureWarning")  # encodec's
 
