@@ -54,7 +54,7 @@ def wav_layout(header: Header, riff_info: bool = False) -> WavLayout:
     )
 
 
-def probe(path: Path) -> WavLayout:
+def wav_layout_of(path: Path) -> WavLayout:
     """WAV layout of an .ecdc file from its header alone (no decoding, no torch)."""
     with open(path, "rb") as f:
         return wav_layout(read_header(f, os.fstat(f.fileno()).st_size))

@@ -187,9 +187,9 @@ class Engine:
         """
         if data is None:
             data = Path(path).read_bytes()
-        return self.open_source(str(path), MemorySource(data), riff_info)
+        return self.open_byte_source(str(path), MemorySource(data), riff_info)
 
-    def open_source(self, name: str, source: ByteSource, riff_info: bool = False) -> AudioFile:
+    def open_byte_source(self, name: str, source: ByteSource, riff_info: bool = False) -> AudioFile:
         """An :class:`AudioFile` over any byte source (``name`` is for messages).
 
         An LM-coded file without torch raises ModelUnavailable: it can never be decoded.

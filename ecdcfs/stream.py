@@ -148,7 +148,7 @@ def run_decode(args: Args, stdin: BinaryIO, stdout: BinaryIO, stderr: TextIO) ->
         stack.callback(engine.close)
         progress = _progress(stderr, _isatty(stderr) and _is_regular_file(stdout), stop - start)
         stack.callback(progress.close)
-        audio = engine.open_source(args.target, source)
+        audio = engine.open_byte_source(args.target, source)
         if _isatty(stderr):
             _show_indexing(audio, units.start, stderr)
         reader = audio.reader()

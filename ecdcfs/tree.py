@@ -106,7 +106,7 @@ class FileInfo(NamedTuple):
 
 
 @dataclass(frozen=True)
-class _Probe:
+class _HeaderFacts:
     """What an .ecdc's header says, read without decoding: the WAV size (0 if the header is
     unusable), the model it needs, or why the header is unusable."""
 
@@ -164,7 +164,7 @@ class SourceTree:
         self,
         source: str | os.PathLike,
         engine_factory: Callable[[], Engine] = Engine,
-        probe_cache_size: int = 16384,
+        header_cache_size: int = 16384,
         audio_cache_size: int = 32,
         riff_info: bool = False,
     ) -> None:
@@ -173,9 +173,9 @@ class SourceTree:
         self._engine_factory = engine_factory
         self._engine: Engine | None = None
         self._lock = threading.Lock()
-        self._probes: LRUCache = LRUCache(maxsize=probe_cache_size)
+        self._header_facts: LRUCache = LRUCache(maxsize=header_cache_size)
         # Why a version of a file failed to open or read, for error().
-        self._errors: LRUCache = LRUCache(maxsize=probe_cache_size)
+        self._errors: LRUCache = LRUCache(maxsize=header_cache_size)
         self._audio: LRUCache = LRUCache(maxsize=audio_cache_size)
         self._open: set[Handle] = set()
         self._closed = False
@@ -253,28 +253,28 @@ class SourceTree:
         if isinstance(handle, FileHandle):
             return _attributes(FILE, os.fstat(handle.fd))
         with lookup(self.source, path) as (entry, folder):
-            size = self._probe(entry, folder).size if entry.kind == AUDIO else None
+            size = self._facts(entry, folder).size if entry.kind == AUDIO else None
             return _attributes(entry.kind, entry.st, size)
 
-    def _probe(self, entry: Entry, folder: Folder | None) -> _Probe:
+    def _facts(self, entry: Entry, folder: Folder | None) -> _HeaderFacts:
         """What the header of the .ecdc ``entry`` says (cached per version of the file)."""
         assert folder is not None  # only the root has none, and it is a folder
         key = version(entry.source, entry.st)
         with self._lock:
-            probe = self._probes.get(key)
-        if probe is None:
+            facts = self._header_facts.get(key)
+        if facts is None:
             try:
                 fd = open_noatime(os.path.basename(entry.source), folder.fd)
                 with open(fd, "rb") as f:
                     header = read_header(f, os.fstat(f.fileno()).st_size)
                 size = wav_layout(header, self.riff_info).size
-                probe = _Probe(size, header.model, header.use_lm)
+                facts = _HeaderFacts(size, header.model, header.use_lm)
             except (EcdcError, OSError) as exc:
-                log.debug("cannot probe %s: %s", entry.source, exc)
-                probe = _Probe(0, error=_reason(exc))
+                log.debug("cannot read the header of %s: %s", entry.source, exc)
+                facts = _HeaderFacts(0, error=_reason(exc))
             with self._lock:
-                self._probes[key] = probe
-        return probe
+                self._header_facts[key] = facts
+        return facts
 
     def error(self, path: str) -> str | None:
         """Why the audio file ``path`` cannot be read; None if no reason is known (it has
@@ -282,14 +282,14 @@ class SourceTree:
         with lookup(self.source, path) as (entry, folder):
             if entry.kind != AUDIO:
                 return None
-            probe = self._probe(entry, folder)
-        if probe.error is not None:
-            return probe.error
+            facts = self._facts(entry, folder)
+        if facts.error is not None:
+            return facts.error
         with self._lock:
             reason = self._errors.get(version(entry.source, entry.st))
             engine = self._engine
-        if reason is None and engine is not None and probe.model is not None:
-            reason = engine.failure(probe.model, probe.use_lm)
+        if reason is None and engine is not None and facts.model is not None:
+            reason = engine.failure(facts.model, facts.use_lm)
         return reason
 
     def _failed(self, version: tuple, verb: str, name: str, exc: BaseException) -> None:

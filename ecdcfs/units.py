@@ -155,7 +155,7 @@ class DecodeUnits(ABC):
 class Frames(DecodeUnits):
     """A normalising (48 kHz) file's frames, blended with encodec's overlap-add."""
 
-    tag, noun = "f", "frames"
+    tag, noun = "frame", "frames"
 
     @property
     def count(self) -> int:
@@ -217,7 +217,7 @@ class Frames(DecodeUnits):
 class Chunks(DecodeUnits):
     """A one-frame (24 kHz) file's fixed chunks, each with its warm-up (see ``causal``)."""
 
-    tag, noun = "c", "chunks"
+    tag, noun = "chunk", "chunks"
     chunk_steps, context_steps = CHUNK_STEPS, CONTEXT_STEPS  # the grid (see ``causal``)
 
     def __init__(self, header: Header, chunk_steps: int | None = None) -> None:

@@ -136,7 +136,7 @@ def open_wav(
     source = open_source(target)
     own = Engine(settings) if settings is not None else None
     try:
-        audio = (own or engine or default_engine()).open_source(target, source)
+        audio = (own or engine or default_engine()).open_byte_source(target, source)
     except BaseException:
         source.close()
         if own is not None:

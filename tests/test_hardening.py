@@ -32,6 +32,7 @@ from ecdcfs.decoder import ModelUnavailable
 from ecdcfs.engine import Engine, Settings
 from ecdcfs.index import CodeIndex, IndexStore, clear_cache, enforce_cap
 from ecdcfs.names import AUDIO
+from ecdcfs.options import Config
 from ecdcfs.settings import default_cache_dir
 from ecdcfs.tree import SourceTree
 from mounting import wav_size
@@ -521,7 +522,7 @@ def test_cache_dir_follows_xdg(monkeypatch, tmp_path):
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     assert default_cache_dir() == tmp_path / "home" / ".cache" / "ecdcfs"
     assert Settings().cache_dir == tmp_path / "home" / ".cache" / "ecdcfs"
-    assert Settings().cache_dir_mb == index.DEFAULT_CACHE_DIR_MB == cli.DEFAULT_CACHE_DIR_MB
+    assert Settings().cache_dir_mb == index.DEFAULT_CACHE_DIR_MB == Config().cache_dir_mb
 
 
 def test_enforce_cap_deletes_least_recently_used_indexes_only(tmp_path):
@@ -629,7 +630,7 @@ def test_clear_cache_command(tmp_path):
 
 
 def test_cache_dir_mb_option(tmp_path):
-    assert cli.parse_args(["a", "b"]).cache_dir_mb == cli.DEFAULT_CACHE_DIR_MB
+    assert cli.parse_args(["a", "b"]).cache_dir_mb == Settings().cache_dir_mb
     assert cli.parse_args(["a", "b", "--cache-dir-mb", "64"]).cache_dir_mb == 64
     assert cli.parse_args(["a", "b", "-o", "cache_dir_mb=32"]).cache_dir_mb == 32
     assert (

@@ -53,7 +53,7 @@ def first_ever_read(
 ) -> tuple[float, float]:
     """Seconds of the first 4 KiB of ``first.wav`` (``file_48``), then of ``k24.wav``
     (``file_24``), right after mounting a folder of the two with an empty cache dir."""
-    from ecdcfs.audiofile import probe
+    from ecdcfs.audiofile import wav_layout_of
 
     base = work / "first-ever"
     src = base / "src"
@@ -64,7 +64,7 @@ def first_ever_read(
     try:
         times = []
         for name in ("first", "k24"):
-            audio = len(probe(src / f"{name}.ecdc").header)  # where its PCM starts
+            audio = len(wav_layout_of(src / f"{name}.ecdc").header)  # where its PCM starts
             t = time.perf_counter()
             with open(mount.mnt / f"{name}.wav", "rb", buffering=0) as fh:
                 got = os.pread(fh.fileno(), PREAD, audio)

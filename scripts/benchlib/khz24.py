@@ -127,7 +127,7 @@ def chunk_of(seconds: float) -> int:
 
 def setup_24khz(args: argparse.Namespace, work: Path, env: dict, cache: Path) -> Setup24:
     """Write the files, load the model in-process, mount, and warm the daemon's model."""
-    from ecdcfs.audiofile import probe
+    from ecdcfs.audiofile import wav_layout_of
     from ecdcfs.container import MODELS
     from ecdcfs.engine import Engine, Settings
 
@@ -142,7 +142,7 @@ def setup_24khz(args: argparse.Namespace, work: Path, env: dict, cache: Path) ->
     (src / "hour.ecdc").write_bytes(hour)
     (src / "short.ecdc").write_bytes(short)
     (src / "warm.ecdc").write_bytes(ecdc_24khz(1, 3))
-    header = len(probe(src / "hour.ecdc").header)
+    header = len(wav_layout_of(src / "hour.ecdc").header)
 
     codec = Engine(Settings(device="cpu", exact=True, cache_dir=None)).decoder(MODELS[MODEL_24])
     decode_24khz(codec, codes_24khz(hour, 0, BASELINE_STEPS_24))  # the first is slower

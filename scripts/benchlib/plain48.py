@@ -488,10 +488,10 @@ def lm_file(f: Files, mount: Mount) -> tuple[list[Row], list[str]]:
     from encodec.compress import decompress
 
     import synth
-    from ecdcfs.audiofile import probe
+    from ecdcfs.audiofile import wav_layout_of
 
     wait_idle(mount.pid)
-    audio = len(probe(f.src / "lm.ecdc").header)  # where its PCM starts
+    audio = len(wav_layout_of(f.src / "lm.ecdc").header)  # where its PCM starts
     t0 = time.perf_counter()
     with open(mount.mnt / "lm.wav", "rb", buffering=0) as fh:
         if len(os.pread(fh.fileno(), PREAD, audio)) != PREAD:
