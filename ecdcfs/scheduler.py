@@ -24,6 +24,7 @@ import time
 from collections.abc import Callable, Hashable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Protocol
 
 from cachetools import LRUCache
@@ -54,6 +55,26 @@ class Batch:
     run: Callable[[list[Any]], Sequence[Decoded]]
 
 
+class Phase(Enum):
+    """Where a job is. A job leaves the scheduler (finished, failed or dropped) from any
+    phase but QUEUED; every other move is one of :data:`_MOVES`, made by :func:`_move`."""
+
+    QUEUED = "queued"  # waiting for a worker (its queue entry may be stale: skipped)
+    RUNNING = "running"  # a worker decodes it
+    REQUEUING = "requeuing"  # interrupted while running: queued again once it stops
+    DROPPING = "dropping"  # interrupted while running: forgotten once it stops
+
+
+_MOVES = {
+    (Phase.QUEUED, Phase.RUNNING),  # a worker takes it (or a batch it joins)
+    (Phase.RUNNING, Phase.REQUEUING),  # it makes room for a unit wanted now
+    (Phase.RUNNING, Phase.DROPPING),  # its reader no longer wants it (a seek, a close)
+    (Phase.REQUEUING, Phase.DROPPING),  # the same, while it makes room
+    (Phase.DROPPING, Phase.REQUEUING),  # wanted again before it stopped
+    (Phase.REQUEUING, Phase.QUEUED),  # stopped: back in its old place in the queue
+}
+
+
 @dataclass
 class _Job:
     key: Hashable
@@ -61,10 +82,23 @@ class _Job:
     urgent: bool
     batch: Batch | None = None
     future: Future = field(default_factory=Future)
-    started: bool = False
+    phase: Phase = Phase.QUEUED
     pressing: bool = False  # wanted now, and nobody had asked for it: it decodes alone
     order: int | None = None  # its place in the queue, kept when it is queued again
-    stopping: str | None = None  # interrupted while running: "requeue" it, or "drop" it
+
+    @property
+    def started(self) -> bool:
+        return self.phase is not Phase.QUEUED
+
+    @property
+    def stopping(self) -> bool:
+        return self.phase in (Phase.REQUEUING, Phase.DROPPING)
+
+
+def _move(job: _Job, phase: Phase) -> None:
+    """Move ``job`` to ``phase`` (the scheduler's lock held): the one place phases change."""
+    assert (job.phase, phase) in _MOVES, (job.key, job.phase, phase)
+    job.phase = phase
 
 
 def _shutting_down() -> EcdcError:
@@ -138,8 +172,8 @@ class DecodeScheduler:
                 self._push(job)
             elif urgent and not job.urgent:
                 job.urgent = True
-                if job.stopping == "drop":
-                    job.stopping = "requeue"  # wanted after all: decode it again at once
+                if job.phase is Phase.DROPPING:
+                    _move(job, Phase.REQUEUING)  # wanted after all: decode it again at once
                 if not job.started:
                     self._push(job)  # the stale read-ahead entry is skipped when popped
             if urgent:
@@ -159,8 +193,8 @@ class DecodeScheduler:
             if self._interrupts is None:
                 return  # it runs to the end, and is cached
             for thread, jobs in self._running.items():
-                if jobs[0] is job and len(jobs) == 1:
-                    self._interrupt(thread, job, "drop")
+                if jobs[0] is job and len(jobs) == 1 and job.phase is not Phase.DROPPING:
+                    self._interrupt(thread, job, Phase.DROPPING)
 
     def _make_room(self) -> None:
         """Interrupt read-ahead decodes: all of them while a pressing job waits to start,
@@ -178,12 +212,12 @@ class DecodeScheduler:
             freeing = sum(1 for jobs in self._running.values() if jobs[0].stopping)
             victims = victims[: max(0, len(waiting) - self._idle - freeing)]
         for thread, job in victims:
-            self._interrupt(thread, job, "requeue")
+            self._interrupt(thread, job, Phase.REQUEUING)
 
-    def _interrupt(self, thread: int, job: _Job, then: str) -> None:
-        """Stop ``thread``'s decode of ``job`` (lock held); ``then``: "requeue" or "drop"."""
+    def _interrupt(self, thread: int, job: _Job, then: Phase) -> None:
+        """Stop ``thread``'s decode of ``job`` (lock held), then requeue or drop it."""
         assert self._interrupts is not None
-        job.stopping = then
+        _move(job, then)
         self.interrupted_count += 1
         self._interrupts.interrupt(thread)
 
@@ -236,7 +270,7 @@ class DecodeScheduler:
                     return None
                 *_, job = heapq.heappop(self._queue)
                 if not job.started and not job.future.cancelled():
-                    job.started = True
+                    _move(job, Phase.RUNNING)
                     jobs = self._running[thread] = [job, *self._companions(job)]
                     self.started_count += len(jobs)
                     return jobs
@@ -267,7 +301,7 @@ class DecodeScheduler:
         mates.sort(key=lambda other: not other.urgent)
         mates = mates[: job.batch.size - 1]
         for other in mates:
-            other.started = True
+            _move(other, Phase.RUNNING)
         return mates
 
     @staticmethod
@@ -335,12 +369,11 @@ class DecodeScheduler:
         then queued again or dropped, as the interruption said), False to finish it."""
         with self._lock:
             self._free(thread)
-            stopping, job.stopping = job.stopping, None
-            if stopping is None or not isinstance(outcome, BaseException):
+            if not job.stopping or not isinstance(outcome, BaseException):
                 return False  # not interrupted, or it finished first: keep what it made
-            log.debug("interrupted unit %s (%s)", job.key, stopping)
-            if stopping == "requeue":
-                job.started = False
+            log.debug("interrupted unit %s (%s)", job.key, job.phase.value)
+            if job.phase is Phase.REQUEUING:
+                _move(job, Phase.QUEUED)
                 job.pressing = job.urgent  # needed while it was being stopped
                 self._push(job)
                 if job.pressing:
