@@ -22,7 +22,6 @@ import numpy as np
 from .container import EncodedFrame, Header, read_header
 from .decoder import DecodedFrame
 from .index import CodeIndex, Unit
-from .scheduler import Batch
 from .source import ByteSource
 from .units import CodeSource, decode_units
 from .wav import WavLayout, float_to_pcm16
@@ -140,7 +139,9 @@ class AudioFile:
 
     def _schedule(self, index: int, urgent: bool) -> Future:
         decode = functools.partial(self.decode, index)
-        return self.engine.scheduler.request(self._key(index), decode, urgent, self._batch(index))
+        inputs = functools.partial(self.inputs, index)
+        batch = self.engine.batch(self.header.model, self.units.batch_group(index), inputs)
+        return self.engine.scheduler.request(self._key(index), decode, urgent, batch)
 
     def cancel(self, index: int) -> None:
         """Drop a queued read-ahead request for unit ``index``."""
@@ -157,15 +158,6 @@ class AudioFile:
     def inputs(self, index: int) -> EncodedFrame:
         """The codes (and scale) unit ``index`` decodes from."""
         return self.units.inputs(index, self._code_source())
-
-    def _batch(self, index: int) -> Batch | None:
-        """How unit ``index`` joins other units of its group in one GPU decode call."""
-        codec = self.engine.loaded_decoder(self.header.model)
-        group = self.units.batch_group(index)
-        if codec is None or codec.batch_size == 1 or group is None:
-            return None
-        inputs = functools.partial(self.inputs, index)
-        return Batch((codec.spec.name, group), codec.batch_size, inputs, codec.decode_frames)
 
     def _code_source(self) -> CodeSource:
         if self._codes is None:

@@ -11,20 +11,20 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Hashable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
 from .audiofile import AudioFile
 from .checkpoint import CHECKPOINTS, LM_CHECKPOINTS, checkpoint_path, fingerprint
-from .container import MODELS, ModelSpec, read_header
+from .container import MODELS, EncodedFrame, ModelSpec, read_header
 from .decoder import LM_NEEDS_TORCH, FrameDecoder, ModelUnavailable
 from .graph_store import GraphStore
 from .index import IndexStore
 from .interrupts import Interrupts
 from .lm_process import LanguageModel, find_lm
-from .scheduler import DecodeScheduler
+from .scheduler import Batch, DecodeScheduler
 from .settings import Settings, default_threads, torch_installed
 from .source import ByteSource, MemorySource, as_stream
 from .torch_decoder import default_device
@@ -163,6 +163,17 @@ class Engine:
     def loaded_decoder(self, spec: ModelSpec) -> FrameDecoder | None:
         """The decoder for ``spec`` if it is already loaded (never loads it)."""
         return self._decoders.get(spec.name)
+
+    def batch(
+        self, spec: ModelSpec, group: Hashable | None, inputs: Callable[[], EncodedFrame]
+    ) -> Batch | None:
+        """How a unit of batch ``group`` (:meth:`~ecdcfs.units.DecodeUnits.batch_group`)
+        shares one decode call with others of its group: where ``spec``'s decoder is loaded
+        and decodes several frames at once (torch on a GPU); None for one at a time."""
+        decoder = self.loaded_decoder(spec)
+        if decoder is None or decoder.batch_size == 1 or group is None:
+            return None
+        return Batch((spec.name, group), decoder.batch_size, inputs, decoder.decode_frames)
 
     def warm_up(self, names: Collection[str] = tuple(MODELS)) -> None:
         """Load the models ``names`` whose checkpoints are on disk, so first reads are fast.

@@ -272,3 +272,23 @@ def test_read_ahead_opens_after_a_sequential_run_of_read_ahead_after_bytes(torch
         assert eager.window == 1 and eager._ahead == [1]
     finally:
         engine.close()
+
+
+def test_units_share_a_decode_call_only_where_the_loaded_decoder_batches(engine, tmp_path):
+    """GPU batching (Engine.batch): 48 kHz frames of one shape (codebooks, steps) share a
+    decode call on a loaded decoder whose batch_size is over 1; never on the CPU's, never
+    before the decoder is loaded, never for 24 kHz chunks (no batch group)."""
+    from types import SimpleNamespace
+
+    audio = engine.open(synth.write(tmp_path, "x.ecdc", synth.make_ecdc(samples=100_000)))
+    spec, group = audio.header.model, audio.units.batch_group(0)
+    assert group == audio.units.batch_group(1) != audio.units.batch_group(audio.unit_count - 1)
+    assert engine.batch(spec, group, lambda: None) is None  # not loaded yet
+    assert engine.decoder(spec).batch_size == 1  # the CPU: one at a time
+    assert engine.batch(spec, group, lambda: None) is None
+    gpu = SimpleNamespace(batch_size=8, decode_frames=lambda frames: [])
+    engine._decoders[spec.name] = gpu
+    batch = engine.batch(spec, group, inputs := (lambda: "codes"))
+    assert batch is not None and batch.group == (spec.name, group) and batch.size == 8
+    assert batch.inputs is inputs and batch.run is gpu.decode_frames
+    assert engine.batch(spec, None, inputs) is None
