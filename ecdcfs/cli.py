@@ -14,18 +14,16 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import version
+from .cache_dir import clear
 from .logs import setup_logging
 from .mounts import mount_points, unmount
 from .options import OPTIONS, Config, parse_mount_options
 from .settings import (
-    DIGESTS_FILE,
-    GRAPH_SUFFIX,
     TORCH_EXTRA,
     Settings,
     UsageError,
     checkpoint_dir,
     default_cache_dir,
-    graph_dir,
     is_inside,
     torch_installed,
 )
@@ -314,13 +312,9 @@ def mount(cfg: Config) -> int:
 
 def clear_cache(cfg: Config) -> int:
     """Delete the code indexes and decoder graphs in the cache directory (nothing else)."""
-    from .index import clear_cache as clear
-
     directory = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
     try:
-        count, size = clear(directory)
-        graphs, graph_size = clear(graph_dir(directory), suffix=GRAPH_SUFFIX)
-        (graph_dir(directory) / DIGESTS_FILE).unlink(missing_ok=True)
+        (count, size), (graphs, graph_size) = clear(directory)
     except OSError as exc:
         sys.stderr.write(f"ecdcfs: error: cannot clear {str(directory)!r}: {exc}\n")
         return 1

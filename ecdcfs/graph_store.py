@@ -24,10 +24,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TypeVar
 
+from .cache_dir import DIGESTS_FILE, GRAPH_SUFFIX, graph_dir
 from .checkpoint import CHECKPOINTS, fetch, load_state_dict
 from .container import MODELS, ModelSpec
 from .graph import GRAPH_FORMAT, DecoderGraph, GraphUnusable, build_graph
-from .settings import DIGESTS_FILE, GRAPH_SUFFIX, graph_dir, write_atomically
+from .settings import write_atomically
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -14,8 +14,8 @@ start (the units already indexed are served meanwhile).
 The cache directory holds only ``<hash>.codes.npz`` files (and, while one is written,
 its ``.tmp`` sibling). It is capped in size: after each save the least recently used
 indexes (by modification time: loading an index touches it) are deleted until the
-directory fits. :func:`clear_cache` empties it. A directory that cannot be written (read
-only, full) costs only persistence.
+directory fits (:mod:`ecdcfs.cache_dir`, which also empties it). A directory that cannot
+be written (read only, full) costs only persistence.
 """
 
 from __future__ import annotations
@@ -31,13 +31,13 @@ from typing import Any, NamedTuple
 import numpy as np
 from cachetools import LRUCache
 
+from .cache_dir import enforce_cap, index_path
 from .container import EcdcError, EncodedFrame
-from .settings import DEFAULT_CACHE_DIR_MB, TEMP_SUFFIX, write_atomically
+from .settings import DEFAULT_CACHE_DIR_MB, write_atomically
 
 log = logging.getLogger(__name__)
 
 _FORMAT = 2  # 2: units (frames or blocks of steps) instead of frames
-INDEX_SUFFIX = ".codes.npz"
 
 
 class Unit(NamedTuple):
@@ -150,62 +150,6 @@ class CodeIndex:
         return index
 
 
-def _cache_files(directory: Path, suffix: str = INDEX_SUFFIX) -> Iterator[os.DirEntry]:
-    """The files of ``directory`` that ecdcfs wrote: ``*<suffix>`` (indexes by default)
-    and their temp files."""
-    try:
-        entries = list(os.scandir(directory))
-    except (FileNotFoundError, NotADirectoryError):
-        return
-    for entry in entries:
-        name = entry.name
-        ours = name.endswith(suffix) or (suffix + "." in name and name.endswith(TEMP_SUFFIX))
-        if ours and entry.is_file(follow_symlinks=False):
-            yield entry
-
-
-def enforce_cap(directory: Path, max_bytes: int, keep: Path | None = None) -> int:
-    """Delete the least recently used indexes until ``directory`` holds ``max_bytes``.
-
-    ``keep`` (the index just written) goes last. Returns the number of files deleted.
-    """
-    files = []
-    for entry in _cache_files(directory):
-        with contextlib.suppress(OSError):  # vanished meanwhile
-            st = entry.stat(follow_symlinks=False)
-            files.append((entry.path == str(keep), st.st_mtime_ns, st.st_size, entry.path))
-    total = sum(size for _, _, size, _ in files)
-    deleted = 0
-    for _, _, size, path in sorted(files):  # oldest first, ``keep`` last
-        if total <= max_bytes:
-            break
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        except OSError as exc:
-            log.warning("cannot delete %s from the cache: %s", path, exc)
-            continue
-        total -= size
-        deleted += 1
-    if deleted:
-        log.info("cache %s: deleted %d least recently used indexes", directory, deleted)
-    return deleted
-
-
-def clear_cache(directory: Path, suffix: str = INDEX_SUFFIX) -> tuple[int, int]:
-    """Delete every index (or ``*<suffix>`` file) and temp file ecdcfs wrote in
-    ``directory``: (files, bytes). Other files in the directory are left alone.
-    """
-    count = total = 0
-    for entry in _cache_files(directory, suffix):
-        with contextlib.suppress(FileNotFoundError):
-            size = entry.stat(follow_symlinks=False).st_size
-            os.unlink(entry.path)
-            count, total = count + 1, total + size
-    return count, total
-
-
 class IndexStore:
     """Code indexes by content hash: a few in memory, all persisted under ``directory``.
 
@@ -229,7 +173,7 @@ class IndexStore:
         self._persist_lock = threading.Lock()
 
     def _path(self, identity: str) -> Path | None:
-        return None if self.directory is None else self.directory / f"{identity}{INDEX_SUFFIX}"
+        return None if self.directory is None else index_path(self.directory, identity)
 
     def get(
         self, identity: str, unit_count: int, num_codebooks: int, unit_steps: Callable[[int], int]

@@ -16,8 +16,6 @@ from pathlib import Path
 from typing import IO
 
 TEMP_SUFFIX = ".tmp"  # of a file being written into a cache dir (see write_atomically)
-GRAPH_SUFFIX = ".npz"  # of a decoder graph in graph_dir()
-DIGESTS_FILE = "checkpoints.json"  # in graph_dir(): each checkpoint's sha256 by fingerprint
 
 DEFAULT_CACHE_MB = 512  # decoded-unit cache
 DEFAULT_BUFSIZE = 1  # initial read-ahead, in units
@@ -43,11 +41,6 @@ def _xdg_dir(variable: str, *fallback: str) -> Path:
 def default_cache_dir() -> Path:
     """``$XDG_CACHE_HOME/ecdcfs`` (``~/.cache/ecdcfs``): where LM code indexes persist."""
     return _xdg_dir("XDG_CACHE_HOME", ".cache") / "ecdcfs"
-
-
-def graph_dir(cache_dir: Path) -> Path:
-    """Where the cache dir ``cache_dir`` keeps each model's decoder graph (``*.npz``)."""
-    return cache_dir / "graphs"
 
 
 def default_log_file() -> Path:

@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 
 import synth
+from ecdcfs.cache_dir import INDEX_SUFFIX
 from ecdcfs.causal import CHUNK_STEPS, CONTEXT_STEPS, ChunkGrid, packed_steps
 from ecdcfs.container import MODELS, EcdcError, EncodedFrame, unpack_codes
 from ecdcfs.engine import Engine, Settings
-from ecdcfs.index import INDEX_SUFFIX, CodeIndex
+from ecdcfs.index import CodeIndex
 from ecdcfs.lm import decode_lm_steps, load_lm
 from ecdcfs.lm_process import LanguageModel
 from ecdcfs.units import Chunks

@@ -27,10 +27,11 @@ from hypothesis import strategies as st
 
 import synth
 from ecdcfs import cli, index
+from ecdcfs.cache_dir import INDEX_SUFFIX, clear_files, enforce_cap
 from ecdcfs.container import MODELS, EcdcError, FrameLayout
 from ecdcfs.decoder import ModelUnavailable
 from ecdcfs.engine import Engine, Settings
-from ecdcfs.index import CodeIndex, IndexStore, clear_cache, enforce_cap
+from ecdcfs.index import CodeIndex, IndexStore
 from ecdcfs.names import AUDIO
 from ecdcfs.options import Config
 from ecdcfs.settings import default_cache_dir
@@ -530,19 +531,19 @@ def test_enforce_cap_deletes_least_recently_used_indexes_only(tmp_path):
     cache.mkdir()
     now = time.time_ns()
     for i, name in enumerate(["a", "b", "c", "d"]):
-        path = cache / f"{name}{index.INDEX_SUFFIX}"
+        path = cache / f"{name}{INDEX_SUFFIX}"
         path.write_bytes(bytes(1000))
         os.utime(path, ns=(now, now - (10 - i) * 10**9))  # a oldest ... d newest
     (cache / "notes.txt").write_bytes(bytes(5000))  # not ours: never counted or touched
     (cache / "x.codes.npz.abc.tmp").write_bytes(bytes(10))  # ours (a leftover)
     os.utime(cache / "x.codes.npz.abc.tmp", ns=(now, now - 100 * 10**9))
-    os.symlink("/etc/passwd", cache / f"link{index.INDEX_SUFFIX}")  # not a regular file
-    keep = cache / f"a{index.INDEX_SUFFIX}"  # just written: goes last
+    os.symlink("/etc/passwd", cache / f"link{INDEX_SUFFIX}")  # not a regular file
+    keep = cache / f"a{INDEX_SUFFIX}"  # just written: goes last
     assert enforce_cap(cache, 2500, keep=keep) == 3
     assert sorted(p.name for p in cache.iterdir()) == [
-        f"a{index.INDEX_SUFFIX}",
-        f"d{index.INDEX_SUFFIX}",
-        f"link{index.INDEX_SUFFIX}",
+        f"a{INDEX_SUFFIX}",
+        f"d{INDEX_SUFFIX}",
+        f"link{INDEX_SUFFIX}",
         "notes.txt",
     ]
     assert enforce_cap(cache, 10**9) == 0
@@ -554,20 +555,20 @@ def test_persisting_keeps_the_directory_under_its_cap_and_loading_touches(tmp_pa
     one = _index(20)
     store = IndexStore(cache, max_bytes=10**9)
     store.persist("aa", one)
-    size = (cache / f"aa{index.INDEX_SUFFIX}").stat().st_size
+    size = (cache / f"aa{INDEX_SUFFIX}").stat().st_size
     store.max_bytes = int(size * 2.5)  # room for two
     store.persist("bb", _index(20))
     old = time.time_ns() - 100 * 10**9
-    os.utime(cache / f"aa{index.INDEX_SUFFIX}", ns=(old, old))
-    os.utime(cache / f"bb{index.INDEX_SUFFIX}", ns=(old + 10**9, old + 10**9))
+    os.utime(cache / f"aa{INDEX_SUFFIX}", ns=(old, old))
+    os.utime(cache / f"bb{INDEX_SUFFIX}", ns=(old + 10**9, old + 10**9))
     # A new store (a remount) loads "aa": it becomes the most recently used.
     store = IndexStore(cache, max_bytes=int(size * 2.5))
     loaded = store.get("aa", 20, 2, lambda unit: 150)
     assert len(loaded) == 20 and int(loaded.codes[7][0, 0]) == 7
     store.persist("cc", _index(20))
     assert sorted(p.name for p in cache.iterdir()) == [
-        f"aa{index.INDEX_SUFFIX}",
-        f"cc{index.INDEX_SUFFIX}",
+        f"aa{INDEX_SUFFIX}",
+        f"cc{INDEX_SUFFIX}",
     ]
 
 
@@ -577,7 +578,7 @@ def test_persisting_keeps_the_directory_under_its_cap_and_loading_touches(tmp_pa
 def test_corrupt_index_file_is_ignored(tmp_path, junk, caplog):
     cache = tmp_path / "cache"
     cache.mkdir()
-    (cache / f"ff{index.INDEX_SUFFIX}").write_bytes(junk)
+    (cache / f"ff{INDEX_SUFFIX}").write_bytes(junk)
     store = IndexStore(cache)
     fresh = store.get("ff", 5, 2, lambda unit: 150)
     assert len(fresh) == 0 and fresh.unit_count == 5
@@ -598,9 +599,9 @@ def test_clear_cache_deletes_only_indexes(tmp_path):
     (cache / "bb.codes.npz.x1.tmp").write_bytes(b"x")
     (cache / "keep.txt").write_text("mine")
     (cache / "sub").mkdir()
-    assert clear_cache(cache)[0] == 2
+    assert clear_files(cache)[0] == 2
     assert sorted(p.name for p in cache.iterdir()) == ["keep.txt", "sub"]
-    assert clear_cache(tmp_path / "missing") == (0, 0)
+    assert clear_files(tmp_path / "missing") == (0, 0)
 
 
 def _ecdcfs(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
