@@ -1,7 +1,8 @@
 """Shared pytest fixtures.
 
 ``torch_home`` provides seeded random-init Encodec checkpoints (see ``synth.py``) so the
-unmodified upstream loaders work offline. ``import synth`` in tests for ``make_ecdc``,
+unmodified upstream loaders work offline. ``serve`` starts local HTTP servers of files
+(``helpers.py``: also ``read_all`` and ``cuda_device_count``). ``import synth`` in tests for ``make_ecdc``,
 ``to_v193`` and ``reference_pcm``.
 
 Environment knobs:
@@ -16,11 +17,13 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+import helpers
 import synth
 
 
@@ -112,3 +115,24 @@ def default_cache(graph_cache, tmp_path) -> Path:
     for graph in (graph_cache / "graphs").iterdir():
         os.link(graph, cache / "graphs" / graph.name)
     return cache
+
+
+@pytest.fixture
+def serve(monkeypatch):
+    """``serve(files, ranges=True, lengths=True) -> (base URL, server)``; ``server.served``
+    counts body bytes sent."""
+    for name in ("no_proxy", "NO_PROXY"):  # a proxy in the environment must not answer
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
+    servers = []
+
+    def start(files: dict[str, bytes], ranges: bool = True, lengths: bool = True):
+        server = helpers.FileServer(("127.0.0.1", 0), helpers.RangeHandler)
+        server.files, server.ranges, server.lengths, server.served = files, ranges, lengths, 0
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}", server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()

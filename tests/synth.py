@@ -767,3 +767,19 @@ def reset_peak_rss(pid: int) -> bool:
     except OSError:
         return False
     return True
+
+
+def long_plain_file(v0: bytes, frames: int) -> bytes:
+    """A long bit-packed 48 kHz file made of ``v0``'s full frames over and over, then its
+    short last frame (any codes decode; no encoding needed)."""
+    _, meta, offset = parse_header(v0)
+    assert meta["m"] == "encodec_48khz" and not meta["lm"]
+    full_frames, tail = divmod(meta["al"] - 480, 47_520)
+    frame_bytes = 4 + 150 * meta["nc"] * 10 // 8
+    payload = v0[offset:]
+    full = [payload[i * frame_bytes : (i + 1) * frame_bytes] for i in range(full_frames)]
+    body = b"".join(full[i % full_frames] for i in range(frames))
+    body += payload[full_frames * frame_bytes :]
+    header = {**meta, "al": frames * 47_520 + tail + 480}
+    dumped = json.dumps(header).encode()
+    return b"ECDC\0" + len(dumped).to_bytes(4, "big") + dumped + body

@@ -21,20 +21,13 @@ from ecdcfs.index import CodeIndex
 from ecdcfs.lm import decode_lm_steps, load_lm
 from ecdcfs.lm_process import LanguageModel
 from ecdcfs.units import Chunks
+from helpers import READ, read_all
 from mounting import wav_size
 
-READ = 128 * 1024
 SR = 24_000
 HOP = 320
 CHUNK = CHUNK_STEPS * HOP  # samples per chunk
 ONE_MINUTE = 60 * SR
-
-
-def read_all(reader, size: int = READ) -> bytes:
-    out = bytearray()
-    while chunk := reader.read(len(out), size):
-        out += chunk
-    return bytes(out)
 
 
 def pcm_of(wav: bytes) -> np.ndarray:

@@ -15,8 +15,7 @@ from ecdcfs.container import EcdcError
 from ecdcfs.decoder import ModelUnavailable
 from ecdcfs.engine import Engine, Settings
 from ecdcfs.wav import WavLayout
-
-READ = 128 * 1024  # what the kernel asks a FUSE filesystem for
+from helpers import READ, read_all
 
 
 def expected_wav(
@@ -25,13 +24,6 @@ def expected_wav(
     pcm = synth.reference_pcm(data)
     layout = WavLayout(pcm.shape[1], sample_rate or 48_000, pcm.shape[0], title, source, thumbnail)
     return layout.wrap(pcm.astype("<i2").tobytes())
-
-
-def read_all(reader, size: int = READ) -> bytes:
-    out = bytearray()
-    while chunk := reader.read(len(out), size):
-        out += chunk
-    return bytes(out)
 
 
 CASES = [

@@ -14,6 +14,7 @@ import pytest
 from ecdcfs import cli, logs, mounts, options
 from ecdcfs.cli import UsageError, build_parser, check_paths, parse_args
 from ecdcfs.options import OPTIONS, Config, parse_mount_options
+from helpers import cuda_device_count
 
 
 @pytest.fixture
@@ -279,13 +280,6 @@ def test_mount_over_a_mount_point_is_refused(dirs, monkeypatch):
     monkeypatch.setattr(cli, "mount_points", lambda: {"/": "ext4", os.path.realpath(mnt): "tmpfs"})
     with pytest.raises(UsageError, match=r"MOUNTPOINT .* is already mounted \(tmpfs\)"):
         check_paths(parse_args([src, mnt]))
-
-
-def cuda_device_count() -> int:
-    """CUDA devices torch sees here (0 without CUDA), asked in a child process."""
-    code = "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)"
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return int(done.stdout)
 
 
 def test_a_gpu_that_is_not_here_is_refused_before_mounting(dirs):

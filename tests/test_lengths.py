@@ -20,20 +20,13 @@ from hypothesis import strategies as st
 import synth
 from ecdcfs.causal import CHUNK_STEPS
 from ecdcfs.container import SCALE, parse_header, unpack_codes
+from helpers import READ, read_all
 from mounting import wav_size
 
 STRIDE = 47_520
-READ = 128 * 1024
 REMAINDERS = [1, 160, 161, 320, 479, 480, 481, 47_519]
 EDGE_LENGTHS_48K = [k * STRIDE + r for k in range(1, 5) for r in REMAINDERS]
 SHORT_LENGTHS_48K = [1, 2, 160, 319, 320, 321, 479, 480, 481, 47_519, 47_520]
-
-
-def read_all(reader, size: int = READ) -> bytes:
-    out = bytearray()
-    while chunk := reader.read(len(out), size):
-        out += chunk
-    return bytes(out)
 
 
 def data_pcm(audio, wav: bytes) -> np.ndarray:

@@ -20,7 +20,6 @@ import synth
 from ecdcfs import wavfile
 from ecdcfs.container import EcdcError
 from ecdcfs.settings import Settings
-from test_stream import _no_proxy_for_the_test_server, long_plain_file, serve  # noqa: F401
 
 SAMPLES = 150_000  # 3.1 s at 48 kHz: four frames, the last a short one
 NAME, SOURCE, THUMB = "Sóng [live]", "https://example.org/song", "https://example.org/t.jpg"
@@ -179,7 +178,7 @@ def test_a_failed_open_closes_the_engine_it_made(tmp_path, cpu):
 
 def test_url(files, serve, cpu, engine):  # noqa: F811 (the fixture)
     v0 = files["v0"].read_bytes()
-    long = long_plain_file(v0, 600)  # 10 minutes, bit-packed
+    long = synth.long_plain_file(v0, 600)  # 10 minutes, bit-packed
     base, server = serve({"/a.ecdc": v0, "/long.ecdc": long})
     ref = reference(files["v0"])
     with ecdcfs.open(base + "/a.ecdc", settings=cpu) as f:

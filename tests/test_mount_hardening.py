@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 import synth
+from helpers import cuda_device_count
 from mounting import (
     SR,
     Mount,
@@ -38,7 +39,6 @@ from mounting import (
     wav_bytes,
     wav_size,
 )
-from test_cli import cuda_device_count
 
 pytestmark = pytest.mark.mount
 

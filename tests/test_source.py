@@ -14,7 +14,6 @@ import synth
 from ecdcfs.container import EcdcError
 from ecdcfs.http import HttpSource
 from ecdcfs.source import MemorySource, open_source, read_source_header
-from test_stream import _no_proxy_for_the_test_server, serve  # noqa: F401 (fixtures)
 
 SAMPLES = 48_000
 DATA = synth.container_24khz(SAMPLES, 2, synth.random_packed_24khz(SAMPLES, 2))

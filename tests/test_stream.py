@@ -8,15 +8,12 @@ process (importing torch costs seconds per process on a small machine).
 from __future__ import annotations
 
 import base64
-import contextlib
 import io
 import json
 import os
 import struct
 import subprocess
 import sys
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -113,12 +110,6 @@ def files(torch_home, tmp_path_factory) -> dict[str, Path]:
         "v0_24k": synth.make_ecdc("encodec_24khz", 72_000, kbps=1.5),
     }
     return {key: synth.write(folder, f"{key}.ecdc", data) for key, data in made.items()}
-
-
-@pytest.fixture(autouse=True)
-def _no_proxy_for_the_test_server(monkeypatch):
-    for name in ("no_proxy", "NO_PROXY"):
-        monkeypatch.setenv(name, "127.0.0.1,localhost")
 
 
 # --------------------------------------------------------------------------------------
@@ -478,85 +469,6 @@ def test_missing_checkpoint_is_one_line(files, tmp_path):
 # --------------------------------------------------------------------------------------
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        data = self.server.files.get(self.path)
-        if data is None:
-            self.send_error(404)
-            return
-        ranged = self.headers.get("Range") if self.server.ranges else None
-        status, body = 200, data
-        if ranged:
-            first, _, last = ranged.removeprefix("bytes=").partition("-")
-            start, stop = int(first), min(len(data), int(last) + 1 if last else len(data))
-            if start >= len(data):
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.end_headers()
-                return
-            status, body = 206, data[start:stop]
-        self.send_response(status)
-        if status == 206:
-            self.send_header("Content-Range", f"bytes {start}-{stop - 1}/{len(data)}")
-        if self.server.lengths:
-            self.send_header("Content-Length", str(len(body)))
-        self.send_header("ETag", f'"{hash(data) & 0xFFFFFFFF:x}"')
-        self.end_headers()
-        with self.server.lock:  # counted before the client can have it
-            self.server.served += len(body)
-        with contextlib.suppress(ConnectionError):  # a client that had what it needed
-            self.wfile.write(body)
-
-    def log_message(self, *args) -> None:
-        pass
-
-
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    files: dict[str, bytes]
-    ranges: bool
-    lengths: bool
-    served: int
-    lock = threading.Lock()
-
-
-@pytest.fixture
-def serve():
-    """``serve(files, ranges=True, lengths=True) -> (base URL, server)``; ``server.served``
-    counts body bytes sent."""
-    servers = []
-
-    def start(files: dict[str, bytes], ranges: bool = True, lengths: bool = True):
-        server = _Server(("127.0.0.1", 0), _Handler)
-        server.files, server.ranges, server.lengths, server.served = files, ranges, lengths, 0
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        servers.append(server)
-        return f"http://127.0.0.1:{server.server_address[1]}", server
-
-    yield start
-    for server in servers:
-        server.shutdown()
-        server.server_close()
-
-
-def long_plain_file(v0: bytes, frames: int) -> bytes:
-    """A long bit-packed 48 kHz file made of ``v0``'s full frames over and over, then its
-    short last frame (any codes decode; no encoding needed)."""
-    _, meta, offset = synth.parse_header(v0)
-    assert meta["m"] == "encodec_48khz" and not meta["lm"]
-    full_frames, tail = divmod(meta["al"] - 480, 47_520)
-    frame_bytes = 4 + 150 * meta["nc"] * 10 // 8
-    payload = v0[offset:]
-    full = [payload[i * frame_bytes : (i + 1) * frame_bytes] for i in range(full_frames)]
-    body = b"".join(full[i % full_frames] for i in range(frames))
-    body += payload[full_frames * frame_bytes :]
-    header = {**meta, "al": frames * 47_520 + tail + 480}
-    dumped = json.dumps(header).encode()
-    return b"ECDC\0" + len(dumped).to_bytes(4, "big") + dumped + body
-
-
 def test_http_source_reads_ranges(serve):
     data = os.urandom(300_000)
     base, server = serve({"/f": data})
@@ -599,7 +511,7 @@ def test_http_errors_are_one_line(serve):
 
 
 def test_url_info_fetches_only_the_header(files, serve):
-    data = long_plain_file(files["v0"].read_bytes(), 600)  # 10 minutes, ~450 KB
+    data = synth.long_plain_file(files["v0"].read_bytes(), 600)  # 10 minutes, ~450 KB
     base, server = serve({"/long.ecdc": data})
     (files["v0"].parent / "long.ecdc").write_bytes(data)
     rc, out, err = cli("-i", base + "/long.ecdc")
@@ -610,7 +522,7 @@ def test_url_info_fetches_only_the_header(files, serve):
 
 
 def test_url_seek_fetches_only_what_it_decodes(files, serve):
-    data = long_plain_file(files["v0"].read_bytes(), 600)
+    data = synth.long_plain_file(files["v0"].read_bytes(), 600)
     local = files["v0"].parent / "long.ecdc"
     local.write_bytes(data)
     base, server = serve({"/long.ecdc": data})
@@ -622,7 +534,7 @@ def test_url_seek_fetches_only_what_it_decodes(files, serve):
 
 
 def test_get_info_of_a_url_fetches_only_the_header(files, serve):
-    data = long_plain_file(files["v0"].read_bytes(), 600)
+    data = synth.long_plain_file(files["v0"].read_bytes(), 600)
     (files["v0"].parent / "long.ecdc").write_bytes(data)
     base, server = serve({"/long.ecdc": data})
     assert stream.get_info(base + "/long.ecdc") == stream.get_info(files["v0"].parent / "long.ecdc")
