@@ -2,8 +2,8 @@
 
 ``torch_home`` provides seeded random-init Encodec checkpoints (see ``synth.py``) so the
 unmodified upstream loaders work offline. ``serve`` starts local HTTP servers of files
-(``helpers.py``: also ``read_all`` and ``cuda_device_count``). ``import synth`` in tests for ``make_ecdc``,
-``to_v193`` and ``reference_pcm``.
+(``helpers.py``: also ``read_all`` and ``cuda_device_count``). ``import synth`` in tests for
+``make_ecdc``, ``to_v193`` and ``reference_pcm``.
 
 Environment knobs:
   ECDCFS_TEST_NO_CACHE=1       generate checkpoints afresh instead of using
