@@ -17,6 +17,7 @@ import pytest
 
 import synth
 from ecdcfs import checkpoint, graph_store, onnx_decoder
+from ecdcfs.cache_dir import DIGESTS_FILE
 from ecdcfs.container import MODELS, EncodedFrame, read_header
 from ecdcfs.decoder import ModelUnavailable, overlap_add_weights
 from ecdcfs.engine import Engine, Settings
@@ -24,7 +25,6 @@ from ecdcfs.graph import GRAPH_FORMAT, DecoderGraph, GraphUnusable
 from ecdcfs.graph_store import GraphStore
 from ecdcfs.interrupts import Interrupts
 from ecdcfs.onnx_decoder import OnnxDecoder, pad_steps, snr_db
-from ecdcfs.settings import DIGESTS_FILE
 from ecdcfs.source import MemorySource, as_stream
 from ecdcfs.torch_decoder import TorchDecoder
 from ecdcfs.units import decode_units
