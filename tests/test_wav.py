@@ -245,3 +245,25 @@ def test_tags_that_are_not_valid_unicode_are_replaced():
     tags = WAVE(io.BytesIO(layout.wrap(bytes(layout.data_bytes)))).tags
     assert tags["TIT2"].text == ["a?b"] and tags["WOAS"].url == "https://x/?"
     assert tags["WXXX:thumbnail"].url == "t?" and tags["COMM::eng"].text == ["https://x/?\nt?"]
+
+
+@pytest.mark.parametrize("riff_info", [False, True])
+def test_players_read_exactly_the_pcm_and_none_of_the_junk(tmp_path, riff_info):
+    """soundfile (libsndfile), sox and GStreamer's wavparse, like ffmpeg and ``wave``, read
+    the PCM between the JUNK chunks, every sample and nothing else."""
+    import soundfile
+
+    for tool in ("sox", "gst-launch-1.0"):
+        assert shutil.which(tool), f"{tool} is missing: run scripts/setup --test"
+    layout = WavLayout(2, 48_000, 48_001, TITLE, SOURCE, riff_info=riff_info)
+    pcm = np.random.default_rng(1).integers(-3000, 3000, (48_001, 2)).astype("<i2")
+    path = tmp_path / "t.wav"
+    path.write_bytes(layout.wrap(pcm.tobytes()))
+    samples, rate = soundfile.read(path, dtype="int16")
+    assert rate == 48_000 and np.array_equal(samples, pcm)
+    sox = subprocess.run(["sox", str(path), "-t", "raw", "-"], capture_output=True, check=True)
+    assert sox.stdout == pcm.tobytes() and sox.stderr == b""
+    out = tmp_path / "gst.raw"
+    pipeline = ["filesrc", f"location={path}", "!", "wavparse", "!", "filesink", f"location={out}"]
+    subprocess.run(["gst-launch-1.0", "-q", *pipeline], capture_output=True, check=True)
+    assert out.read_bytes() == pcm.tobytes()
