@@ -120,7 +120,8 @@ class EcdcFS(Operations):
 
     @_errno
     def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
-        handle = self._handle(fh) if _fh(fh) else None
+        with self._lock:  # an unknown handle: the path's attributes, as without one
+            handle = self._handles.get(_fh(fh) or 0)
         return _stat(self.tree.getattr(path, handle))
 
     @_errno
