@@ -35,6 +35,15 @@ from .interrupts import Interrupts
 log = logging.getLogger(__name__)
 
 URGENT, READ_AHEAD = 0, 1
+# The counters of DecodeScheduler.stats(), in its order.
+STATS_KEYS = (
+    "units_decoded",
+    "decodes_started",
+    "decodes_interrupted",
+    "cache_hits",
+    "cache_misses",
+    "cache_bytes",
+)
 
 
 class Decoded(Protocol):
@@ -222,16 +231,12 @@ class DecodeScheduler:
         self._interrupts.interrupt(thread)
 
     def stats(self) -> dict[str, int]:
-        """What the decoders have done since start (the mount's ``user.ecdcfs.stats``)."""
+        """What the decoders have done since start (the mount's ``user.ecdcfs.stats``), by
+        :data:`STATS_KEYS`."""
         with self._lock:
-            return {
-                "units_decoded": self.decoded_count,
-                "decodes_started": self.started_count,
-                "decodes_interrupted": self.interrupted_count,
-                "cache_hits": self.hits,
-                "cache_misses": self.misses,
-                "cache_bytes": int(self._cache.currsize),
-            }
+            counts = (self.decoded_count, self.started_count, self.interrupted_count)
+            cache = (self.hits, self.misses, int(self._cache.currsize))
+        return dict(zip(STATS_KEYS, counts + cache, strict=True))
 
     def is_cached(self, key: Hashable) -> bool:
         with self._lock:

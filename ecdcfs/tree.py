@@ -69,6 +69,7 @@ from .folders import (
 )
 from .logs import LogOnce
 from .names import AUDIO, DIR, FILE, LINK
+from .scheduler import STATS_KEYS
 
 log = logging.getLogger(__name__)
 
@@ -78,17 +79,6 @@ _WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
 _SNAPSHOT_ATTEMPTS = 3
 
 WARM_UP_QUIET_SECONDS = 1.0
-
-
-# The decoders' counters (DecodeScheduler.stats), zero before the engine starts.
-_DECODER_STATS = (
-    "units_decoded",
-    "decodes_started",
-    "decodes_interrupted",
-    "cache_hits",
-    "cache_misses",
-    "cache_bytes",
-)
 
 
 class FileInfo(NamedTuple):
@@ -477,9 +467,7 @@ class SourceTree:
         first audio open), the bytes of audio served and the files open."""
         with self._lock:
             engine, served, handles = self._engine, self._bytes_served, list(self._open)
-        decoders = (
-            engine.scheduler.stats() if engine is not None else dict.fromkeys(_DECODER_STATS, 0)
-        )
+        decoders = engine.scheduler.stats() if engine is not None else dict.fromkeys(STATS_KEYS, 0)
         return {
             **decoders,
             "bytes_served": served,
