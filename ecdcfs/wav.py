@@ -172,7 +172,7 @@ class WavLayout:
     def pcm_end(self) -> int:
         return len(self.header) + self.data_bytes
 
-    @property
+    @cached_property
     def trailer(self) -> bytes:
         """Every byte after the PCM: a JUNK chunk (see the module doc)."""
         return _chunk(b"JUNK", bytes(TRAILER_BYTES - 8))
