@@ -84,7 +84,18 @@ def _stat(info: FileInfo) -> dict[str, int]:
     }
 
 
-_STATVFS_FIELDS = ("bsize", "frsize", "blocks", "bfree", "bavail", "files", "ffree", "favail")
+# The statvfs fields FUSE's statfs passes on (f_<name>).
+_STATVFS_FIELDS = (
+    "bsize",
+    "frsize",
+    "blocks",
+    "bfree",
+    "bavail",
+    "files",
+    "ffree",
+    "favail",
+    "namemax",
+)
 
 
 class EcdcFS(Operations):
@@ -110,19 +121,22 @@ class EcdcFS(Operations):
         self.tree.close()
         log.info("unmounted %s", self.mountpoint)
 
+    def _find(self, fi: Any) -> Handle | None:
+        """The open handle a ``fuse_file_info`` or handle number names, if any."""
+        with self._lock:
+            return self._handles.get(_fh(fi) or 0)
+
     def _handle(self, fi: Any) -> Handle:
         """The open handle a ``fuse_file_info`` or handle number names (EBADF if none)."""
-        with self._lock:
-            handle = self._handles.get(_fh(fi) or 0)
+        handle = self._find(fi)
         if handle is None:
             raise OSError(errno.EBADF, "bad file handle")
         return handle
 
     @_errno
     def getattr(self, path: str, fh: Any = None) -> dict[str, Any]:
-        with self._lock:  # an unknown handle: the path's attributes, as without one
-            handle = self._handles.get(_fh(fh) or 0)
-        return _stat(self.tree.getattr(path, handle))
+        # An unknown handle: the path's attributes, as without one.
+        return _stat(self.tree.getattr(path, self._find(fh)))
 
     @_errno
     def readdir(self, path: str, fh: int) -> list:
@@ -166,7 +180,7 @@ class EcdcFS(Operations):
     @_errno
     def statfs(self, path: str) -> dict[str, int]:
         sv = self.tree.statfs()
-        return {f"f_{name}": getattr(sv, f"f_{name}") for name in (*_STATVFS_FIELDS, "namemax")}
+        return {f"f_{name}": getattr(sv, f"f_{name}") for name in _STATVFS_FIELDS}
 
     @_errno
     def getxattr(self, path: str, name: str, position: int = 0) -> bytes:
