@@ -137,9 +137,9 @@ OPTIONS = (
     ),
     Option(
         "riff-info",
-        "also tag each WAV with RIFF LIST/INFO, for software that reads no ID3 chunk "
-        "(minidlna, GStreamer 1.22): ffmpeg 5 then warns that it discards the ID3 tags, and "
-        "MediaInfo shows a non-ASCII INFO title as Latin-1",
+        "also tag each WAV with RIFF LIST/INFO that every reader finds, for software that "
+        "reads no ID3 chunk (GStreamer 1.22): ffmpeg 5 then warns that it discards the ID3 "
+        "tags, and MediaInfo shows a non-ASCII INFO title as Latin-1",
     ),
     Option(
         "allow-other",

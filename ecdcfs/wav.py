@@ -1,12 +1,14 @@
 """WAV layout (RIFF or RF64) and float -> PCM s16le.
 
-The file is ``RIFF|RF64 WAVE [ds64] fmt [id3 ] JUNK data <PCM> JUNK``:
+The file is ``RIFF|RF64 WAVE [ds64] fmt [id3 ] JUNK [JUNK JUNK] data <PCM> JUNK``:
 
 - Tags are one ID3v2.4 tag in an ``id3 `` chunk (UTF-8 frames, which ffmpeg, TagLib,
-  mutagen, MediaInfo and ExifTool read). LIST/INFO (UTF-8 too) is written only when asked
-  for (``riff_info``), for minidlna and GStreamer 1.22, which read nothing else: beside an
-  ID3 tag, ffmpeg 5 drops the ID3 tag with a warning, and MediaInfo reads INFO as
-  Latin-1.
+  mutagen, MediaInfo and ExifTool read). Readers that find LIST/INFO too misread: ffmpeg 5
+  drops the ID3 tag with a warning, MediaInfo reads INFO as Latin-1. minidlna reads only
+  LIST/INFO, and walks the chunks without skipping the pad byte after an odd size: the
+  same tags as LIST/INFO (UTF-8) sit where that walk, and only that one, finds them (see
+  :func:`_unpadded_walkers_only`). ``riff_info`` writes LIST/INFO for every reader, for
+  GStreamer 1.22, which reads nothing else.
 - A ``JUNK`` chunk before ``data`` puts the PCM at 8 KiB at least (:data:`MIN_PCM_OFFSET`:
   scanners read the header in buffers of up to 8 KiB, ExifTool's, and ask for no audio
   then) and ends the PCM at a 4 KiB boundary (:data:`PCM_END_ALIGN`): glibc reads a
@@ -16,8 +18,8 @@ The file is ``RIFF|RF64 WAVE [ds64] fmt [id3 ] JUNK data <PCM> JUNK``:
 - A ``JUNK`` chunk of :data:`TRAILER_BYTES` follows the PCM: scanners look for ID3v1 and
   APE tags in the last bytes of a file (mutagen the last 160, TagLib the last KiB) and
   find no audio there either.
-- Every chunk has an even size (a pad byte that some readers skip and others do not never
-  appears), and the whole layout follows from the header's fields alone.
+- Every chunk but the JUNK before that LIST/INFO has an even size, and the whole layout
+  follows from the header's fields alone.
 """
 
 from __future__ import annotations
@@ -58,6 +60,19 @@ def _info_chunk(tags: dict[bytes, str]) -> bytes:
             data = text.encode("utf-8", "replace") + b"\0"
             body += _chunk(tag, data + b"\0" * (len(data) % 2))
     return _chunk(b"LIST", b"INFO" + body) if body else b""
+
+
+def _unpadded_walkers_only(info: bytes) -> bytes:
+    """``info`` placed for readers that skip no pad byte after an odd-sized chunk (minidlna)
+    and hidden from those that do: the pad byte of an odd JUNK chunk, an empty JUNK chunk,
+    then a JUNK chunk whose body holds ``info`` where the unpadded walk lands.
+
+    The unpadded walk reads the pad byte and the empty chunk's ``JUNK`` as a chunk id and
+    ``K\0\0\0`` as its size (75), which puts it 66 bytes into the third chunk's body; after
+    ``info`` both walks meet again at the chunk that follows.
+    """
+    lands_at = 8 + ord("K") - 17  # from the pad byte: 8 + 75 on; the body: 1 + 8 + 8 on
+    return b"\0" + _chunk(b"JUNK", b"") + _chunk(b"JUNK", bytes(lands_at) + info)
 
 
 def _syncsafe(size: int) -> bytes:
@@ -148,9 +163,14 @@ class WavLayout:
             ),
         )
         tags = _id3_chunk(self.title or "", self.comment, self.source or "", self.thumbnail or "")
+        info = _info_chunk({b"INAM": self.title or "", b"ICMT": self.comment})
+        hidden = b""
         if self.riff_info:
-            tags = _info_chunk({b"INAM": self.title or "", b"ICMT": self.comment}) + tags
-        chunks = 4 + len(fmt) + len(tags) + 16  # WAVE, the chunks, the JUNK and data headers
+            tags = info + tags
+        elif info:
+            hidden = _unpadded_walkers_only(info)
+        # WAVE, the chunks, the JUNK and data headers (and at least 1 byte of JUNK: see below)
+        chunks = 4 + len(fmt) + len(tags) + len(hidden) + 16 + (1 if hidden else 0)
         ds64 = b""
         if self._riff_size(chunks) > _U32_MAX:  # RF64: the sizes go in a ds64 chunk up front
             ds64 = _ds64(
@@ -161,7 +181,10 @@ class WavLayout:
             head, data_size = b"RF64" + struct.pack("<I", _U32_MAX), _U32_MAX
         else:
             head, data_size = b"RIFF" + struct.pack("<I", self._riff_size(chunks)), self.data_bytes
-        junk = _chunk(b"JUNK", bytes(pcm_offset(8 + chunks, self.data_bytes) - 8 - chunks))
+        # The JUNK fills up to the PCM's offset; with ``hidden`` it is odd-sized, so that
+        # ``hidden`` starts at its pad byte.
+        size = pcm_offset(8 + chunks, self.data_bytes) - 8 - chunks + (1 if hidden else 0)
+        junk = b"JUNK" + struct.pack("<I", size) + bytes(size) + hidden
         return head + b"WAVE" + ds64 + fmt + tags + junk + b"data" + struct.pack("<I", data_size)
 
     def _riff_size(self, chunks: int) -> int:

@@ -38,15 +38,32 @@ def chunks(header: bytes) -> dict[bytes, bytes]:
     return found
 
 
-def chunk_walk(data: bytes) -> list[tuple[bytes, int, int]]:
-    """``(id, offset, size)`` of every chunk to the end, walked the way minidlna does: from
-    size to size, skipping no pad byte."""
+def chunk_walk(data: bytes, pad: bool = True) -> list[tuple[bytes, int, int]]:
+    """``(id, offset, size)`` of every chunk to the end, with the pad byte after an odd size
+    skipped, or not (as minidlna walks); either walk ends at the file's end."""
     found, offset = [], 12
     while offset + 8 <= len(data):
         tag, size = data[offset : offset + 4], struct.unpack_from("<I", data, offset + 4)[0]
         found.append((tag, offset, size))
-        offset += 8 + size
+        offset += 8 + size + (size % 2 if pad else 0)
     assert offset == len(data)
+    return found
+
+
+def info_tags(data: bytes, walk: list[tuple[bytes, int, int]]) -> dict[bytes, str]:
+    """The LIST/INFO sub-chunks a walk finds, read the way minidlna reads them (from size
+    to size: each sub-chunk must be even-sized)."""
+    found = {}
+    for tag, at, size in walk:
+        if tag != b"LIST":
+            continue
+        info, offset = data[at + 8 : at + 8 + size], 4
+        assert info[:4] == b"INFO"
+        while offset < len(info):
+            key, length = info[offset : offset + 4], struct.unpack_from("<I", info, offset + 4)[0]
+            assert length % 2 == 0
+            found[key] = info[offset + 8 : offset + 8 + length].rstrip(b"\0").decode()
+            offset += 8 + length
     return found
 
 
@@ -91,27 +108,38 @@ def test_tags_read_by_mutagen():
     assert list(chunks(layout.header)) == [b"fmt ", b"id3 ", b"JUNK"]
 
 
-def test_no_riff_info_unless_asked_for():
-    """One set of tags: with LIST/INFO beside ID3, ffmpeg 5 drops the ID3 tag with a
-    warning and MediaInfo reads the INFO title as Latin-1."""
-    assert b"LIST" not in tagged(title=TITLE, source=SOURCE, thumbnail=THUMB).header
+@pytest.mark.parametrize("title", ["a", "ab", TITLE, "x" * 5000])
+@pytest.mark.parametrize("frames", [0, 7, 1023, 48_000])
+def test_info_only_for_walkers_that_skip_no_pad_byte(title, frames):
+    """One set of tags for readers that skip the pad byte after an odd chunk, as RIFF says
+    (ffmpeg 5 drops an ID3 tag found beside LIST/INFO, with a warning; MediaInfo reads INFO
+    as Latin-1): they find ID3 only. minidlna skips no pad byte and reads INFO only: its walk
+    finds LIST/INFO, inside a JUNK chunk of the others' walk, then the same data chunk."""
+    layout = tagged(frames=frames, title=title, source=SOURCE, thumbnail=THUMB)
+    data = layout.wrap(bytes(layout.data_bytes))
+    padded, unpadded = chunk_walk(data), chunk_walk(data, pad=False)
+    assert [tag for tag, _, _ in padded] == [b"fmt ", b"id3 ", *[b"JUNK"] * 3, b"data", b"JUNK"]
+    assert info_tags(data, padded) == {}
+    assert [tag for tag, _, _ in unpadded][-3:-1] == [b"LIST", b"data"]
+    assert unpadded[-2:] == padded[-2:]
+    assert info_tags(data, unpadded) == {b"INAM": title, b"ICMT": COMMENT}
+    assert WAVE(io.BytesIO(data)).tags["TIT2"].text == [title]
+
+
+def test_no_info_without_tags():
+    data = tagged().wrap(bytes(tagged().data_bytes))
+    assert chunk_walk(data, pad=False) == chunk_walk(data)
 
 
 @pytest.mark.parametrize("title", ["a", "ab", TITLE])
 def test_riff_info_holds_title_and_comment_in_even_chunks(title):
-    """For minidlna and GStreamer 1.22 (``riff_info``): UTF-8, NUL-terminated, each
-    sub-chunk padded with NULs to an even size (minidlna skips no pad byte)."""
+    """``riff_info`` (for GStreamer 1.22): LIST/INFO in every walk, UTF-8, NUL-terminated,
+    each sub-chunk padded with NULs to an even size."""
     layout = WavLayout(2, 44_100, 10, title, SOURCE, THUMB, riff_info=True)
     data = layout.wrap(bytes(layout.data_bytes))
-    assert [tag for tag, _, _ in chunk_walk(data)][:3] == [b"fmt ", b"LIST", b"id3 "]
-    info, found, offset = chunks(layout.header)[b"LIST"], {}, 4
-    assert info[:4] == b"INFO"
-    while offset < len(info):
-        tag, size = info[offset : offset + 4], struct.unpack_from("<I", info, offset + 4)[0]
-        assert size % 2 == 0
-        found[tag] = info[offset + 8 : offset + 8 + size].rstrip(b"\0").decode()
-        offset += 8 + size
-    assert found == {b"INAM": title, b"ICMT": COMMENT}
+    for walk in (chunk_walk(data), chunk_walk(data, pad=False)):
+        assert [tag for tag, _, _ in walk] == [b"fmt ", b"LIST", b"id3 ", b"JUNK", b"data", b"JUNK"]
+        assert info_tags(data, walk) == {b"INAM": title, b"ICMT": COMMENT}
     assert WAVE(io.BytesIO(data)).tags["TIT2"].text == [title]
     assert b"LIST" not in WavLayout(2, 44_100, 10, riff_info=True).header  # no tags: none
 
@@ -119,21 +147,21 @@ def test_riff_info_holds_title_and_comment_in_even_chunks(title):
 @pytest.mark.parametrize("channels", [1, 2])
 @pytest.mark.parametrize("frames", [0, 1, 7, 1023, 1024, 1025, 48_000, 1_000_001])
 @pytest.mark.parametrize("title", [None, "a", "ab", "Tïtle ☃", "x" * 5000, "é" * 9000])
-def test_pcm_from_8_kib_to_a_4_kib_boundary_every_chunk_even(channels, frames, title):
+def test_pcm_from_8_kib_to_a_4_kib_boundary(channels, frames, title):
     """JUNK before ``data`` puts the PCM at 8 KiB at least (after long tags: the first
-    offset that fits) and ends it at a 4 KiB boundary; 1 KiB of JUNK follows. Every chunk
-    is even-sized, so walking the file without pad bytes (as minidlna does) lands on each
-    chunk and ends at its end."""
+    offset that fits) and ends it at a 4 KiB boundary; 1 KiB of JUNK follows. Walked with
+    pad bytes or without, the file's chunks end at its end."""
     layout = WavLayout(channels, 48_000, frames, title, "https://e.org/s" if title else None)
     data = layout.wrap(bytes(layout.data_bytes))
     walk = chunk_walk(data)
-    tags = [b"id3 "] if title else []
+    tags = [b"id3 ", b"JUNK", b"JUNK"] if title else []
     assert [tag for tag, _, _ in walk] == [b"fmt ", *tags, b"JUNK", b"data", b"JUNK"]
-    assert all(size % 2 == 0 for _, _, size in walk)
+    assert chunk_walk(data, pad=False)[-2:] == walk[-2:]
     pcm_start, pcm_end = len(layout.header), layout.pcm_end
     assert walk[-2][1:] == (pcm_start - 8, layout.data_bytes)
     assert pcm_start >= MIN_PCM_OFFSET and pcm_end % 4096 == 0
-    earliest = max(MIN_PCM_OFFSET, walk[-3][1] + 16)  # after the JUNK and data headers
+    filler = walk[2 if title else 1]  # the JUNK that could be shorter (odd with INFO: 1+)
+    earliest = max(MIN_PCM_OFFSET, pcm_start - (filler[2] - (1 if title else 0)))
     assert pcm_start - earliest < 4096
     assert walk[-1] == (b"JUNK", pcm_end, 1024 - 8) and len(data) == pcm_end + 1024
     assert len(data) == layout.size and struct.unpack_from("<I", data, 4)[0] == len(data) - 8
