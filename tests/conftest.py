@@ -1,9 +1,10 @@
 """Shared pytest fixtures.
 
-``torch_home`` provides seeded random-init Encodec checkpoints (see ``synth.py``) so the
+``torch_home`` provides seeded random-init Encodec checkpoints (see ``synth/``) so the
 unmodified upstream loaders work offline. ``serve`` starts local HTTP servers of files
-(``helpers.py``: also ``read_all`` and ``cuda_device_count``). ``import synth`` in tests for
-``make_ecdc``, ``to_v193`` and ``reference_pcm``.
+(``helpers.py``: also ``read_all`` and ``cuda_device_count``). ``media`` holds the files most
+tests read, with their expected PCM and WAV bytes; ``src`` is an empty SOURCE folder.
+``import synth`` in tests for ``make_ecdc``, ``to_v193`` and ``reference_pcm``.
 
 Environment knobs:
   ECDCFS_TEST_NO_CACHE=1       generate checkpoints afresh instead of using
@@ -25,6 +26,8 @@ import pytest
 
 import helpers
 import synth
+from ecdcfs.tree import SourceTree
+from mounting import SR, TITLE, source_folder, wav_bytes
 
 
 def _tree(folder: Path) -> dict[str, tuple[int, int]]:
@@ -115,6 +118,67 @@ def default_cache(graph_cache, tmp_path) -> Path:
     for graph in (graph_cache / "graphs").iterdir():
         os.link(graph, cache / "graphs" / graph.name)
     return cache
+
+
+@pytest.fixture(scope="session")
+def media(torch_home) -> dict:
+    """The 48 kHz files most tests read: ``song`` (2 s, 3 frames), ``song2`` (other audio),
+    ``short`` (1 s, 2 frames), ``lm`` (1 s, LM-coded); each with its expected PCM
+    (``*_pcm``, encodec's decode) and the WAV a mount serves (``*_wav``). ``short_v193`` is
+    ``short`` at 44.1 kHz titled :data:`mounting.TITLE`; ``short_v192`` the same audio in
+    other bytes."""
+    made = {
+        "song": synth.make_ecdc(samples=2 * SR, seed=11),
+        "song2": synth.make_ecdc(samples=2 * SR, seed=14),
+        "short": synth.make_ecdc(samples=SR, seed=12),
+        "lm": synth.make_ecdc(samples=SR, lm=True, seed=13),
+    }
+    for name in list(made):
+        made[f"{name}_pcm"] = synth.reference_pcm(made[name])
+        made[f"{name}_wav"] = wav_bytes(made[f"{name}_pcm"], SR)
+    made["short_v193"] = synth.to_v193(made["short"], sr=44_100, name=TITLE)
+    made["short_v192"] = synth.to_v193(made["short"], sr=SR, version=192)
+    return made
+
+
+@pytest.fixture(scope="session")
+def songs(torch_home, tmp_path_factory) -> dict[str, Path]:
+    """.ecdc files in a folder: ``v0`` (:data:`helpers.SONG_SAMPLES` at 48 kHz), ``v193``
+    (the same, tagged with :data:`helpers.SONG_TAGS`), ``v193_44k`` (titled, 44.1 kHz),
+    ``v0_24k`` (3 s at 24 kHz) and ``lm`` (2 s LM-coded at 48 kHz)."""
+    folder = tmp_path_factory.mktemp("songs")
+    v0 = synth.make_ecdc("encodec_48khz", helpers.SONG_SAMPLES, kbps=6)
+    name, source, thumbnail = helpers.SONG_TAGS
+    made = {
+        "v0": v0,
+        "v193": synth.to_v193(v0, 48_000, name=name, source=source, thumbnail=thumbnail),
+        "v193_44k": synth.to_v193(v0, 44_100, name=name),
+        "v0_24k": synth.make_ecdc("encodec_24khz", 72_000, kbps=1.5),
+        "lm": synth.make_ecdc("encodec_48khz", 2 * 48_000 + 1000, kbps=3, lm=True),
+    }
+    return {key: synth.write(folder, f"{key}.ecdc", data) for key, data in made.items()}
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    """An empty SOURCE folder."""
+    folder = tmp_path / "src"
+    folder.mkdir()
+    return folder
+
+
+@pytest.fixture
+def tree(src: Path) -> Iterator[SourceTree]:
+    """The view of ``src`` (no engine: it is created only if something decodes)."""
+    view = SourceTree(src)
+    yield view
+    view.close()
+
+
+@pytest.fixture
+def small_library(tmp_path, media) -> Path:
+    """A SOURCE of one 1 s file (``x.ecdc``, media["short"]) and a text file."""
+    return source_folder(tmp_path, {"x.ecdc": media["short"], "a.txt": b"a"})
 
 
 @pytest.fixture

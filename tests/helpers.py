@@ -1,5 +1,7 @@
-"""Helpers the test modules share: reading a whole file through a Reader, the CUDA devices
-torch sees, and a local HTTP server of files (with or without ranges and lengths)."""
+"""Helpers the test modules (and scripts/bench) share: reading a whole file through a
+Reader, the WAV expected of a file, engine stand-ins for the tree, running a function in
+threads at once, a process's memory from /proc, the CUDA devices torch sees, and a local
+HTTP server of files (with or without ranges and lengths)."""
 
 from __future__ import annotations
 
@@ -7,9 +9,13 @@ import contextlib
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 
 READ = 128 * 1024  # what the kernel asks a FUSE filesystem for
+SONG_SAMPLES = 150_000  # conftest's songs: 3.1 s at 48 kHz, four frames, the last a short one
+SONG_TAGS = ("Sóng [live]", "https://example.org/song", "https://example.org/t.jpg")
 
 
 def read_all(reader, size: int = READ) -> bytes:
@@ -18,6 +24,139 @@ def read_all(reader, size: int = READ) -> bytes:
     while chunk := reader.read(len(out), size):
         out += chunk
     return bytes(out)
+
+
+def read_everything(audio, timeout: float) -> tuple[str, float]:
+    """Read an AudioFile's whole WAV in a thread: ('ok' | 'error: ...' of a container
+    error, seconds); fails if it has not ended after ``timeout`` seconds."""
+    from ecdcfs.container import EcdcError
+
+    result: list[str] = []
+
+    def run() -> None:
+        reader = audio.reader()
+        try:
+            out, offset = bytearray(), 0
+            while chunk := reader.read(offset, READ):
+                out += chunk
+                offset += len(chunk)
+            assert len(out) == audio.size
+            result.append("ok")
+        except EcdcError as exc:
+            result.append(f"error: {exc}")
+        finally:
+            reader.close()
+
+    started = time.monotonic()
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert not thread.is_alive(), f"reading the whole file hung for {timeout} s"
+    return result[0], time.monotonic() - started
+
+
+def expected_wav(
+    data: bytes, sample_rate: int | None = None, title=None, source=None, thumbnail=None
+) -> bytes:
+    """The WAV ecdcfs serves for ``data``: encodec's decode in ecdcfs's layout."""
+    import synth
+    from ecdcfs.wav import WavLayout
+
+    pcm = synth.reference_pcm(data)
+    layout = WavLayout(pcm.shape[1], sample_rate or 48_000, pcm.shape[0], title, source, thumbnail)
+    return layout.wrap(pcm.astype("<i2").tobytes())
+
+
+def entries(tree, path: str = "/") -> dict[str, int]:
+    """A SourceTree's listing of ``path``: name -> the entry's mode bits."""
+    return dict(tree.readdir(path))
+
+
+class NoEngine:
+    """Engine factory that fails the test if anything asks for decoding machinery."""
+
+    calls = 0
+
+    def __call__(self):
+        NoEngine.calls += 1
+        raise AssertionError("the engine must not be created")
+
+
+class RecordingEngine:
+    """Engine stand-in: records the bytes each open snapshot holds, decodes nothing."""
+
+    def __init__(self) -> None:
+        from ecdcfs.settings import Settings
+
+        self.opened: list[int] = []
+        self.settings = Settings()
+
+    def __call__(self):
+        return self
+
+    def open(self, path, data, riff_info=False):
+        from ecdcfs.audiofile import AudioFile
+        from ecdcfs.container import parse_header
+        from ecdcfs.source import MemorySource
+
+        self.opened.append(len(data))
+        header = parse_header(data, len(data))
+        return AudioFile(self, str(path), MemorySource(data), header, riff_info)
+
+    def close(self) -> None:
+        pass
+
+
+def fail_download(*args, **kwargs):
+    """A stand-in for ``ecdcfs.checkpoint.download`` with no network."""
+    raise OSError("network is unreachable")
+
+
+def load_onnx_decoder(name: str, cache, threads: int = 1):
+    """Model ``name``'s ONNX Runtime decoder through a fresh store of ``cache`` (a remount)."""
+    from ecdcfs.container import MODELS
+    from ecdcfs.graph_store import GraphStore
+    from ecdcfs.interrupts import Interrupts
+    from ecdcfs.onnx_decoder import OnnxDecoder
+
+    spec = MODELS[name]
+    return GraphStore(cache).load(spec, lambda g: OnnxDecoder(spec, g, Interrupts(), threads))
+
+
+def run_in_threads(func, arguments: list[tuple], timeout: float = 300) -> list[BaseException]:
+    """Run ``func(*args)`` for every ``args`` at once, a thread each; return what they raised."""
+    errors: list[BaseException] = []
+
+    def guarded(*args) -> None:
+        try:
+            func(*args)
+        except BaseException as exc:  # reported to the caller
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=args) for args in arguments]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout)
+    assert not any(thread.is_alive() for thread in threads), "threads still running"
+    return errors
+
+
+def proc_kib(pid: int, field: str) -> int:
+    """A ``/proc/PID/status`` figure in KiB (VmRSS, VmHWM...)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise LookupError(field)
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Set ``pid``'s VmHWM to its VmRSS, so VmHWM measures from now on (False: not allowed)."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
 
 
 def cuda_device_count() -> int:

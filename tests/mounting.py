@@ -7,6 +7,7 @@ for a mount, and an independent WAV writer for the bytes a mount must show.
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import signal
@@ -22,6 +23,7 @@ import numpy as np
 from mutagen.id3 import ID3, TIT2, Encoding
 
 SR = 48_000  # the rate of the 48 kHz test files
+TITLE = "Título [live] ☃"  # the title of conftest's media["short_v193"]
 
 
 def fuse_available() -> bool:
@@ -31,28 +33,43 @@ def fuse_available() -> bool:
     )
 
 
-def wav_size(data_bytes: int, tags: int = 0) -> int:
-    """Size of the WAV a mount serves for ``data_bytes`` of PCM with a ``tags``-byte id3
-    chunk: the PCM from 8 KiB on (after long tags), to a 4 KiB boundary, then 1 KiB."""
-    start = max(8192, 44 + 8 + tags)
+def wav_size(data_bytes: int, title: str | None = None) -> int:
+    """Size of the WAV a mount serves for ``data_bytes`` of PCM with ``title``: the PCM from
+    8 KiB on (after long tags), to a 4 KiB boundary, then 1 KiB."""
+    tags = _id3_chunk(title) + _hidden_info(title) if title else b""
+    start = max(8192, 44 + len(tags) + 8 + (1 if title else 0))  # JUNK: 1+ bytes if odd
     return start + -(start + data_bytes) % 4096 + data_bytes + 1024
 
 
 def wav_bytes(pcm: np.ndarray, rate: int, title: str | None = None) -> bytes:
     """A 16-bit PCM WAV of ``pcm`` [samples, channels], built independently of ecdcfs in
-    the layout a mount serves: ``RIFF WAVE fmt [id3 ] JUNK data <PCM> JUNK``."""
+    the layout a mount serves: ``RIFF WAVE fmt [id3 ] JUNK [JUNK JUNK] data <PCM> JUNK``."""
     channels = pcm.shape[1]
     data = pcm.astype("<i2").tobytes()
     fmt = struct.pack(
         "<4sIHHIIHH", b"fmt ", 16, 1, channels, rate, rate * channels * 2, channels * 2, 16
     )
-    tags = _id3_chunk(title) if title else b""
-    head = b"WAVE" + fmt + tags
-    pcm_start = wav_size(len(data), len(tags)) - 1024 - len(data)
-    junk = pcm_start - 8 - len(head) - 16
-    head += b"JUNK" + struct.pack("<I", junk) + bytes(junk) + b"data" + struct.pack("<I", len(data))
+    id3, hidden = (_id3_chunk(title), _hidden_info(title)) if title else (b"", b"")
+    head = b"WAVE" + fmt + id3
+    pcm_start = wav_size(len(data), title) - 1024 - len(data)
+    junk = pcm_start - 8 - len(head) - 16 - len(hidden)
+    head += b"JUNK" + struct.pack("<I", junk) + bytes(junk) + hidden
+    head += b"data" + struct.pack("<I", len(data))
     body = head + data + b"JUNK" + struct.pack("<I", 1016) + bytes(1016)
     return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def _hidden_info(title: str) -> bytes:
+    """What follows the body of the odd-sized JUNK before ``data`` in a titled file: its
+    pad byte, an empty JUNK, and a JUNK whose body holds LIST/INFO with the title where a
+    walk that skips no pad byte (minidlna's) lands: it reads the pad byte and ``JUN`` as a
+    chunk id, ``K\0\0\0`` as its size (75), and so goes on 66 bytes into that body."""
+    text = title.encode() + b"\0"
+    text += b"\0" * (len(text) % 2)
+    info = b"INFO" + b"INAM" + struct.pack("<I", len(text)) + text
+    listed = b"LIST" + struct.pack("<I", len(info)) + info
+    body = bytes(66) + listed
+    return b"\0JUNK" + bytes(4) + b"JUNK" + struct.pack("<I", len(body)) + body
 
 
 def _id3_chunk(title: str) -> bytes:
@@ -131,8 +148,8 @@ EXACT = ("--exact", "--no-persist")
 
 
 class Mount:
-    """A foreground ``ecdcfs SRC MNT -f`` subprocess (``--exact --no-persist`` unless
-    ``exact`` is False)."""
+    """A foreground ``ecdcfs SRC MNT -f --device cpu --log-file LOG`` subprocess
+    (``--exact --no-persist`` unless ``exact`` is False); its stderr goes to ``LOG.stderr``."""
 
     def __init__(
         self,
@@ -143,31 +160,29 @@ class Mount:
         exact: bool = True,
         python: str = sys.executable,
         env: dict[str, str] | None = None,
+        timeout: float = 30,
     ) -> None:
         self.src, self.mnt, self.log = src, mnt, log
         mnt.mkdir(exist_ok=True)
-        self.proc = subprocess.Popen(
-            ecdcfs_cmd(
-                str(src),
-                str(mnt),
-                "-f",
-                *(EXACT if exact else ()),
-                "--device",
-                "cpu",
-                "--log-file",
-                str(log),
-                *extra,
-                python=python,
-            ),
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            env=env,
-        )
+        options = [*(EXACT if exact else ()), "--device", "cpu", "--log-file", str(log), *extra]
+        with open(log.with_name(log.name + ".stderr"), "wb") as stderr:
+            self.proc = subprocess.Popen(
+                ecdcfs_cmd(str(src), str(mnt), "-f", *options, python=python),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=stderr,
+                env=env,
+            )
         try:
-            wait_mounted(mnt, self.proc)
-        except AssertionError:
+            wait_mounted(mnt, self.proc, timeout)
+        except AssertionError as exc:
             self.stop()
-            raise
+            raise AssertionError(f"{exc}: {self.tail()}") from None
+
+    @property
+    def pid(self) -> int:
+        """The daemon's process id."""
+        return self.proc.pid
 
     def stop(self) -> None:
         """Unmount, wait for the daemon to exit (kill it after 30 s), unmount what is left."""
@@ -182,6 +197,25 @@ class Mount:
     def log_text(self) -> str:
         """The daemon's log so far."""
         return self.log.read_text() if self.log.exists() else ""
+
+    def error_lines(self) -> list[str]:
+        """The log's ERROR lines."""
+        return [line for line in self.log_text().splitlines() if " ERROR " in line]
+
+    def tail(self) -> str:
+        """The end of the daemon's stderr and log (for error messages)."""
+        stderr = self.log.with_name(self.log.name + ".stderr")
+        text = (stderr.read_text() if stderr.exists() else "") + self.log_text()
+        return text[-2000:] or "(no output)"
+
+    def stats(self) -> dict[str, int]:
+        """The mount's counters (``user.ecdcfs.stats``), once every file is closed."""
+        deadline = time.monotonic() + 30
+        while True:
+            found = json.loads(os.getxattr(self.mnt, "user.ecdcfs.stats"))
+            if found["files_open"] == 0 or time.monotonic() > deadline:
+                return found
+            time.sleep(0.05)
 
 
 @contextmanager

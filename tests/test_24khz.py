@@ -12,6 +12,7 @@ import time
 import numpy as np
 import pytest
 
+import helpers
 import synth
 from ecdcfs.cache_dir import INDEX_SUFFIX
 from ecdcfs.causal import CHUNK_STEPS, CONTEXT_STEPS, ChunkGrid, packed_steps
@@ -134,7 +135,7 @@ def test_random_and_concurrent_reads_equal_a_sequential_read(torch_home, tmp_pat
             for offset, size in part:
                 assert reader.read(offset, size) == expected[offset : offset + size]
 
-        errors = synth.run_in_threads(worker, [(spans[i::4],) for i in range(4)])
+        errors = helpers.run_in_threads(worker, [(spans[i::4],) for i in range(4)])
         assert not errors, errors[0]
         # A chunk decoded again (as after an eviction) gives the same bytes.
         assert np.array_equal(audio.decode(3).audio, audio.request(3).result().audio)
@@ -161,8 +162,8 @@ def test_one_hour_file_seeks_in_bounded_memory_and_time(engine, tmp_path):
     codec.decode_frame(EncodedFrame(codes, None))  # baseline: 5 s of codes, a warm model
     baseline = time.perf_counter() - started
 
-    measured = synth.reset_peak_rss(os.getpid())
-    rss_before = synth.proc_kib(os.getpid(), "VmRSS")
+    measured = helpers.reset_peak_rss(os.getpid())
+    rss_before = helpers.proc_kib(os.getpid(), "VmRSS")
     offset = len(audio.wav.header) + 2 * 45 * 60 * SR
     started = time.perf_counter()
     data = audio.reader().read(offset, 2 * SR)
@@ -173,7 +174,7 @@ def test_one_hour_file_seeks_in_bounded_memory_and_time(engine, tmp_path):
     assert engine.scheduler.decoded_count == 1
     assert elapsed < 6 * baseline + 1, (elapsed, baseline)
     if measured:
-        growth_mb = (synth.proc_kib(os.getpid(), "VmHWM") - rss_before) / 1024
+        growth_mb = (helpers.proc_kib(os.getpid(), "VmHWM") - rss_before) / 1024
         assert growth_mb < 400, growth_mb
     # The same bytes as when the chunk is reached from its neighbour.
     assert audio.read(offset - 10, 20)[10:] == data[:10]
@@ -312,19 +313,6 @@ def test_partial_lm_index_serves_its_blocks_while_the_rest_is_rebuilt(
         second.close()
 
 
-def test_truncated_lm_file_reads_up_to_the_damage(engine, small_chunks, tmp_path):
-    samples, nc = 160 * HOP, 2
-    lm_data, plain_data = lm_and_plain(engine, samples, nc, seed=4)
-    expected = read_all(engine.open(synth.write(tmp_path, "plain.ecdc", plain_data)).reader())
-    audio = engine.open(synth.write(tmp_path, "lm.ecdc", lm_data[: len(lm_data) // 2]))
-    assert audio.read(0, 1000) == expected[:1000]
-    with pytest.raises(EcdcError, match="truncated"):
-        audio.read(audio.wav.pcm_end - 10, 10)
-    with pytest.raises(EcdcError, match="truncated"):  # again, at once
-        audio.read(audio.wav.pcm_end - 10, 10)
-    assert audio.read(0, 1000) == expected[:1000]
-
-
 def test_long_lm_file_opens_with_its_exact_size_and_fails_only_where_damaged(engine, tmp_path):
     samples = 2 * 3600 * SR + 5  # two hours claimed, 64 bytes of payload
     path = synth.write(
@@ -335,10 +323,10 @@ def test_long_lm_file_opens_with_its_exact_size_and_fails_only_where_damaged(eng
     assert audio.read(0, len(audio.wav.header)) == audio.wav.header
     assert engine.decoder(MODELS["encodec_24khz"]) and engine.lm(MODELS["encodec_24khz"])
     # (loaded: not counted below)
-    rss_before = synth.proc_kib(os.getpid(), "VmRSS")
+    rss_before = helpers.proc_kib(os.getpid(), "VmRSS")
     with pytest.raises(EcdcError):
         audio.read(audio.wav.pcm_end - 10, 10)
-    assert (synth.proc_kib(os.getpid(), "VmRSS") - rss_before) / 1024 < 100
+    assert (helpers.proc_kib(os.getpid(), "VmRSS") - rss_before) / 1024 < 100
 
 
 def test_lm_blocks_do_not_keep_the_decoders_symbol_log(engine, monkeypatch):
@@ -364,3 +352,16 @@ def test_lm_blocks_do_not_keep_the_decoders_symbol_log(engine, monkeypatch):
         blocks.append(block)
     assert [b.shape[1] for b in blocks] == [40, 40, 20]
     assert np.array_equal(np.concatenate(blocks, axis=1), codes)
+
+
+def test_truncated_lm_file_reads_up_to_the_damage(engine, small_chunks, tmp_path):
+    samples, nc = 160 * HOP, 2
+    lm_data, plain_data = lm_and_plain(engine, samples, nc, seed=4)
+    expected = read_all(engine.open(synth.write(tmp_path, "plain.ecdc", plain_data)).reader())
+    audio = engine.open(synth.write(tmp_path, "lm.ecdc", lm_data[: len(lm_data) // 2]))
+    assert audio.read(0, 1000) == expected[:1000]
+    with pytest.raises(EcdcError, match="truncated"):
+        audio.read(audio.wav.pcm_end - 10, 10)
+    with pytest.raises(EcdcError, match="truncated"):  # again, at once
+        audio.read(audio.wav.pcm_end - 10, 10)
+    assert audio.read(0, 1000) == expected[:1000]

@@ -10,21 +10,10 @@ import numpy as np
 import pytest
 from mutagen.wave import WAVE
 
+import helpers
 import synth
-from ecdcfs.container import EcdcError
-from ecdcfs.decoder import ModelUnavailable
 from ecdcfs.engine import Engine, Settings
-from ecdcfs.wav import WavLayout
 from helpers import READ, read_all
-
-
-def expected_wav(
-    data: bytes, sample_rate: int | None = None, title=None, source=None, thumbnail=None
-) -> bytes:
-    pcm = synth.reference_pcm(data)
-    layout = WavLayout(pcm.shape[1], sample_rate or 48_000, pcm.shape[0], title, source, thumbnail)
-    return layout.wrap(pcm.astype("<i2").tobytes())
-
 
 CASES = [
     # (samples, kbps, lm): every bandwidth, then the edge lengths of the frame grid
@@ -46,7 +35,7 @@ CASES = [
 def test_sequential_read_equals_encodec_decode(engine, tmp_path, samples, kbps, lm):
     data = synth.make_ecdc(samples=samples, kbps=kbps, lm=lm)
     audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
-    expected = expected_wav(data)
+    expected = helpers.expected_wav(data)
     assert audio.size == len(expected)
     assert read_all(audio.reader()) == expected
     assert engine.scheduler.decoded_count == audio.layout.frame_count
@@ -58,7 +47,7 @@ def test_encodec_stream_header_sets_rate_and_tags(engine, tmp_path):
     data = synth.to_v193(v0, sr=44_100, name=tags[0], source=tags[1], thumbnail=tags[2])
     audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
     wav_bytes = read_all(audio.reader())
-    assert wav_bytes == expected_wav(v0, 44_100, *tags)
+    assert wav_bytes == helpers.expected_wav(v0, 44_100, *tags)
     with wave.open(BytesIO(wav_bytes)) as w:
         assert (w.getframerate(), w.getnchannels(), w.getnframes()) == (44_100, 2, 60_000)
     id3 = WAVE(BytesIO(wav_bytes)).tags
@@ -68,7 +57,7 @@ def test_encodec_stream_header_sets_rate_and_tags(engine, tmp_path):
 def test_random_tail_first_and_past_eof_reads(engine, tmp_path):
     data = synth.make_ecdc(samples=150_000, kbps=6)
     audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
-    expected = expected_wav(data)
+    expected = helpers.expected_wav(data)
     size = audio.size
     assert audio.read(size - 1000, 5000) == expected[-1000:]  # tail first, short at EOF
     assert audio.read(size, 10) == b"" and audio.read(size + 10**9, 10) == b""
@@ -81,7 +70,7 @@ def test_random_tail_first_and_past_eof_reads(engine, tmp_path):
 def test_concurrent_readers_decode_each_frame_once(engine, tmp_path):
     data = synth.make_ecdc(samples=200_000, kbps=12)
     path = synth.write(tmp_path, "x.ecdc", data)
-    expected = expected_wav(data)
+    expected = helpers.expected_wav(data)
     results = {}
 
     def run(n: int) -> None:
@@ -94,7 +83,7 @@ def test_concurrent_readers_decode_each_frame_once(engine, tmp_path):
         results[n] = {o: reader.read(o, 50_000) for o in offsets}
         reader.close()
 
-    errors = synth.run_in_threads(run, [(n,) for n in range(6)])
+    errors = helpers.run_in_threads(run, [(n,) for n in range(6)])
     assert not errors, errors[0]
     for chunks in results.values():
         assert all(chunk == expected[o : o + 50_000] for o, chunk in chunks.items())
@@ -104,7 +93,7 @@ def test_concurrent_readers_decode_each_frame_once(engine, tmp_path):
 def test_one_reader_shared_by_threads(engine, tmp_path):
     data = synth.make_ecdc(samples=150_000, kbps=6)
     audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
-    expected, reader = expected_wav(data), audio.reader()
+    expected, reader = helpers.expected_wav(data), audio.reader()
     offsets = list(range(0, audio.size, 4096))
     random.Random(3).shuffle(offsets)
 
@@ -112,7 +101,7 @@ def test_one_reader_shared_by_threads(engine, tmp_path):
         for offset in part:
             assert reader.read(offset, 4096) == expected[offset : offset + 4096], offset
 
-    errors = synth.run_in_threads(run, [(offsets[n::4],) for n in range(4)])
+    errors = helpers.run_in_threads(run, [(offsets[n::4],) for n in range(4)])
     assert not errors, errors[0]
     reader.close()
 
@@ -122,99 +111,15 @@ def test_tiny_cache_still_exact(torch_home, tmp_path):
     engine = Engine(Settings(device="cpu", exact=True, cache_mb=1, cache_dir=None))
     try:
         audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
-        assert read_all(audio.reader(), 4096 * 7) == expected_wav(data)
+        assert read_all(audio.reader(), 4096 * 7) == helpers.expected_wav(data)
     finally:
         engine.close()
-
-
-def test_replaced_source_serves_new_audio(engine, tmp_path):
-    first = synth.make_ecdc(samples=60_000, kbps=6, seed=0)
-    second = synth.make_ecdc(samples=60_000, kbps=6, seed=1)
-    path = synth.write(tmp_path, "x.ecdc", first)
-    old = engine.open(path)
-    assert read_all(old.reader()) == expected_wav(first)
-    synth.write(tmp_path, "x.ecdc", second)
-    assert read_all(engine.open(path).reader()) == expected_wav(second)
-    assert read_all(old.reader()) == expected_wav(first)  # an open handle keeps its snapshot
-
-
-def test_lm_index_is_persisted_and_reused(torch_home, tmp_path, monkeypatch):
-    data = synth.make_ecdc(samples=100_000, kbps=3, lm=True)
-    path = synth.write(tmp_path, "x.ecdc", data)
-    settings = Settings(device="cpu", exact=True, cache_dir=tmp_path / "cache")
-    engine = Engine(settings)
-    audio = engine.open(path)
-    assert read_all(audio.reader()) == expected_wav(data)
-    engine.close()
-    assert list((tmp_path / "cache").glob(f"{audio.identity}.codes.npz"))
-
-    def no_lm(*args, **kwargs):
-        raise AssertionError("the persisted index should have been used")
-
-    monkeypatch.setattr("ecdcfs.lm_process.LanguageModel.scan", no_lm)
-    engine = Engine(settings)
-    try:
-        assert read_all(engine.open(path).reader()) == expected_wav(data)
-    finally:
-        engine.close()
-
-
-def test_unwritable_cache_dir_only_costs_persistence(torch_home, tmp_path):
-    data = synth.make_ecdc(samples=54_240, kbps=6, lm=True)
-    blocker = synth.write(tmp_path, "not-a-dir", b"")
-    engine = Engine(Settings(device="cpu", exact=True, cache_dir=blocker / "cache"))
-    try:
-        audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
-        assert read_all(audio.reader()) == expected_wav(data)
-    finally:
-        engine.close()
-
-
-def test_truncated_lm_payload_fails_cleanly(engine, tmp_path):
-    data = synth.make_ecdc(samples=100_000, kbps=3, lm=True)
-    audio = engine.open(synth.write(tmp_path, "x.ecdc", data[:-40]))
-    good = expected_wav(data)
-    assert audio.read(0, 4096) == good[:4096]  # the intact first frame still plays
-    with pytest.raises(EcdcError, match="truncated"):
-        read_all(audio.reader())
-
-
-def test_bad_files_are_rejected_at_open(engine, tmp_path):
-    data = synth.make_ecdc(samples=60_000, kbps=6)
-    for name, bad in {"magic": b"XXXX" + data[4:], "truncated": data[:-1], "empty": b""}.items():
-        with pytest.raises(EcdcError):
-            engine.open(synth.write(tmp_path, f"{name}.ecdc", bad))
-
-
-def test_missing_checkpoint_names_file_and_directory(tmp_path, monkeypatch):
-    data = synth.make_ecdc(samples=30_000, kbps=6)
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-home"))
-    monkeypatch.setattr("ecdcfs.checkpoint.download", fail_download)
-    engine = Engine(Settings(device="cpu", exact=True, cache_dir=None))
-    try:
-        audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
-        for _ in range(2):  # reported once, then remembered
-            with pytest.raises(ModelUnavailable) as info:
-                audio.read(0, 100_000)
-            message = str(info.value)
-            assert "encodec_48khz-7e698e3e.th" in message
-            assert str(tmp_path / "empty-home" / "hub" / "checkpoints") in message
-            assert f"from {CHECKPOINT_URL}encodec_48khz-7e698e3e.th " in message
-    finally:
-        engine.close()
-
-
-CHECKPOINT_URL = "https://dl.fbaipublicfiles.com/encodec/v0/"  # encodec's ROOT_URL
-
-
-def fail_download(*args, **kwargs):
-    raise OSError("network is unreachable")
 
 
 def test_24khz_short_file_equals_encodec_decode(engine, tmp_path):
     data = synth.make_ecdc(model="encodec_24khz", samples=40_000, kbps=6)
     audio = engine.open(synth.write(tmp_path, "x.ecdc", data))
-    expected = expected_wav(data, 24_000)
+    expected = helpers.expected_wav(data, 24_000)
     assert read_all(audio.reader()) == expected
     assert audio.read(50_000, 999) == expected[50_000:50_999]
     assert np.frombuffer(expected[-1024 - 2 * 40_000 : -1024], "<i2").std() > 100  # not silence

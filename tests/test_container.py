@@ -19,6 +19,7 @@ from ecdcfs.container import (
     read_header,
     unpack_codes,
 )
+from synth.container import plain_payload_bytes
 
 M48 = MODELS["encodec_48khz"]
 
@@ -87,6 +88,16 @@ def test_unpack_codes_inverts_encodec_bitpacker(bits, nc, steps):
             packer.push(int(codes[k, t]))
     packer.flush()
     np.testing.assert_array_equal(unpack_codes(out.getvalue(), nc, steps, bits), codes)
+
+
+@pytest.mark.parametrize("model", ["encodec_48khz", "encodec_24khz"])
+@pytest.mark.parametrize("nc", [1, 2, 4, 32])
+def test_payload_size_agrees_with_the_tests_writer(model, nc):
+    """FrameLayout's payload size equals synth's, written from the format, at every length
+    around frame and step boundaries."""
+    for samples in [*range(1, 700), *range(47_000, 48_700), *range(95_000, 96_100, 7)]:
+        expected = plain_payload_bytes(model, samples, nc)
+        assert FrameLayout(MODELS[model], samples, nc).plain_payload_bytes() == expected
 
 
 def test_plain_header_and_payload_size():

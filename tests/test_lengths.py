@@ -39,7 +39,7 @@ def data_pcm(audio, wav: bytes) -> np.ndarray:
 def encoder_frames(samples: int, kbps: float, seed: int) -> tuple[bytes, list]:
     """``encodec.compress`` bytes and the encoder's own frames for the same audio."""
     wav = torch.from_numpy(synth.synth_audio(48_000, 2, samples, seed=seed))
-    with synth._lock, torch.no_grad():  # the model is shared: its bandwidth too
+    with synth.MODEL_LOCK, torch.no_grad():  # the model is shared: its bandwidth too
         model = synth.load_model("encodec_48khz")
         model.set_target_bandwidth(kbps)
         return compress(model, wav), model.encode(wav[None])

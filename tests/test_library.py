@@ -20,22 +20,9 @@ import synth
 from ecdcfs import wavfile
 from ecdcfs.container import EcdcError
 from ecdcfs.settings import Settings
+from helpers import SONG_SAMPLES, SONG_TAGS
 
-SAMPLES = 150_000  # 3.1 s at 48 kHz: four frames, the last a short one
-NAME, SOURCE, THUMB = "Sóng [live]", "https://example.org/song", "https://example.org/t.jpg"
-
-
-@pytest.fixture(scope="module")
-def files(torch_home, tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("library")
-    v0 = synth.make_ecdc("encodec_48khz", SAMPLES, kbps=6)
-    made = {
-        "v0": v0,
-        "tagged": synth.to_v193(v0, 48_000, name=NAME, source=SOURCE, thumbnail=THUMB),
-        "mono24k": synth.make_ecdc("encodec_24khz", 72_000, kbps=1.5),
-        "lm": synth.make_ecdc("encodec_48khz", 2 * 48_000 + 1000, kbps=3, lm=True),
-    }
-    return {key: synth.write(folder, f"{key}.ecdc", data) for key, data in made.items()}
+SAMPLES, (NAME, SOURCE, THUMB) = SONG_SAMPLES, SONG_TAGS
 
 
 @pytest.fixture
@@ -53,13 +40,13 @@ def decoders() -> int:
     return sum(t.name.startswith("ecdcfs-decoder-") for t in threading.enumerate())
 
 
-@pytest.mark.parametrize("key", ["v0", "tagged", "mono24k", "lm"])
-def test_wave_reads_frames_from_the_middle(files, cpu, key):
-    ref = reference(files[key])
-    with ecdcfs.open(files[key], settings=cpu) as f, wave.open(f) as w:
+@pytest.mark.parametrize("key", ["v0", "v193", "v0_24k", "lm"])
+def test_wave_reads_frames_from_the_middle(songs, cpu, key):
+    ref = reference(songs[key])
+    with ecdcfs.open(songs[key], settings=cpu) as f, wave.open(f) as w:
         assert w.getnchannels() == ref.shape[1] and w.getsampwidth() == 2
         assert w.getnframes() == len(ref)
-        assert w.getframerate() == (24_000 if key == "mono24k" else 48_000)
+        assert w.getframerate() == (24_000 if key == "v0_24k" else 48_000)
         first, count = len(ref) * 2 // 5, len(ref) // 4
         w.setpos(first)
         assert w.readframes(count) == ref[first : first + count].tobytes()
@@ -67,17 +54,17 @@ def test_wave_reads_frames_from_the_middle(files, cpu, key):
         assert w.readframes(1000) == ref[-100:].tobytes()  # short at the end
 
 
-def test_soundfile_reads_the_middle(files, cpu):
-    ref = reference(files["tagged"])
-    with ecdcfs.open(str(files["tagged"]), settings=cpu) as f:
+def test_soundfile_reads_the_middle(songs, cpu):
+    ref = reference(songs["v193"])
+    with ecdcfs.open(str(songs["v193"]), settings=cpu) as f:
         data, rate = soundfile.read(f, start=60_000, stop=100_001, dtype="int16")
     assert rate == 48_000
     assert np.array_equal(data, ref[60_000:100_001])
 
 
-def test_copyfileobj_is_the_whole_wav(files, engine):
-    expected = engine.open(files["tagged"]).read(0, 1 << 30)
-    with ecdcfs.open(files["tagged"], engine=engine) as f:
+def test_copyfileobj_is_the_whole_wav(songs, engine):
+    expected = engine.open(songs["v193"]).read(0, 1 << 30)
+    with ecdcfs.open(songs["v193"], engine=engine) as f:
         copy = io.BytesIO()
         shutil.copyfileobj(f, copy)
         assert copy.getvalue() == expected and f.size == len(expected)
@@ -86,9 +73,9 @@ def test_copyfileobj_is_the_whole_wav(files, engine):
         assert f.read() == b""
 
 
-def test_seek_and_tell(files, engine):
-    audio = engine.open(files["v0"])
-    with ecdcfs.open(files["v0"], engine=engine) as f:
+def test_seek_and_tell(songs, engine):
+    audio = engine.open(songs["v0"])
+    with ecdcfs.open(songs["v0"], engine=engine) as f:
         assert f.readable() and f.seekable() and not f.writable()
         assert f.tell() == 0
         header = len(audio.wav.header)
@@ -118,9 +105,9 @@ def test_seek_and_tell(files, engine):
             f.fileno()
 
 
-def test_closed_file(files, cpu):
+def test_closed_file(songs, cpu):
     before = decoders()
-    f = ecdcfs.open(files["v0"], settings=cpu)
+    f = ecdcfs.open(songs["v0"], settings=cpu)
     assert decoders() == before + 1  # its own engine
     f.read(100)
     f.close()
@@ -129,29 +116,29 @@ def test_closed_file(files, cpu):
     for call in (f.read, f.readall, f.tell, lambda: f.seek(0), lambda: f.readinto(bytearray(4))):
         with pytest.raises(ValueError, match="closed"):
             call()
-    with ecdcfs.open(files["v0"], settings=cpu) as g:
+    with ecdcfs.open(songs["v0"], settings=cpu) as g:
         assert not g.closed
     assert g.closed
 
 
-def test_a_given_engine_outlives_its_files(files, engine):
-    ref = reference(files["v0"])
-    with ecdcfs.open(files["v0"], engine=engine) as f:
+def test_a_given_engine_outlives_its_files(songs, engine):
+    ref = reference(songs["v0"])
+    with ecdcfs.open(songs["v0"], engine=engine) as f:
         f.read(1000)
-    with ecdcfs.open(files["v0"], engine=engine) as f, wave.open(f) as w:
+    with ecdcfs.open(songs["v0"], engine=engine) as f, wave.open(f) as w:
         w.setpos(50_000)
         assert w.readframes(10) == ref[50_000:50_010].tobytes()
 
 
-def test_default_engine_is_shared(files):
-    with ecdcfs.open(files["v0"]) as f, ecdcfs.open(str(files["tagged"])) as g:
+def test_default_engine_is_shared(songs):
+    with ecdcfs.open(songs["v0"]) as f, ecdcfs.open(str(songs["v193"])) as g:
         assert f.audio.engine is g.audio.engine is wavfile.default_engine()
         data = f.read(4096)
-    with ecdcfs.open(files["v0"]) as h:  # the engine stays open after its files
+    with ecdcfs.open(songs["v0"]) as h:  # the engine stays open after its files
         assert h.audio.engine is wavfile.default_engine() and h.read(4096) == data
 
 
-def test_errors_at_open(files, tmp_path, engine):
+def test_errors_at_open(songs, tmp_path, engine):
     with pytest.raises(EcdcError, match="missing.ecdc: No such file"):
         ecdcfs.open(tmp_path / "missing.ecdc")
     with pytest.raises(EcdcError, match="Is a directory"):
@@ -159,13 +146,13 @@ def test_errors_at_open(files, tmp_path, engine):
     junk = synth.write(tmp_path, "junk.ecdc", b"RIFF" + bytes(100))
     with pytest.raises(EcdcError, match="not an ECDC file"):
         ecdcfs.open(junk, engine=engine)
-    cut = synth.write(tmp_path, "cut.ecdc", files["v0"].read_bytes()[:20])
+    cut = synth.write(tmp_path, "cut.ecdc", songs["v0"].read_bytes()[:20])
     with pytest.raises(EcdcError):
         ecdcfs.open(cut, engine=engine)
     with pytest.raises(EcdcError, match="only http and https"):
         ecdcfs.open("ftp://example.org/a.ecdc")
     with pytest.raises(TypeError, match="engine or settings"):
-        ecdcfs.open(files["v0"], engine=engine, settings=Settings())
+        ecdcfs.open(songs["v0"], engine=engine, settings=Settings())
 
 
 def test_a_failed_open_closes_the_engine_it_made(tmp_path, cpu):
@@ -176,15 +163,15 @@ def test_a_failed_open_closes_the_engine_it_made(tmp_path, cpu):
     assert decoders() == before
 
 
-def test_url(files, serve, cpu, engine):  # noqa: F811 (the fixture)
-    v0 = files["v0"].read_bytes()
+def test_url(songs, serve, cpu, engine):  # noqa: F811 (the fixture)
+    v0 = songs["v0"].read_bytes()
     long = synth.long_plain_file(v0, 600)  # 10 minutes, bit-packed
     base, server = serve({"/a.ecdc": v0, "/long.ecdc": long})
-    ref = reference(files["v0"])
+    ref = reference(songs["v0"])
     with ecdcfs.open(base + "/a.ecdc", settings=cpu) as f:
         data, rate = soundfile.read(f, start=70_000, stop=90_000, dtype="int16")
     assert rate == 48_000 and np.array_equal(data, ref[70_000:90_000])
-    local = synth.write(files["v0"].parent, "long.ecdc", long)
+    local = synth.write(songs["v0"].parent, "long.ecdc", long)
     expected = engine.open(local).samples(500 * 48_000, 501 * 48_000)
     served = server.served
     with ecdcfs.open(base + "/long.ecdc", settings=cpu) as f, wave.open(f) as w:
@@ -211,8 +198,8 @@ def readme_example() -> str:
     return section.split("```python\n", 1)[1].split("```", 1)[0]
 
 
-def test_readme_example(files, tmp_path, monkeypatch):
-    shutil.copy(files["v0"], tmp_path / "song.ecdc")
+def test_readme_example(songs, tmp_path, monkeypatch):
+    shutil.copy(songs["v0"], tmp_path / "song.ecdc")
     monkeypatch.chdir(tmp_path)
     names: dict = {}
     exec(readme_example(), names)

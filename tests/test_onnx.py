@@ -15,11 +15,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+import helpers
 import synth
-from ecdcfs import checkpoint, graph_store, onnx_decoder
+from ecdcfs import graph_store, onnx_decoder
 from ecdcfs.cache_dir import DIGESTS_FILE
 from ecdcfs.container import MODELS, EncodedFrame, read_header
-from ecdcfs.decoder import ModelUnavailable, overlap_add_weights
+from ecdcfs.decoder import overlap_add_weights
 from ecdcfs.engine import Engine, Settings
 from ecdcfs.graph import GRAPH_FORMAT, DecoderGraph, GraphUnusable
 from ecdcfs.graph_store import GraphStore
@@ -36,17 +37,11 @@ CASES = [(name, kbps) for name, rates in BANDWIDTHS.items() for kbps in rates]
 LOGGER = "ecdcfs"
 
 
-def load_onnx_decoder(name: str, cache: Path | None, threads: int = 1) -> OnnxDecoder:
-    """Model ``name``'s ONNX Runtime decoder through a fresh store of ``cache`` (a remount)."""
-    spec = MODELS[name]
-    return GraphStore(cache).load(spec, lambda g: OnnxDecoder(spec, g, Interrupts(), threads))
-
-
 @pytest.fixture(scope="module")
 def codecs(graph_cache) -> dict[str, tuple[TorchDecoder, OnnxDecoder]]:
     """Per model: (encodec's own decode, the ONNX Runtime decode from the cached graph)."""
     return {
-        name: (TorchDecoder(spec, "cpu"), load_onnx_decoder(name, graph_cache))
+        name: (TorchDecoder(spec, "cpu"), helpers.load_onnx_decoder(name, graph_cache))
         for name, spec in MODELS.items()
     }
 
@@ -162,7 +157,7 @@ def test_same_bytes_whatever_the_order_concurrency_or_session(codecs, graph_cach
         thread.start()
     for thread in threads:
         thread.join()
-    other = load_onnx_decoder("encodec_48khz", graph_cache)  # a remount
+    other = helpers.load_onnx_decoder("encodec_48khz", graph_cache)  # a remount
     elsewhere = [d.audio.tobytes() for d in other.decode_frames(frames)]
     assert alone == reversed_ == [concurrent[i] for i in range(len(frames))] == elsewhere
     # One thread a decode: decodes run side by side instead.
@@ -179,7 +174,7 @@ THREAD_SWEEP = {
 @pytest.mark.parametrize("name", MODELS)
 def test_same_bytes_whatever_the_intra_op_thread_count(graph_cache, name):
     """However ONNX Runtime splits a decode between threads, its samples stay the same."""
-    decoders = [load_onnx_decoder(name, graph_cache, threads) for threads in (1, 2, 3, 4)]
+    decoders = [helpers.load_onnx_decoder(name, graph_cache, threads) for threads in (1, 2, 3, 4)]
     rng = np.random.default_rng(5)
     for steps in THREAD_SWEEP[name]:
         codes = rng.integers(0, 1024, (MODELS[name].max_codebooks, steps))
@@ -268,7 +263,7 @@ def test_unusable_cached_graph_is_rebuilt_with_one_warning(codecs, default_cache
     path.write_bytes(data)
     damage(path, other)
     caplog.set_level(logging.INFO, logger=LOGGER)
-    codec = load_onnx_decoder("encodec_48khz", default_cache)
+    codec = helpers.load_onnx_decoder("encodec_48khz", default_cache)
     (warning,) = warnings_of(caplog)
     assert "unusable" in warning and "rebuilding" in warning
     rebuilt = DecoderGraph.load(path)
@@ -301,7 +296,7 @@ def test_unwritable_cache_dir_keeps_the_graph_in_memory_for_the_engine(
 
 def test_no_cache_dir_builds_the_same_graph_in_memory(codecs, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER)
-    codec = load_onnx_decoder("encodec_24khz", None)
+    codec = helpers.load_onnx_decoder("encodec_24khz", None)
     assert not warnings_of(caplog)
     assert any("stays in memory" in message for message in caplog.messages)
     frame = real_frame("encodec_24khz", 12, 375)
@@ -320,7 +315,7 @@ def test_saving_a_graph_deletes_the_stale_ones_of_its_model(default_cache):
     other_model = default_cache / "graphs" / "encodec_48khz-0123456789abcdef-g1.npz"
     for path in [*stale, other_model]:
         path.write_bytes(b"old")
-    load_onnx_decoder("encodec_24khz", default_cache)
+    helpers.load_onnx_decoder("encodec_24khz", default_cache)
     assert current.exists() and other_model.exists()
     assert not any(path.exists() for path in stale)
 
@@ -345,20 +340,6 @@ def test_a_failed_build_decodes_with_torch_after_one_warning(
     exact = codecs["encodec_24khz"][0].decode_frame(frame).audio
     assert isinstance(codec, TorchDecoder)
     assert codec.decode_frame(frame).audio.tobytes() == exact.tobytes()
-
-
-def test_missing_checkpoint_offline_is_one_line_naming_file_url_and_folder(tmp_path, monkeypatch):
-    home = tmp_path / "empty-home"
-    monkeypatch.setenv("TORCH_HOME", str(home))
-    monkeypatch.setattr(checkpoint, "BASE_URL", "http://127.0.0.1:9/encodec/v0/")  # refused
-    with pytest.raises(ModelUnavailable) as error:
-        load_onnx_decoder("encodec_24khz", tmp_path / "cache")
-    message = str(error.value)
-    assert "\n" not in message
-    assert "encodec_24khz-d7cc33bc.th is missing" in message
-    assert "http://127.0.0.1:9/encodec/v0/encodec_24khz-d7cc33bc.th" in message
-    assert f"put it in {home / 'hub' / 'checkpoints'}/" in message
-    assert not list((tmp_path / "cache").rglob("*.npz"))
 
 
 @pytest.mark.parametrize(
@@ -389,7 +370,7 @@ def test_whole_file_is_within_2_lsb_and_the_same_whatever_the_threads(
             def read(part: list[int], reader=reader, pieces=pieces) -> None:
                 pieces.update({offset: reader.read(offset, 8192) for offset in part})
 
-            errors = synth.run_in_threads(read, [(offsets[n::3],) for n in range(3)])
+            errors = helpers.run_in_threads(read, [(offsets[n::3],) for n in range(3)])
             assert not errors, errors[0]
             results.append(b"".join(pieces[o] for o in sorted(pieces)))
         finally:

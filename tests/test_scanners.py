@@ -13,8 +13,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
+import socket
+import sqlite3
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -58,16 +60,6 @@ def mount(library, tmp_path):
         m.stop()
 
 
-def stats(mnt: Path) -> dict[str, int]:
-    """The mount's counters, once every file is closed."""
-    deadline = time.monotonic() + 30
-    while True:
-        found = json.loads(os.getxattr(mnt, "user.ecdcfs.stats"))
-        if found["files_open"] == 0 or time.monotonic() > deadline:
-            return found
-        time.sleep(0.05)
-
-
 def scan(mount: Mount, command: list[str]) -> dict[str, str]:
     """Run ``command FILE`` on every file; its output per name, checked for success."""
     out = {}
@@ -81,11 +73,11 @@ def scan(mount: Mount, command: list[str]) -> dict[str, str]:
 
 
 def decodes_per_file(mount: Mount) -> float:
-    return stats(mount.mnt)["decodes_started"] / len(TITLES)
+    return mount.stats()["decodes_started"] / len(TITLES)
 
 
 def test_the_counters_say_what_was_decoded_and_served(mount):
-    before = stats(mount.mnt)
+    before = mount.stats()
     assert before["decodes_started"] == before["bytes_served"] == 0
     assert "user.ecdcfs.stats" in os.listxattr(mount.mnt)
     fd = os.open(mount.mnt / "ascii.wav", os.O_RDONLY)
@@ -94,7 +86,7 @@ def test_the_counters_say_what_was_decoded_and_served(mount):
     assert os.pread(fd, 20_000 - len(header), len(header))  # the PCM: frame 0
     during = json.loads(os.getxattr(mount.mnt, "user.ecdcfs.stats"))
     os.close(fd)
-    after = stats(mount.mnt)
+    after = mount.stats()
     assert during["files_open"] == 1 and after["files_open"] == 0
     assert after["bytes_served"] == 20_000
     assert after["units_decoded"] == after["decodes_started"] == 1  # frame 0, no read-ahead
@@ -172,8 +164,46 @@ def test_riff_info_gives_gstreamer_the_title(library, tmp_path):
         m.stop()
 
 
+def test_minidlna_decodes_nothing_and_stores_title_and_duration(mount, tmp_path):
+    """minidlna walks the chunks without pad bytes and reads LIST/INFO only: it finds the
+    INFO that the layout places for such readers (see ecdcfs.wav)."""
+    require("minidlnad")
+    db = tmp_path / "minidlna"
+    db.mkdir()
+    with socket.socket() as s:  # a free port for its HTTP server
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    conf = db / "minidlna.conf"
+    conf.write_text(f"media_dir=A,{mount.mnt}\ndb_dir={db}\nlog_dir={db}\nport={port}\n")
+    daemon = subprocess.Popen(
+        ["minidlnad", "-f", str(conf), "-d", "-P", str(db / "pid"), "-R"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    try:
+        assert daemon.stdout is not None
+        log = ""
+        for line in daemon.stdout:
+            log += line
+            if "Scanning" in line and "finished" in line:
+                break
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=30)
+    assert "finished (4 files)" in log, log
+    with sqlite3.connect(db / "files.db") as con:
+        query = "SELECT PATH, TITLE, DURATION, SAMPLERATE, CHANNELS FROM DETAILS WHERE PATH LIKE ?"
+        rows = con.execute(query, ("%.wav",))
+        found = {Path(path).stem: rest for path, *rest in rows}
+    assert found == {
+        name: [title or name, f"0:00:{SECONDS:02d}.000", SR, 2] for name, title in TITLES.items()
+    }
+    assert decodes_per_file(mount) == 0
+
+
 def test_listing_and_stat_decode_nothing(mount):
     for _ in range(2):
         subprocess.run(["ls", "-lR", str(mount.mnt)], capture_output=True, check=True)
         subprocess.run(["du", "-s", str(mount.mnt)], capture_output=True, check=True)
-    assert stats(mount.mnt)["decodes_started"] == 0
+    assert mount.stats()["decodes_started"] == 0

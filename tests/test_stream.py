@@ -29,12 +29,12 @@ from ecdcfs.encode import int16_to_float, parse_bitrate, plan_bitrate
 from ecdcfs.engine import Engine
 from ecdcfs.http import HttpSource, RemoteError
 from ecdcfs.settings import Settings, default_cache_dir
+from helpers import SONG_SAMPLES, SONG_TAGS
 
 SCRIPT = Path(sys.executable).parent / "ecdc-stream"
 CLI = [str(SCRIPT)] if SCRIPT.exists() else [sys.executable, "-m", "ecdcfs.stream"]
 RATE = 48_000
-SAMPLES = 150_000  # 3.1 s: four frames, the last a short one
-NAME, SOURCE, THUMB = "Sóng [live]", "https://example.org/song", "https://example.org/t.jpg"
+SAMPLES, (NAME, SOURCE, THUMB) = SONG_SAMPLES, SONG_TAGS
 
 
 # --------------------------------------------------------------------------------------
@@ -99,19 +99,6 @@ def one_line(err: str) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def files(torch_home, tmp_path_factory) -> dict[str, Path]:
-    folder = tmp_path_factory.mktemp("stream")
-    v0 = synth.make_ecdc("encodec_48khz", SAMPLES, kbps=6)
-    made = {
-        "v0": v0,
-        "v193": synth.to_v193(v0, 48_000, name=NAME, source=SOURCE, thumbnail=THUMB),
-        "v193_44k": synth.to_v193(v0, 44_100, name=NAME),
-        "v0_24k": synth.make_ecdc("encodec_24khz", 72_000, kbps=1.5),
-    }
-    return {key: synth.write(folder, f"{key}.ecdc", data) for key, data in made.items()}
-
-
 # --------------------------------------------------------------------------------------
 # Command line
 # --------------------------------------------------------------------------------------
@@ -163,34 +150,34 @@ def test_bad_arguments_one_line(tmp_path, args, stdin, needle):
     assert needle in one_line(err)
 
 
-def test_bad_arguments_through_the_console_script(files, tmp_path):
-    rc, out, err = cli("-q", "-d", str(files["v0"]))
+def test_bad_arguments_through_the_console_script(songs, tmp_path):
+    rc, out, err = cli("-q", "-d", str(songs["v0"]))
     assert rc == 2 and out == b"" and "unknown option -q" in one_line(err)
     rc, out, err = cli("-d", str(tmp_path / "missing.ecdc"))
     assert rc == 1 and out == b"" and "missing.ecdc" in one_line(err)
-    rc, out, err = cli("-ss", "3.2", "-d", str(files["v0"]))  # the file lasts 3.125 s
+    rc, out, err = cli("-ss", "3.2", "-d", str(songs["v0"]))  # the file lasts 3.125 s
     assert rc == 2 and out == b"" and "past the end" in one_line(err)
     (tmp_path / "junk.ecdc").write_bytes(b"RIFF" + bytes(100))
     rc, out, err = cli("-d", str(tmp_path / "junk.ecdc"))
     assert rc == 1 and out == b"" and "not an ECDC file" in one_line(err)
 
 
-def test_option_of_another_mode_is_ignored_with_a_warning(files):
-    rc, out, err = run("-ss", "1", "-i", str(files["v0"]))
+def test_option_of_another_mode_is_ignored_with_a_warning(songs):
+    rc, out, err = run("-ss", "1", "-i", str(songs["v0"]))
     assert rc == 0 and out.startswith(b"Version: 0\n")
     assert err == "ecdc-stream: warning: -ss does not apply to -i; ignored\n"
-    rc, out, err = run("--exact", "-i", str(files["v0"]))
+    rc, out, err = run("--exact", "-i", str(songs["v0"]))
     assert rc == 0 and out.startswith(b"Version: 0\n")
     assert err == "ecdc-stream: warning: --exact does not apply to -i; ignored\n"
 
 
-def test_pcm_is_not_written_to_a_terminal(files):
+def test_pcm_is_not_written_to_a_terminal(songs):
     class TerminalOut(io.BytesIO):
         def isatty(self) -> bool:
             return True
 
     err = io.StringIO()
-    rc = stream.run(["-g", "-1", "-d", str(files["v0"])], io.BytesIO(), TerminalOut(), err)
+    rc = stream.run(["-g", "-1", "-d", str(songs["v0"])], io.BytesIO(), TerminalOut(), err)
     assert rc == 2 and "terminal" in one_line(err.getvalue())
 
 
@@ -199,8 +186,8 @@ def test_pcm_is_not_written_to_a_terminal(files):
 # --------------------------------------------------------------------------------------
 
 
-def test_info_v0(files):
-    rc, out, err = cli("-i", str(files["v0"]))
+def test_info_v0(songs):
+    rc, out, err = cli("-i", str(songs["v0"]))
     assert (rc, err) == (0, "")
     assert out.decode().splitlines() == [
         "Version: 0",
@@ -212,8 +199,8 @@ def test_info_v0(files):
     ]
 
 
-def test_info_v193(files):
-    rc, out, err = run(str(files["v193"]), "-i")
+def test_info_v193(songs):
+    rc, out, err = run(str(songs["v193"]), "-i")
     assert (rc, err) == (0, "")
     assert out.decode().splitlines() == [
         "Version: 193",
@@ -230,12 +217,12 @@ def test_info_v193(files):
     ]
 
 
-def test_info_duration_is_in_real_seconds(files):
-    """al / sr, and the model's rate without sr (Encodec-Stream doubled 24 kHz files)."""
-    lines = run("-i", str(files["v193_44k"]))[1].decode().splitlines()
+def test_info_duration_is_in_real_seconds(songs):
+    """al / sr, and the model's rate without sr (Encodec-Stream doubled 24 kHz songs)."""
+    lines = run("-i", str(songs["v193_44k"]))[1].decode().splitlines()
     assert f"Duration: {json.dumps(SAMPLES / 44_100)}" in lines
     assert "Sample Rate: 44100" in lines
-    lines = run("-i", str(files["v0_24k"]))[1].decode().splitlines()
+    lines = run("-i", str(songs["v0_24k"]))[1].decode().splitlines()
     assert "Duration: 3.0" in lines and 'M: "encodec_24khz"' in lines
 
 
@@ -245,15 +232,15 @@ def info_as_lines(info: dict) -> list[str]:
 
 
 @pytest.mark.parametrize("key", ["v0", "v193", "v193_44k", "v0_24k"])
-def test_get_info_is_what_dash_i_prints(files, key):
-    info = stream.get_info(str(files[key]))
-    assert info_as_lines(info) == run("-i", str(files[key]))[1].decode().splitlines()
-    assert stream.get_info(files[key]) == info  # a Path too
+def test_get_info_is_what_dash_i_prints(songs, key):
+    info = stream.get_info(str(songs[key]))
+    assert info_as_lines(info) == run("-i", str(songs[key]))[1].decode().splitlines()
+    assert stream.get_info(songs[key]) == info  # a Path too
     assert isinstance(info["Version"], int) and isinstance(info["Duration"], float)
 
 
-def test_get_info_values(files):
-    assert stream.get_info(files["v193"]) == {
+def test_get_info_values(songs):
+    assert stream.get_info(songs["v193"]) == {
         "Version": 193,
         "Name": NAME,
         "Duration": SAMPLES / 48_000,
@@ -282,7 +269,7 @@ def readme_shim() -> str:
     return "# ecdc_stream.py" + readme.split("```python\n# ecdc_stream.py", 1)[1].split("```")[0]
 
 
-def test_readme_shim_replaces_the_vendored_script(files, tmp_path):
+def test_readme_shim_replaces_the_vendored_script(songs, tmp_path):
     """Imported (``get_info``, without torch) and run as a script (``-i``), as bots do."""
     (tmp_path / "ecdc_stream.py").write_text(readme_shim())
     assert len(readme_shim().strip().splitlines()) == 3  # a comment and two lines
@@ -292,22 +279,22 @@ def test_readme_shim_replaces_the_vendored_script(files, tmp_path):
         "assert 'torch' not in sys.modules and 'encodec' not in sys.modules"
     )
     imported = subprocess.run(
-        [sys.executable, "-c", code, str(files["v193"])],
+        [sys.executable, "-c", code, str(songs["v193"])],
         capture_output=True,
         text=True,
         timeout=120,
         cwd=tmp_path,
     )
     assert (imported.returncode, imported.stderr) == (0, "")
-    assert json.loads(imported.stdout) == stream.get_info(files["v193"])
+    assert json.loads(imported.stdout) == stream.get_info(songs["v193"])
     script = subprocess.run(
-        [sys.executable, "ecdc_stream.py", "-i", str(files["v193"])],
+        [sys.executable, "ecdc_stream.py", "-i", str(songs["v193"])],
         capture_output=True,
         timeout=120,
         cwd=tmp_path,
     )
     assert (script.returncode, script.stderr) == (0, b"")
-    assert script.stdout == cli("-i", str(files["v193"]))[1]
+    assert script.stdout == cli("-i", str(songs["v193"]))[1]
 
 
 # --------------------------------------------------------------------------------------
@@ -315,46 +302,46 @@ def test_readme_shim_replaces_the_vendored_script(files, tmp_path):
 # --------------------------------------------------------------------------------------
 
 
-def test_decode_equals_reference_through_a_pipe(files):
+def test_decode_equals_reference_through_a_pipe(songs):
     """The console script's stdout is exactly encodec's decode as PCM (v0 and v193)."""
-    rc, out, err = cli("-d", str(files["v193"]))
+    rc, out, err = cli("-d", str(songs["v193"]))
     assert (rc, err) == (0, "")
-    assert out == synth.reference_pcm(files["v0"].read_bytes()).astype("<i2").tobytes()
+    assert out == synth.reference_pcm(songs["v0"].read_bytes()).astype("<i2").tobytes()
 
 
 def test_default_decode_is_ecdcfs_default_engine_within_2_lsb_of_encodec(
-    files, default_cache, tmp_path
+    songs, default_cache, tmp_path
 ):
     """Without --exact, -d runs the engine ecdcfs runs (graphs from the shared cache dir)."""
     (tmp_path / "xdg").mkdir()
     default_cache.rename(tmp_path / "xdg" / "ecdcfs")  # $XDG_CACHE_HOME/ecdcfs
     env = dict(os.environ, XDG_CACHE_HOME=str(tmp_path / "xdg"))
-    rc, out, err = cli("--default", "-g", "-1", "-d", str(files["v0"]), env=env)
+    rc, out, err = cli("--default", "-g", "-1", "-d", str(songs["v0"]), env=env)
     assert (rc, err) == (0, "")
-    expected = synth.reference_pcm(files["v0"].read_bytes())
+    expected = synth.reference_pcm(songs["v0"].read_bytes())
     pcm = pcm_array(out)
     assert pcm.shape == expected.shape
     assert np.abs(pcm.astype(np.int32) - expected).max() <= 2
     engine = Engine(Settings(device="cpu", cache_dir=tmp_path / "xdg" / "ecdcfs"))
     try:
-        audio = engine.open(files["v0"])
+        audio = engine.open(songs["v0"])
         assert out == audio.read(0, audio.size)[len(audio.wav.header) : audio.wav.pcm_end]
     finally:
         engine.close()
 
 
-def test_decode_from_stdin(files):
-    v0 = files["v0"].read_bytes()
+def test_decode_from_stdin(songs):
+    v0 = songs["v0"].read_bytes()
     rc, out, err = run("-ss", "2", "-to", "2.5", "-d", "-", stdin=v0)
     assert (rc, err) == (0, "")
     assert out == synth.reference_pcm(v0)[96_000:120_000].astype("<i2").tobytes()
-    assert run("-i", "-", stdin=v0)[1] == run("-i", str(files["v0"]))[1]
+    assert run("-i", "-", stdin=v0)[1] == run("-i", str(songs["v0"]))[1]
 
 
-def test_decode_v0_and_bufsizes(files):
-    expected = synth.reference_pcm(files["v0"].read_bytes()).astype("<i2").tobytes()
+def test_decode_v0_and_bufsizes(songs):
+    expected = synth.reference_pcm(songs["v0"].read_bytes()).astype("<i2").tobytes()
     for bufsize in ("1", "0", "3"):
-        rc, out, err = run("-b", bufsize, "-d", str(files["v0"]))
+        rc, out, err = run("-b", bufsize, "-d", str(songs["v0"]))
         assert (rc, err) == (0, "")
         assert out == expected, f"-b {bufsize}"
 
@@ -372,9 +359,9 @@ def test_decode_v0_and_bufsizes(files):
         ("3.125", None),  # exactly the end: nothing
     ],
 )
-def test_seek_is_sample_accurate(files, start, end):
-    ref = synth.reference_pcm(files["v0"].read_bytes())
-    args = ["-ss", start] + (["-to", end] if end else []) + ["-d", str(files["v0"])]
+def test_seek_is_sample_accurate(songs, start, end):
+    ref = synth.reference_pcm(songs["v0"].read_bytes())
+    args = ["-ss", start] + (["-to", end] if end else []) + ["-d", str(songs["v0"])]
     rc, out, err = run(*args)
     assert (rc, err) == (0, "")
     first = round(float(start) * RATE)
@@ -382,31 +369,31 @@ def test_seek_is_sample_accurate(files, start, end):
     assert out == ref[first:last].astype("<i2").tobytes()
 
 
-def test_resampled_v193(files):
+def test_resampled_v193(songs):
     """sr 44,100 -> 48 kHz with soxr: the whole file, and a seek that lands on the same
     samples (the resampler starts on a common grid point before it)."""
-    ref = resampled_reference(synth.reference_pcm(files["v0"].read_bytes()), 44_100)
-    rc, out, err = run("-d", str(files["v193_44k"]))
+    ref = resampled_reference(synth.reference_pcm(songs["v0"].read_bytes()), 44_100)
+    rc, out, err = run("-d", str(songs["v193_44k"]))
     assert (rc, err) == (0, "")
     whole = pcm_array(out)
     assert whole.shape == ref.shape  # round(150,000 * 48,000 / 44,100)
     assert snr_db(whole, ref) > 40
-    rc, out, err = run("-ss", "1.3", "-to", "2.2", "-d", str(files["v193_44k"]))
+    rc, out, err = run("-ss", "1.3", "-to", "2.2", "-d", str(songs["v193_44k"]))
     part = pcm_array(out)
     assert part.shape == (round(0.9 * RATE), 2)
     assert np.abs(part.astype(int) - whole[62_400:105_600]).max() <= 1
     assert snr_db(part, ref[62_400:105_600]) > 40
 
 
-def test_24khz_file_is_resampled_and_duplicated(files):
-    ref = resampled_reference(synth.reference_pcm(files["v0_24k"].read_bytes()), 24_000)
-    rc, out, err = run("-d", str(files["v0_24k"]))
+def test_24khz_file_is_resampled_and_duplicated(songs):
+    ref = resampled_reference(synth.reference_pcm(songs["v0_24k"].read_bytes()), 24_000)
+    rc, out, err = run("-d", str(songs["v0_24k"]))
     assert (rc, err) == (0, "")
     pcm = pcm_array(out)
     assert len(pcm) == 2 * 72_000 == len(ref)
     assert (pcm[:, 0] == pcm[:, 1]).all()
     assert snr_db(pcm[:, 0], ref[:, 0]) > 40
-    rc, out, err = run("-ss", "1.2345", "-to", "2", "-d", str(files["v0_24k"]))
+    rc, out, err = run("-ss", "1.2345", "-to", "2", "-d", str(songs["v0_24k"]))
     part = pcm_array(out)
     assert len(part) == 96_000 - round(1.2345 * RATE)
     assert np.abs(part.astype(int) - pcm[round(1.2345 * RATE) : 96_000]).max() <= 1
@@ -439,10 +426,10 @@ def test_seek_into_an_lm_file_shows_indexing_progress(torch_home, tmp_path, monk
     assert (rc, again) == (0, out) and "indexing" not in err
 
 
-def test_closed_stdout_ends_quietly(files):
+def test_closed_stdout_ends_quietly(songs):
     """| head -c: no traceback, the SIGPIPE-style status 141."""
     proc = subprocess.Popen(
-        [*CLI, "-g", "-1", "-d", str(files["v0"])],
+        [*CLI, "-g", "-1", "-d", str(songs["v0"])],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -451,17 +438,6 @@ def test_closed_stdout_ends_quietly(files):
     proc.stdout.close()
     rc = proc.wait(timeout=300)
     assert (rc, proc.stderr.read()) == (141, b"")
-
-
-def test_missing_checkpoint_is_one_line(files, tmp_path):
-    env = dict(os.environ, TORCH_HOME=str(tmp_path / "empty"))
-    for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
-        env[proxy] = "http://127.0.0.1:9"  # offline, and fast about it
-    rc, out, err = cli("-d", str(files["v0"]), env=env)
-    assert rc == 1 and out == b""  # torch.hub's "Downloading: ..." goes to stderr
-    assert "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("ecdc-stream: ") and "encodec_48khz-7e698e3e.th is missing" in last
 
 
 # --------------------------------------------------------------------------------------
@@ -485,7 +461,7 @@ def test_http_source_reads_ranges(serve):
     assert server.served < 2 * len(data)
     fresh = HttpSource(base + "/f", block_size=4096, probe_size=1000)
     assert fresh.identity == source.identity
-    server.files["/f"] = data + b"more"
+    server.songs["/f"] = data + b"more"
     assert HttpSource(base + "/f").identity != source.identity
     with pytest.raises(RemoteError, match="changed"):
         fresh.read(200_000, 10)
@@ -510,20 +486,20 @@ def test_http_errors_are_one_line(serve):
     assert rc == 1 and "127.0.0.1:9" in one_line(err)
 
 
-def test_url_info_fetches_only_the_header(files, serve):
-    data = synth.long_plain_file(files["v0"].read_bytes(), 600)  # 10 minutes, ~450 KB
+def test_url_info_fetches_only_the_header(songs, serve):
+    data = synth.long_plain_file(songs["v0"].read_bytes(), 600)  # 10 minutes, ~450 KB
     base, server = serve({"/long.ecdc": data})
-    (files["v0"].parent / "long.ecdc").write_bytes(data)
+    (songs["v0"].parent / "long.ecdc").write_bytes(data)
     rc, out, err = cli("-i", base + "/long.ecdc")
     assert (rc, err) == (0, "")
-    assert out == run("-i", str(files["v0"].parent / "long.ecdc"))[1]
+    assert out == run("-i", str(songs["v0"].parent / "long.ecdc"))[1]
     assert f"Duration: {(600 * 47_520 + 7_440) / 48_000}".encode() in out
     assert server.served <= 8192 < len(data) // 50
 
 
-def test_url_seek_fetches_only_what_it_decodes(files, serve):
-    data = synth.long_plain_file(files["v0"].read_bytes(), 600)
-    local = files["v0"].parent / "long.ecdc"
+def test_url_seek_fetches_only_what_it_decodes(songs, serve):
+    data = synth.long_plain_file(songs["v0"].read_bytes(), 600)
+    local = songs["v0"].parent / "long.ecdc"
     local.write_bytes(data)
     base, server = serve({"/long.ecdc": data})
     rc, out, err = cli("-ss", "590", "-to", "590.5", "-d", base + "/long.ecdc")
@@ -533,24 +509,24 @@ def test_url_seek_fetches_only_what_it_decodes(files, serve):
     assert server.served < len(data) // 4
 
 
-def test_get_info_of_a_url_fetches_only_the_header(files, serve):
-    data = synth.long_plain_file(files["v0"].read_bytes(), 600)
-    (files["v0"].parent / "long.ecdc").write_bytes(data)
+def test_get_info_of_a_url_fetches_only_the_header(songs, serve):
+    data = synth.long_plain_file(songs["v0"].read_bytes(), 600)
+    (songs["v0"].parent / "long.ecdc").write_bytes(data)
     base, server = serve({"/long.ecdc": data})
-    assert stream.get_info(base + "/long.ecdc") == stream.get_info(files["v0"].parent / "long.ecdc")
+    assert stream.get_info(base + "/long.ecdc") == stream.get_info(songs["v0"].parent / "long.ecdc")
     assert server.served <= 8192
     with pytest.raises(EcdcError, match="404"):
         stream.get_info(base + "/nothing.ecdc")
 
 
-def test_url_without_range_support_still_plays(files, serve):
-    v0 = files["v0"].read_bytes()
+def test_url_without_range_support_still_plays(songs, serve):
+    v0 = songs["v0"].read_bytes()
     base, server = serve({"/a.ecdc": v0}, ranges=False)
     rc, out, err = run("-ss", "1", "-to", "2", "-d", base + "/a.ecdc")
     assert (rc, err) == (0, "")
     assert out == synth.reference_pcm(v0)[48_000:96_000].astype("<i2").tobytes()
     rc, out, err = run("-i", base + "/a.ecdc")
-    assert rc == 0 and out == run("-i", str(files["v0"]))[1]
+    assert rc == 0 and out == run("-i", str(songs["v0"]))[1]
 
 
 # --------------------------------------------------------------------------------------

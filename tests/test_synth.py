@@ -1,10 +1,9 @@
-"""Sanity checks of the test fixtures themselves (tests/synth.py, tests/conftest.py)."""
+"""Sanity checks of the test fixtures themselves (tests/synth/, tests/conftest.py)."""
 
 from __future__ import annotations
 
 import io
 import json
-import math
 import os
 import struct
 
@@ -13,6 +12,7 @@ import pytest
 import torch
 
 import synth
+from synth.container import plain_payload_bytes
 
 
 def _payload_codes(v0: bytes) -> list[np.ndarray]:
@@ -79,13 +79,8 @@ def test_make_ecdc_header_and_size(torch_home, model, samples, kbps, nc):
     version, meta, off = synth.parse_header(data)
     assert version == 0
     assert meta == {"m": model, "al": samples, "nc": nc, "lm": False}
-    # Non-LM payload: per segment [4-byte scale (48 kHz)] + ceil(frames * nc * 10 / 8) bytes.
-    if model == "encodec_48khz":
-        segs = [min(samples - o, 48000) for o in range(0, samples, 47520)]
-        expected = sum(4 + math.ceil(-(-n // 320) * nc * 10 / 8) for n in segs)
-    else:
-        expected = math.ceil(-(-samples // 320) * nc * 10 / 8)
-    assert len(data) - off == expected
+    # What encodec wrote is what the tests' hand-built files (synth.zero_codes) size.
+    assert len(data) - off == plain_payload_bytes(model, samples, nc)
 
 
 @pytest.mark.parametrize("model", ["encodec_48khz", "encodec_24khz"])

@@ -94,21 +94,6 @@ def loadavg() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def proc_status(pid: int, key: str) -> int:
-    """A ``VmHWM``-style field of /proc/PID/status, in bytes."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(key + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(key)
-
-
-def reset_peak_rss(pid: int) -> None:
-    """VmHWM := VmRSS from now on."""
-    with open(f"/proc/{pid}/clear_refs", "w") as f:
-        f.write("5")
-
-
 def cpu_ticks(pid: int) -> int:
     """User plus system CPU time of ``pid``, in clock ticks."""
     with open(f"/proc/{pid}/stat") as f:

@@ -39,14 +39,13 @@ from benchlib.common import (
     log,
     mb,
     print_report,
-    proc_status,
-    reset_peak_rss,
     run_quiet,
     start_run,
     timed,
     wait_idle,
 )
 from benchlib.daemon import Mount
+from helpers import proc_kib, reset_peak_rss
 
 SR_24 = 24_000
 MODEL_24 = "encodec_24khz"
@@ -238,9 +237,9 @@ def stream_24khz(s: Setup24, baseline_10s: float) -> tuple[list[Row], list[str]]
     mount, seconds = s.mount, s.stream_seconds
     log(f"24 kHz: streaming {seconds:g} s from 10:00 ...")
     wait_idle(mount.pid, timeout=300)
-    hwm_before = proc_status(mount.pid, "VmHWM")
+    hwm_before = proc_kib(mount.pid, "VmHWM") * 1024
     reset_peak_rss(mount.pid)
-    rss_before = proc_status(mount.pid, "VmRSS")
+    rss_before = proc_kib(mount.pid, "VmRSS") * 1024
     before = len(mount.decoded())
     left = round(seconds * PREAD_24)
     t = time.perf_counter()
@@ -252,7 +251,7 @@ def stream_24khz(s: Setup24, baseline_10s: float) -> tuple[list[Row], list[str]]
     wait_idle(mount.pid, timeout=300)  # a read-ahead decode in flight at close
     if left:
         raise RuntimeError(f"streaming hour.wav: {left} bytes short")
-    peak = proc_status(mount.pid, "VmHWM")
+    peak = proc_kib(mount.pid, "VmHWM") * 1024
     chunks = len(mount.decoded()) - before
     tens = seconds / 10
     rows = [

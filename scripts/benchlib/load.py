@@ -35,12 +35,11 @@ from benchlib.common import (
     log,
     mb,
     print_report,
-    proc_status,
-    reset_peak_rss,
     start_run,
     wait_idle,
 )
 from benchlib.daemon import Mount
+from helpers import proc_kib, reset_peak_rss
 
 
 @dataclass
@@ -276,7 +275,7 @@ def load_rows(o: Outcome) -> list[Row]:
 def run_readers(args: argparse.Namespace, mount: Mount, expected: dict, refs: Path) -> Outcome:
     """The load itself: threads and processes reading for ``--load-seconds``."""
     seconds, names, mnt = args.load_seconds, list(expected), mount.mnt
-    rss_before = proc_status(mount.pid, "VmRSS")
+    rss_before = proc_kib(mount.pid, "VmRSS") * 1024
     reset_peak_rss(mount.pid)
     decoded_before = len(mount.decoded())
     tally = Tally()
@@ -311,7 +310,7 @@ def run_readers(args: argparse.Namespace, mount: Mount, expected: dict, refs: Pa
         stuck=stuck,
         worst_proc=worst_proc,
         decoded=len(mount.decoded()) - decoded_before,
-        peak=proc_status(mount.pid, "VmHWM"),
+        peak=proc_kib(mount.pid, "VmHWM") * 1024,
         rss_before=rss_before,
         cache_mb=args.cache_mb,
         daemon_ok=mount.proc.poll() is None and not errors,

@@ -57,7 +57,6 @@ from benchlib.common import (
     log,
     mb,
     print_report,
-    proc_status,
     run_quiet,
     start_run,
     timed,
@@ -66,6 +65,7 @@ from benchlib.common import (
     within_lsb,
 )
 from benchlib.daemon import Mount
+from helpers import proc_kib
 
 MAX_DAEMON_RSS = 300 << 20  # row 5's target: a daemon serving plain files, graphs cached
 
@@ -242,7 +242,7 @@ def copy_files(f: Files, mount: Mount, names: list[str], prefix: str = "") -> Co
         ident = f.audios[name].identity
         units = [u for u in mount.decoded()[before:] if u.identity == ident]
         if not units:
-            raise RuntimeError(f"no 'decoded unit' line in {mount.log_file} after a cp")
+            raise RuntimeError(f"no 'decoded unit' line in {mount.log} after a cp")
         c.cps.append(t)
         c.counts.append([u.index for u in units])
         c.in_daemon.append(sum(u.seconds for u in units))
@@ -251,7 +251,7 @@ def copy_files(f: Files, mount: Mount, names: list[str], prefix: str = "") -> Co
             f"cp {name}.wav: {t:.2f} s (load {load:.2f}), {len(units)} frames decoded "
             f"in {c.in_daemon[-1]:.2f} s by the daemon; floor after: {sum(c.floors[-1]):.2f} s"
         )
-    c.peak = proc_status(mount.pid, "VmHWM")
+    c.peak = proc_kib(mount.pid, "VmHWM") * 1024
     return c
 
 
@@ -582,7 +582,7 @@ def main(args: argparse.Namespace) -> int:
         cold = cold_preads(f, mount, args.preads)
         counts = decode_counts(f, copies, args.cache_mb, cache)
         lm = lm_file(f, mount) if f.lm is not None else ([], [])
-        peak_end = proc_status(mount.pid, "VmHWM")
+        peak_end = proc_kib(mount.pid, "VmHWM") * 1024
     finally:
         mount.stop()
     exact, exact_preads, exact_baselines = exact_mount(f, work, env, extra)
