@@ -20,6 +20,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
+import pytest
 from mutagen.id3 import ID3, TIT2, Encoding
 
 SR = 48_000  # the rate of the 48 kHz test files
@@ -31,6 +32,12 @@ def fuse_available() -> bool:
     return os.path.exists("/dev/fuse") and any(
         shutil.which(c) for c in ("fusermount3", "fusermount")
     )
+
+
+def mounts(test):
+    """Mark a test that mounts: marker ``mount``, skipped where FUSE cannot work."""
+    needs_fuse = pytest.mark.skipif(not fuse_available(), reason="needs /dev/fuse and fusermount")
+    return pytest.mark.mount(needs_fuse(test))
 
 
 def wav_size(data_bytes: int, title: str | None = None) -> int:

@@ -25,7 +25,7 @@ from ecdcfs.engine import Engine, Settings
 from ecdcfs.names import AUDIO
 from ecdcfs.tree import SourceTree
 from helpers import read_all
-from mounting import SR, Mount, source_folder, wav_size
+from mounting import SR, Mount, mounts, source_folder, wav_size
 
 HEADER = struct.Struct("!4sBI")
 
@@ -293,6 +293,7 @@ def test_bad_files_are_rejected_at_open(engine, tmp_path):
             engine.open(synth.write(tmp_path, f"{name}.ecdc", bad))
 
 
+@mounts
 def test_corrupt_files_fail_with_eio_and_the_rest_works(tmp_path, media):
     song = media["song"]
     bad = {"bad magic.ecdc": b"RIFF" + song[4:], "truncated.ecdc": song[: len(song) // 2]}
@@ -319,6 +320,7 @@ def test_corrupt_files_fail_with_eio_and_the_rest_works(tmp_path, media):
         mount.stop()
 
 
+@mounts
 def test_hostile_folder(tmp_path, media):
     """Every kind of bad file at once: each fails alone, quickly, with one log line."""
     src = tmp_path / "src"

@@ -25,7 +25,7 @@ import pytest
 
 import synth
 from ecdcfs.decoder import LM_NEEDS_TORCH
-from mounting import Mount, fuse_available, wav_size
+from mounting import Mount, mounts, wav_size
 
 REPO = Path(__file__).resolve().parents[1]
 MAX_CORE_MB = 300
@@ -118,7 +118,7 @@ def assert_within_2_lsb(wav: bytes, data: bytes) -> None:
     assert np.abs(pcm.astype(np.int32) - expected).max() <= 2
 
 
-@pytest.mark.skipif(not fuse_available(), reason="needs /dev/fuse and fusermount")
+@mounts
 def test_a_lean_mount_reads_plain_files_and_refuses_lm_coded_ones_saying_why(
     lean, library, tmp_path, env
 ):

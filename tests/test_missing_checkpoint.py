@@ -22,6 +22,7 @@ from ecdcfs.settings import Settings
 from ecdcfs.tree import SourceTree
 from mounting import (
     Mount,
+    mounts,
     source_folder,
 )
 
@@ -72,6 +73,7 @@ def test_ecdc_stream_says_so_in_one_line(media, tmp_path):
     assert last.startswith("ecdc-stream: ") and "encodec_48khz-7e698e3e.th is missing" in last
 
 
+@mounts
 def test_missing_checkpoint_fails_reads_with_one_log_line(small_library, tmp_path):
     env_home = os.environ.get("TORCH_HOME")
     empty = tmp_path / "empty-torch-home"
@@ -178,6 +180,7 @@ def test_checkpoints_inside_the_mount_point_are_refused(tmp_path, monkeypatch):
         cli.check_paths(cli.parse_args([str(tmp_path / "src"), str(tmp_path / "mnt")]))
 
 
+@mounts
 def test_reasons_in_an_xattr_and_a_checkpoint_copied_in_while_mounted(
     tmp_path, media, torch_home, monkeypatch
 ):

@@ -11,6 +11,7 @@ import pytest
 import synth
 from mounting import (
     Mount,
+    mounts,
     source_folder,
 )
 
@@ -34,6 +35,7 @@ def test_write_opens_fail_with_erofs(src, tree, flags):
         assert info.value.errno == errno.EROFS
 
 
+@mounts
 def test_every_write_fails_with_erofs(tmp_path, media):
     src = source_folder(tmp_path, {"x.ecdc": media["short"], "a.txt": b"a"})
     (src / "d").mkdir()

@@ -18,6 +18,7 @@ from helpers import read_all
 from mounting import (
     SR,
     Mount,
+    mounts,
     pread_full,
     source_folder,
     wav_bytes,
@@ -150,6 +151,7 @@ def test_probe_cache_hits_and_invalidates_on_change(src, tree, monkeypatch):
     assert tree.getattr("/x.wav").size == wav_size(14_400 * 4)
 
 
+@mounts
 def test_replaced_source_is_read_afresh(small_library, tmp_path, media):
     m = Mount(small_library, tmp_path / "mnt", tmp_path / "log")
     try:
@@ -167,6 +169,7 @@ def test_replaced_source_is_read_afresh(small_library, tmp_path, media):
         m.stop()
 
 
+@mounts
 def test_source_replaced_truncated_or_deleted_while_open(tmp_path, media):
     """An open handle keeps reading its version; new opens see the new one; never mixed."""
     src = source_folder(tmp_path, {"x.ecdc": media["song"]})
