@@ -163,7 +163,7 @@ def test_a_failed_open_closes_the_engine_it_made(tmp_path, cpu):
     assert decoders() == before
 
 
-def test_url(songs, serve, cpu, engine):  # noqa: F811 (the fixture)
+def test_url(songs, serve, cpu, engine):
     v0 = songs["v0"].read_bytes()
     long = synth.long_plain_file(v0, 600)  # 10 minutes, bit-packed
     base, server = serve({"/a.ecdc": v0, "/long.ecdc": long})

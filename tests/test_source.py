@@ -68,7 +68,7 @@ def test_http_source_close_stops_a_plain_download():
         server.server_close()
 
 
-def test_http_source_close_drops_its_blocks(serve):  # noqa: F811 (the fixture)
+def test_http_source_close_drops_its_blocks(serve):
     data = DATA * 100
     base, server = serve({"/f": data})
     source = HttpSource(base + "/f", block_size=4096, probe_size=100)
@@ -99,7 +99,7 @@ def test_open_source_of_stdin_only_with_one(tmp_path, monkeypatch):
     assert open_source("-").read(0, 4) == b"ECDC"
 
 
-def test_open_source_of_a_url(serve):  # noqa: F811 (the fixture)
+def test_open_source_of_a_url(serve):
     base, server = serve({"/a.ecdc": DATA})
     source = open_source(base + "/a.ecdc")
     assert isinstance(source, HttpSource) and source.read(0, len(DATA)) == DATA

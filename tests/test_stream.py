@@ -461,7 +461,7 @@ def test_http_source_reads_ranges(serve):
     assert server.served < 2 * len(data)
     fresh = HttpSource(base + "/f", block_size=4096, probe_size=1000)
     assert fresh.identity == source.identity
-    server.songs["/f"] = data + b"more"
+    server.files["/f"] = data + b"more"
     assert HttpSource(base + "/f").identity != source.identity
     with pytest.raises(RemoteError, match="changed"):
         fresh.read(200_000, 10)
