@@ -160,6 +160,14 @@ def songs(torch_home, tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture
+def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty TORCH_HOME of this test's own (where checkpoints are looked for)."""
+    home = tmp_path / "torch-home"
+    monkeypatch.setenv("TORCH_HOME", str(home))
+    return home
+
+
+@pytest.fixture
 def src(tmp_path: Path) -> Path:
     """An empty SOURCE folder."""
     folder = tmp_path / "src"

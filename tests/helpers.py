@@ -6,6 +6,7 @@ HTTP server of files (with or without ranges and lengths)."""
 from __future__ import annotations
 
 import contextlib
+import io
 import subprocess
 import sys
 import threading
@@ -121,6 +122,59 @@ def load_onnx_decoder(name: str, cache, threads: int = 1):
 
     spec = MODELS[name]
     return GraphStore(cache).load(spec, lambda g: OnnxDecoder(spec, g, Interrupts(), threads))
+
+
+# ecdc-stream, as a subprocess (the installed console script) and in process: exact
+# comparisons need encodec's own decode on the CPU, ``-g -1 --exact`` (to -d), unless the
+# test picks a device (or says ``--default``: the default decoder).
+_STREAM_SCRIPT = Path(sys.executable).parent / "ecdc-stream"
+STREAM_CLI = (
+    [str(_STREAM_SCRIPT)] if _STREAM_SCRIPT.exists() else [sys.executable, "-m", "ecdcfs.stream"]
+)
+
+
+def _on_cpu(args: tuple[str, ...]) -> list[str]:
+    if "--default" in args:
+        return [a for a in args if a != "--default"]
+    exact = ["--exact"] if "-d" in args else []  # it applies to -d only
+    return list(args) if "-g" in args else ["-g", "-1", *exact, *args]
+
+
+class TerminalText(io.StringIO):
+    """A text stream that says it is a terminal (progress bars are drawn on one)."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def ecdc_stream(*args: str, input: bytes | None = None, env: dict | None = None, cwd=None):
+    """The installed console script: (exit status, stdout bytes, stderr text)."""
+    result = subprocess.run(
+        [*STREAM_CLI, *_on_cpu(args)],
+        input=input if input is not None else b"",
+        capture_output=True,
+        timeout=300,
+        env=env,
+        cwd=cwd,
+    )
+    return result.returncode, result.stdout, result.stderr.decode()
+
+
+def stream_run(*args: str, stdin: bytes = b"", stderr: io.StringIO | None = None):
+    """``ecdc-stream`` in process: (exit status, stdout bytes, stderr text)."""
+    from ecdcfs import stream
+
+    out, err = io.BytesIO(), stderr if stderr is not None else io.StringIO()
+    rc = stream.run(_on_cpu(args), io.BytesIO(stdin), out, err)
+    return rc, out.getvalue(), err.getvalue()
+
+
+def error_line(err: str) -> str:
+    """The one line ``ecdc-stream`` printed on stderr, checked to be one line of its own."""
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("ecdc-stream: ") and "Traceback" not in err
+    return lines[0]
 
 
 def run_in_threads(func, arguments: list[tuple], timeout: float = 300) -> list[BaseException]:

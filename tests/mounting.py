@@ -1,4 +1,4 @@
-"""Helpers for tests through real FUSE mounts (test_mount.py, test_mount_hardening.py).
+"""Helpers for tests (and scripts/bench) through real FUSE mounts.
 
 A foreground or daemon ``ecdcfs`` subprocess, unmounting (a dead mount included), waiting
 for a mount, and an independent WAV writer for the bytes a mount must show.

@@ -17,9 +17,10 @@ import pytest
 
 import helpers
 import synth
-from ecdcfs import cli, index
-from ecdcfs.cache_dir import INDEX_SUFFIX, clear_files, enforce_cap
+from ecdcfs import cli, graph_store, index
+from ecdcfs.cache_dir import DIGESTS_FILE, INDEX_SUFFIX, clear_files, enforce_cap
 from ecdcfs.engine import Engine, Settings
+from ecdcfs.graph_store import GraphStore
 from ecdcfs.index import CodeIndex, IndexStore
 from ecdcfs.options import Config
 from ecdcfs.settings import default_cache_dir
@@ -259,3 +260,32 @@ def test_unwritable_cache_dir_only_costs_persistence(torch_home, tmp_path):
         assert read_all(audio.reader()) == helpers.expected_wav(data)
     finally:
         engine.close()
+
+
+def test_clear_cache_deletes_the_graphs_too(default_cache, capsys):
+    from ecdcfs import cli
+
+    (default_cache / "graphs" / "notes.txt").write_text("not ours")
+    assert cli.main(["--clear-cache", "--cache-dir", str(default_cache)]) == 0
+    assert "and 2 decoder graphs" in capsys.readouterr().out
+    assert [p.name for p in (default_cache / "graphs").iterdir()] == ["notes.txt"]
+
+
+def test_a_checkpoints_digest_is_remembered_until_the_file_changes(
+    default_cache, tmp_path, monkeypatch
+):
+    store = GraphStore(default_cache)
+    checkpoint = tmp_path / "model.th"
+    checkpoint.write_bytes(b"weights" * 1000)
+    first = store.checkpoint_digest(checkpoint)
+    assert first == graph_store.file_digest(checkpoint)
+    hashed = []
+    real = graph_store.file_digest
+    monkeypatch.setattr(graph_store, "file_digest", lambda p: hashed.append(p) or real(p))
+    assert store.checkpoint_digest(checkpoint) == first and not hashed
+    checkpoint.write_bytes(b"WEIGHTS" * 1000)  # same size, new content and mtime
+    os.utime(checkpoint, ns=(1, 1))
+    assert store.checkpoint_digest(checkpoint) == real(checkpoint) != first
+    assert hashed == [checkpoint]
+    (default_cache / "graphs" / DIGESTS_FILE).write_text("{not json")
+    assert store.checkpoint_digest(checkpoint) == real(checkpoint)

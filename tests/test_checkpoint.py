@@ -1,19 +1,15 @@
-"""ecdcfs.checkpoint: torch-free checkpoint reading (torch.load is the oracle), refusal
-of malicious pickles, and torch.hub-style downloads from a local HTTP server."""
+"""ecdcfs.checkpoint and ecdcfs.torchfile: torch-free checkpoint reading (torch.load is the
+oracle) and refusal of malicious pickles and damaged files. Downloads are in
+test_checkpoint_download.py."""
 
 from __future__ import annotations
 
-import hashlib
-import http.server
 import io
 import os
 import pickle
-import socket
 import struct
 import sys
-import threading
 import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -25,102 +21,17 @@ from ecdcfs import checkpoint, torchfile
 from ecdcfs.checkpoint import load_state_dict
 from ecdcfs.decoder import ModelUnavailable
 from ecdcfs.torchfile import read_state_dict
-
-# --------------------------------------------------------------------------------------
-# Helpers
-# --------------------------------------------------------------------------------------
-
-
-def reference(t: torch.Tensor) -> np.ndarray:
-    """What read_state_dict must return for ``t`` (bfloat16 widened to float32)."""
-    t = t.detach()
-    return (t.float() if t.dtype == torch.bfloat16 else t).numpy()
-
-
-def assert_same(ours: dict[str, np.ndarray], theirs: dict[str, torch.Tensor]) -> None:
-    """Same keys in the same order; each array equal in dtype, shape and bytes, and a
-    contiguous, native-endian, writeable array of its own."""
-    assert list(ours) == list(theirs)
-    for key, tensor in theirs.items():
-        want, got = reference(tensor), ours[key]
-        assert isinstance(got, np.ndarray), key
-        assert got.dtype == want.dtype, key
-        assert got.shape == want.shape, key
-        assert got.tobytes() == np.ascontiguousarray(want).tobytes(), key
-        assert got.flags.c_contiguous and got.flags.writeable and got.dtype.isnative, key
-
-
-def one_line(error: pytest.ExceptionInfo[BaseException]) -> str:
-    message = str(error.value)
-    assert message and "\n" not in message and "\r" not in message
-    return message
-
-
-def write_zip(path: Path, members: dict[str, bytes], top: str = "archive") -> Path:
-    """A zip laid out like torch's (``<top>/<member>``, stored), with a version record."""
-    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as z:
-        for name, data in {"version": b"3\n", **members}.items():
-            z.writestr(f"{top}/{name}", data)
-    return path
-
-
-def write_legacy(path: Path, *pickles: bytes, payload: bytes = b"") -> Path:
-    """A legacy-format file: magic, protocol, sys_info, then ``pickles``, then ``payload``."""
-    head = [pickle.dumps(torchfile.LEGACY_MAGIC, 2), pickle.dumps(1001, 2)]
-    head.append(pickle.dumps({"protocol_version": 1001, "little_endian": True}, 2))
-    path.write_bytes(b"".join(head) + b"".join(pickles) + payload)
-    return path
-
-
-def _int(v: int) -> bytes:
-    if -(2**31) <= v < 2**31:
-        return b"J" + struct.pack("<i", v)  # BININT
-    data = v.to_bytes(16, "little", signed=True)
-    return b"\x8a\x10" + data  # LONG1 of 16 bytes
-
-
-def _str(s: str) -> bytes:
-    return b"X" + struct.pack("<I", len(s)) + s.encode()  # BINUNICODE
-
-
-def _tuple(*items: bytes) -> bytes:
-    return b"(" + b"".join(items) + b"t"  # MARK ... TUPLE
-
-
-def tensor_pickle(
-    numel: int,
-    offset: int,
-    size: tuple[int, ...],
-    stride: tuple[int, ...],
-    storage: str = "FloatStorage",
-    legacy: bool = False,
-) -> bytes:
-    """A hand-made data.pkl of ``{"w": <tensor view>}``: lets a test declare any view."""
-    pid = [_str("storage"), b"ctorch\n" + storage.encode() + b"\n", _str("0"), _str("cpu")]
-    pid.append(_int(numel))
-    if legacy:
-        pid.append(b"N")
-    args = _tuple(
-        _tuple(*pid) + b"Q",  # BINPERSID
-        _int(offset),
-        _tuple(*map(_int, size)),
-        _tuple(*map(_int, stride)),
-        b"\x89",  # False
-        b"ccollections\nOrderedDict\n)R",
-    )
-    rebuild = b"ctorch._utils\n_rebuild_tensor_v2\n"
-    return b"\x80\x02}" + _str("w") + rebuild + args + b"Rs."
-
-
-class Evil:
-    """Unpickling this runs ``func(arg)``, e.g. a shell command."""
-
-    def __init__(self, func: object, arg: str) -> None:
-        self.func, self.arg = func, arg
-
-    def __reduce__(self) -> tuple[object, tuple[str]]:
-        return (self.func, (self.arg,))
-
+from torchfiles import (
+    Evil,
+    assert_same,
+    install,
+    one_line,
+    reference,
+    tensor_pickle,
+    tricky_tensors,
+    write_legacy,
+    write_zip,
+)
 
 # --------------------------------------------------------------------------------------
 # Reading
@@ -136,35 +47,6 @@ def test_encodec_checkpoints_match_torch_load(torch_home: Path, file_name: str) 
     assert len(ours) > 50
     assert_same(ours, theirs)
     assert_same(load_state_dict(file_name, "test model"), theirs)
-
-
-def tricky_tensors() -> dict[str, torch.Tensor]:
-    """Views, shared storages and every dtype a state dict may hold."""
-    g = torch.Generator().manual_seed(7)
-    base = torch.randn(5, 6, generator=g)
-    flat = torch.arange(40, dtype=torch.int64)
-    return {
-        "base": base,
-        "transposed": base.t(),
-        "stepped": base[1:, ::2],
-        "offset": flat[7:19],
-        "offset_2d": flat[3:].view(-1)[5:25].view(4, 5)[:, 1:4],
-        "shared_row": base[2],
-        "scalar": torch.tensor(2.5, dtype=torch.float64),
-        "scalar_view": flat[11],
-        "empty": torch.empty(0, 3),
-        "empty_view": base[:, 4:4],
-        "int64": torch.randint(-(2**62), 2**62, (3, 4), generator=g),
-        "int32": torch.randint(-(2**31), 2**31 - 1, (6,), generator=g, dtype=torch.int32),
-        "int16": torch.randint(-(2**15), 2**15 - 1, (6,), generator=g, dtype=torch.int16),
-        "bool": torch.rand(3, 7, generator=g) > 0.5,
-        "float16": torch.randn(4, 3, generator=g).half().t(),
-        "bfloat16": torch.randn(2, 8, generator=g).bfloat16()[:, 1::3],
-        "int8": torch.randint(-128, 128, (9,), generator=g, dtype=torch.int8),
-        "uint8": torch.randint(0, 256, (3, 3), generator=g, dtype=torch.uint8).t(),
-        "float64": torch.randn(2, 3, 4, generator=g, dtype=torch.float64).permute(2, 0, 1),
-        "parameter": torch.nn.Parameter(torch.randn(3, generator=g)),
-    }
 
 
 @pytest.mark.parametrize("zip_format", [True, False], ids=["zip", "legacy"])
@@ -273,20 +155,6 @@ def test_not_a_state_dict(tmp_path: Path) -> None:
 # --------------------------------------------------------------------------------------
 
 
-def install(torch_home_dir: Path, file_name: str, data: bytes) -> None:
-    d = torch_home_dir / "hub" / "checkpoints"
-    d.mkdir(parents=True, exist_ok=True)
-    (d / file_name).write_bytes(data)
-
-
-@pytest.fixture
-def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty TORCH_HOME of this test's own."""
-    home = tmp_path / "torch-home"
-    monkeypatch.setenv("TORCH_HOME", str(home))
-    return home
-
-
 def evil_payloads(marker: Path) -> dict[str, tuple[bytes, str]]:
     """Pickles that run code when loaded, and the global each one needs."""
     shell = f"touch {marker}"
@@ -381,168 +249,8 @@ def test_damaged_files_are_unavailable_in_one_line(torch_home: Path, home: Path)
 
 
 # --------------------------------------------------------------------------------------
-# Downloading
+# No torch
 # --------------------------------------------------------------------------------------
-
-
-class Server:
-    """A local HTTP server of ``files`` (name -> bytes) that counts its requests;
-    ``short`` names are sent cut short of their Content-Length."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.short: set[str] = set()
-        self.requests = 0
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                server.requests += 1
-                data = server.files.get(self.path.lstrip("/"))
-                if data is None:
-                    self.send_error(404, "Not Found")
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.path.lstrip("/") in server.short:
-                    data = data[: len(data) // 2]
-                    self.close_connection = True
-                self.wfile.write(data)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def server(home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
-    server = Server()
-    monkeypatch.setattr(checkpoint, "BASE_URL", server.url)
-    yield server
-    server.close()
-
-
-def named(data: bytes, stem: str = "encodec_48khz") -> str:
-    """The torch.hub name of ``data``: the first 8 hex digits of its sha256 in it."""
-    return f"{stem}-{hashlib.sha256(data).hexdigest()[:8]}.th"
-
-
-def listing(home: Path) -> list[str]:
-    d = home / "hub" / "checkpoints"
-    return sorted(os.listdir(d)) if d.exists() else []
-
-
-def test_download(server: Server, home: Path) -> None:
-    data = np.random.default_rng(0).bytes(300_000)
-    name = named(data)
-    server.files[name] = data
-    path = checkpoint.fetch(name, "test model")
-    assert path == home / "hub" / "checkpoints" / name
-    assert path.read_bytes() == data
-    assert listing(home) == [name]
-    assert server.requests == 1
-    assert checkpoint.fetch(name, "test model") == path
-    assert server.requests == 1
-
-
-def test_download_and_load(server: Server, home: Path, tmp_path: Path) -> None:
-    tensors = tricky_tensors()
-    torch.save(tensors, tmp_path / "x.pt")
-    data = (tmp_path / "x.pt").read_bytes()
-    name = named(data, "encodec_lm_24khz")
-    server.files[name] = data
-    assert_same(load_state_dict(name, "test model"), tensors)
-
-
-def test_concurrent_downloads(server: Server, home: Path) -> None:
-    data = np.random.default_rng(1).bytes(2_000_000)
-    name = named(data)
-    server.files[name] = data
-    results: list[object] = []
-    threads = [
-        threading.Thread(target=lambda: results.append(checkpoint.fetch(name, "m")))
-        for _ in range(4)
-    ]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    assert results == [home / "hub" / "checkpoints" / name] * 4
-    assert (home / "hub" / "checkpoints" / name).read_bytes() == data
-    assert listing(home) == [name]
-
-
-def test_wrong_hash_is_refused(server: Server, home: Path) -> None:
-    data = b"not the checkpoint you are looking for\n" * 1000
-    digest = hashlib.sha256(data).hexdigest()
-    name = f"encodec_48khz-{'0' if digest[0] != '0' else '1'}{digest[1:8]}.th"
-    server.files[name] = data
-    with pytest.raises(ModelUnavailable) as error:
-        checkpoint.fetch(name, "test model")
-    message = one_line(error)
-    assert f"its sha256 {digest} does not match the hash prefix" in message
-    assert not (home / "hub" / "checkpoints" / name).exists()
-    assert listing(home) == []
-
-
-def test_truncated_download_is_refused(server: Server, home: Path) -> None:
-    data = np.random.default_rng(2).bytes(100_000)
-    name = named(data)
-    server.files[name] = data
-    server.short.add(name)
-    with pytest.raises(ModelUnavailable) as error:
-        checkpoint.fetch(name, "test model")
-    assert "truncated: got 50000 of 100000 bytes" in one_line(error)
-    assert listing(home) == []
-
-
-def test_not_found(server: Server, home: Path) -> None:
-    name = checkpoint.CHECKPOINTS["encodec_24khz"]
-    with pytest.raises(ModelUnavailable) as error:
-        load_state_dict(name, "encodec_24khz")
-    message = one_line(error)
-    directory = home / "hub" / "checkpoints"
-    assert message == (
-        f"encodec_24khz checkpoint {name} is missing and could not be downloaded from "
-        f"{server.url}{name} (HTTP 404 Not Found); put it in {directory}/ (or set TORCH_HOME)"
-    )
-    assert listing(home) == []
-    assert checkpoint.fingerprint(name) == (str(directory / name), None)
-
-
-def test_closed_port(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    url = f"http://127.0.0.1:{port}/"
-    monkeypatch.setattr(checkpoint, "BASE_URL", url)
-    name = checkpoint.LM_CHECKPOINTS["encodec_48khz"]
-    with pytest.raises(ModelUnavailable) as error:
-        checkpoint.fetch(name, "encodec_48khz LM")
-    message = one_line(error)
-    assert message.startswith(f"encodec_48khz LM checkpoint {name} is missing")
-    assert f"from {url}{name} (" in message
-    assert f"put it in {home / 'hub' / 'checkpoints'}/ (or set TORCH_HOME)" in message
-    assert listing(home) == []
-
-
-def test_existing_file_is_used_without_a_request(server: Server, home: Path) -> None:
-    name = checkpoint.CHECKPOINTS["encodec_48khz"]  # its content does not match its hash
-    install(home, name, b"whatever is there")
-    path = checkpoint.fetch(name, "test model")
-    assert path.read_bytes() == b"whatever is there"
-    assert server.requests == 0
-    st = path.stat()
-    assert checkpoint.fingerprint(name) == (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
 
 
 def test_no_torch_import() -> None:

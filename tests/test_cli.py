@@ -477,3 +477,15 @@ def test_the_readme_option_table_is_the_option_spec():
         )
         if default and default[0].isdigit():  # a number: the README gives it too
             assert default.split()[0] in meaning, (flag, default)
+
+
+def test_exact_and_threads_options_long_and_o_forms():
+    from ecdcfs.cli import UsageError, parse_args
+
+    default = parse_args(["a", "b"])
+    assert not default.exact and default.threads is None
+    assert parse_args(["a", "b", "--exact"]).exact and parse_args(["a", "b", "-o", "exact"]).exact
+    assert parse_args(["a", "b", "--threads", "3"]).threads == 3
+    assert parse_args(["a", "b", "-o", "threads=1"]).threads == 1
+    with pytest.raises(UsageError, match="threads"):
+        parse_args(["a", "b", "-o", "threads=0"])

@@ -8,8 +8,6 @@ import errno
 import logging
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 
@@ -64,9 +62,7 @@ def test_ecdc_stream_says_so_in_one_line(media, tmp_path):
     env = dict(os.environ, TORCH_HOME=str(tmp_path / "empty"))
     for proxy in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
         env[proxy] = "http://127.0.0.1:9"  # offline, and fast about it
-    command = [sys.executable, "-m", "ecdcfs.stream", "-g", "-1", "--exact", "-d", str(path)]
-    done = subprocess.run(command, capture_output=True, timeout=300, env=env)
-    rc, out, err = done.returncode, done.stdout, done.stderr.decode()
+    rc, out, err = helpers.ecdc_stream("-d", str(path), env=env)
     assert rc == 1 and out == b""  # torch.hub's "Downloading: ..." goes to stderr
     assert "Traceback" not in err
     last = err.strip().splitlines()[-1]

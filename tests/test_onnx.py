@@ -5,7 +5,6 @@ when the cache cannot serve it."""
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import subprocess
 import sys
@@ -18,7 +17,6 @@ import pytest
 import helpers
 import synth
 from ecdcfs import graph_store, onnx_decoder
-from ecdcfs.cache_dir import DIGESTS_FILE
 from ecdcfs.container import MODELS, EncodedFrame, read_header
 from ecdcfs.decoder import overlap_add_weights
 from ecdcfs.engine import Engine, Settings
@@ -416,18 +414,6 @@ def test_a_process_decoding_files_with_cached_graphs_never_imports_torch(default
     assert done.stdout == expected  # and the same bytes as in this process
 
 
-def test_exact_and_threads_options_long_and_o_forms():
-    from ecdcfs.cli import UsageError, parse_args
-
-    default = parse_args(["a", "b"])
-    assert not default.exact and default.threads is None
-    assert parse_args(["a", "b", "--exact"]).exact and parse_args(["a", "b", "-o", "exact"]).exact
-    assert parse_args(["a", "b", "--threads", "3"]).threads == 3
-    assert parse_args(["a", "b", "-o", "threads=1"]).threads == 1
-    with pytest.raises(UsageError, match="threads"):
-        parse_args(["a", "b", "-o", "threads=0"])
-
-
 def test_exact_engines_decode_one_unit_at_a_time(torch_home):
     for settings, workers in ((Settings(exact=True, threads=4), 1), (Settings(threads=3), 3)):
         engine = Engine(settings)
@@ -435,35 +421,6 @@ def test_exact_engines_decode_one_unit_at_a_time(torch_home):
             assert engine.scheduler.workers == workers
         finally:
             engine.close()
-
-
-def test_clear_cache_deletes_the_graphs_too(default_cache, capsys):
-    from ecdcfs import cli
-
-    (default_cache / "graphs" / "notes.txt").write_text("not ours")
-    assert cli.main(["--clear-cache", "--cache-dir", str(default_cache)]) == 0
-    assert "and 2 decoder graphs" in capsys.readouterr().out
-    assert [p.name for p in (default_cache / "graphs").iterdir()] == ["notes.txt"]
-
-
-def test_a_checkpoints_digest_is_remembered_until_the_file_changes(
-    default_cache, tmp_path, monkeypatch
-):
-    store = GraphStore(default_cache)
-    checkpoint = tmp_path / "model.th"
-    checkpoint.write_bytes(b"weights" * 1000)
-    first = store.checkpoint_digest(checkpoint)
-    assert first == graph_store.file_digest(checkpoint)
-    hashed = []
-    real = graph_store.file_digest
-    monkeypatch.setattr(graph_store, "file_digest", lambda p: hashed.append(p) or real(p))
-    assert store.checkpoint_digest(checkpoint) == first and not hashed
-    checkpoint.write_bytes(b"WEIGHTS" * 1000)  # same size, new content and mtime
-    os.utime(checkpoint, ns=(1, 1))
-    assert store.checkpoint_digest(checkpoint) == real(checkpoint) != first
-    assert hashed == [checkpoint]
-    (default_cache / "graphs" / DIGESTS_FILE).write_text("{not json")
-    assert store.checkpoint_digest(checkpoint) == real(checkpoint)
 
 
 def test_loading_one_model_never_waits_for_another(default_cache, monkeypatch):
