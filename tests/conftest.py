@@ -192,14 +192,16 @@ def small_library(tmp_path, media) -> Path:
 @pytest.fixture
 def serve(monkeypatch):
     """``serve(files, ranges=True, lengths=True) -> (base URL, server)``; ``server.served``
-    counts body bytes sent."""
+    counts body bytes sent, ``server.requests`` requests; paths in ``server.short`` are sent
+    cut short of their Content-Length."""
     for name in ("no_proxy", "NO_PROXY"):  # a proxy in the environment must not answer
         monkeypatch.setenv(name, "127.0.0.1,localhost")
     servers = []
 
     def start(files: dict[str, bytes], ranges: bool = True, lengths: bool = True):
         server = helpers.FileServer(("127.0.0.1", 0), helpers.RangeHandler)
-        server.files, server.ranges, server.lengths, server.served = files, ranges, lengths, 0
+        server.files, server.ranges, server.lengths = files, ranges, lengths
+        server.served, server.requests, server.short = 0, 0, set()
         threading.Thread(target=server.serve_forever, daemon=True).start()
         servers.append(server)
         return f"http://127.0.0.1:{server.server_address[1]}", server

@@ -224,6 +224,8 @@ class RangeHandler(BaseHTTPRequestHandler):
     server: FileServer
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        with self.server.lock:
+            self.server.requests += 1
         data = self.server.files.get(self.path)
         if data is None:
             self.send_error(404)
@@ -246,6 +248,8 @@ class RangeHandler(BaseHTTPRequestHandler):
             self.send_header("Content-Length", str(len(body)))
         self.send_header("ETag", f'"{hash(data) & 0xFFFFFFFF:x}"')
         self.end_headers()
+        if self.path in self.server.short:  # cut short of its Content-Length
+            body, self.close_connection = body[: len(body) // 2], True
         with self.server.lock:  # counted before the client can have it
             self.server.served += len(body)
         with contextlib.suppress(ConnectionError):  # a client that had what it needed
@@ -260,5 +264,7 @@ class FileServer(ThreadingHTTPServer):
     files: dict[str, bytes]
     ranges: bool
     lengths: bool
-    served: int
+    served: int  # body bytes sent
+    requests: int
+    short: set[str]  # paths whose body is sent cut short of its Content-Length
     lock = threading.Lock()

@@ -5,11 +5,9 @@ there used without a request."""
 from __future__ import annotations
 
 import hashlib
-import http.server
 import os
 import socket
 import threading
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -19,53 +17,16 @@ import torch
 from ecdcfs import checkpoint
 from ecdcfs.checkpoint import load_state_dict
 from ecdcfs.decoder import ModelUnavailable
+from helpers import FileServer
 from torchfiles import assert_same, install, one_line, tricky_tensors
 
 
-class Server:
-    """A local HTTP server of ``files`` (name -> bytes) that counts its requests;
-    ``short`` names are sent cut short of their Content-Length."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.short: set[str] = set()
-        self.requests = 0
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self) -> None:
-                server.requests += 1
-                data = server.files.get(self.path.lstrip("/"))
-                if data is None:
-                    self.send_error(404, "Not Found")
-                    return
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                if self.path.lstrip("/") in server.short:
-                    data = data[: len(data) // 2]
-                    self.close_connection = True
-                self.wfile.write(data)
-
-            def log_message(self, *args: object) -> None:
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
 @pytest.fixture
-def server(home: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Server]:
-    server = Server()
-    monkeypatch.setattr(checkpoint, "BASE_URL", server.url)
-    yield server
-    server.close()
+def server(home: Path, serve, monkeypatch: pytest.MonkeyPatch) -> FileServer:
+    """Checkpoints served at ``checkpoint.BASE_URL``: ``server.files["/" + name]``."""
+    base, server = serve({})
+    monkeypatch.setattr(checkpoint, "BASE_URL", base + "/")
+    return server
 
 
 def named(data: bytes, stem: str = "encodec_48khz") -> str:
@@ -78,10 +39,10 @@ def listing(home: Path) -> list[str]:
     return sorted(os.listdir(d)) if d.exists() else []
 
 
-def test_download(server: Server, home: Path) -> None:
+def test_download(server: FileServer, home: Path) -> None:
     data = np.random.default_rng(0).bytes(300_000)
     name = named(data)
-    server.files[name] = data
+    server.files["/" + name] = data
     path = checkpoint.fetch(name, "test model")
     assert path == home / "hub" / "checkpoints" / name
     assert path.read_bytes() == data
@@ -91,19 +52,19 @@ def test_download(server: Server, home: Path) -> None:
     assert server.requests == 1
 
 
-def test_download_and_load(server: Server, home: Path, tmp_path: Path) -> None:
+def test_download_and_load(server: FileServer, home: Path, tmp_path: Path) -> None:
     tensors = tricky_tensors()
     torch.save(tensors, tmp_path / "x.pt")
     data = (tmp_path / "x.pt").read_bytes()
     name = named(data, "encodec_lm_24khz")
-    server.files[name] = data
+    server.files["/" + name] = data
     assert_same(load_state_dict(name, "test model"), tensors)
 
 
-def test_concurrent_downloads(server: Server, home: Path) -> None:
+def test_concurrent_downloads(server: FileServer, home: Path) -> None:
     data = np.random.default_rng(1).bytes(2_000_000)
     name = named(data)
-    server.files[name] = data
+    server.files["/" + name] = data
     results: list[object] = []
     threads = [
         threading.Thread(target=lambda: results.append(checkpoint.fetch(name, "m")))
@@ -118,11 +79,11 @@ def test_concurrent_downloads(server: Server, home: Path) -> None:
     assert listing(home) == [name]
 
 
-def test_wrong_hash_is_refused(server: Server, home: Path) -> None:
+def test_wrong_hash_is_refused(server: FileServer, home: Path) -> None:
     data = b"not the checkpoint you are looking for\n" * 1000
     digest = hashlib.sha256(data).hexdigest()
     name = f"encodec_48khz-{'0' if digest[0] != '0' else '1'}{digest[1:8]}.th"
-    server.files[name] = data
+    server.files["/" + name] = data
     with pytest.raises(ModelUnavailable) as error:
         checkpoint.fetch(name, "test model")
     message = one_line(error)
@@ -131,18 +92,18 @@ def test_wrong_hash_is_refused(server: Server, home: Path) -> None:
     assert listing(home) == []
 
 
-def test_truncated_download_is_refused(server: Server, home: Path) -> None:
+def test_truncated_download_is_refused(server: FileServer, home: Path) -> None:
     data = np.random.default_rng(2).bytes(100_000)
     name = named(data)
-    server.files[name] = data
-    server.short.add(name)
+    server.files["/" + name] = data
+    server.short.add("/" + name)
     with pytest.raises(ModelUnavailable) as error:
         checkpoint.fetch(name, "test model")
     assert "truncated: got 50000 of 100000 bytes" in one_line(error)
     assert listing(home) == []
 
 
-def test_not_found(server: Server, home: Path) -> None:
+def test_not_found(server: FileServer, home: Path) -> None:
     name = checkpoint.CHECKPOINTS["encodec_24khz"]
     with pytest.raises(ModelUnavailable) as error:
         load_state_dict(name, "encodec_24khz")
@@ -150,7 +111,8 @@ def test_not_found(server: Server, home: Path) -> None:
     directory = home / "hub" / "checkpoints"
     assert message == (
         f"encodec_24khz checkpoint {name} is missing and could not be downloaded from "
-        f"{server.url}{name} (HTTP 404 Not Found); put it in {directory}/ (or set TORCH_HOME)"
+        f"{checkpoint.BASE_URL}{name} (HTTP 404 Not Found); put it in {directory}/ "
+        "(or set TORCH_HOME)"
     )
     assert listing(home) == []
     assert checkpoint.fingerprint(name) == (str(directory / name), None)
@@ -172,7 +134,7 @@ def test_closed_port(home: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert listing(home) == []
 
 
-def test_existing_file_is_used_without_a_request(server: Server, home: Path) -> None:
+def test_existing_file_is_used_without_a_request(server: FileServer, home: Path) -> None:
     name = checkpoint.CHECKPOINTS["encodec_48khz"]  # its content does not match its hash
     install(home, name, b"whatever is there")
     path = checkpoint.fetch(name, "test model")
