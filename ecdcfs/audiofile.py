@@ -226,7 +226,7 @@ class Reader:
         stop = min(offset + size, self.audio.size)
         if offset >= stop:
             return b""
-        header, data_stop = wav.header, len(wav.header) + wav.data_bytes
+        header, data_stop = wav.header, wav.pcm_end
         head = header[offset:stop]
         tail = wav.trailer[max(offset, data_stop) - data_stop : max(stop - data_stop, 0)]
         start, end = max(offset, len(header)) - len(header), min(stop, data_stop) - len(header)
