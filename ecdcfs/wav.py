@@ -169,8 +169,11 @@ class WavLayout:
             tags = info + tags
         elif info:
             hidden = _unpadded_walkers_only(info)
-        # WAVE, the chunks, the JUNK and data headers (and at least 1 byte of JUNK: see below)
-        chunks = 4 + len(fmt) + len(tags) + len(hidden) + 16 + (1 if hidden else 0)
+        # ``hidden`` starts at the pad byte of the JUNK before it: that JUNK is odd-sized, so
+        # at least 1 byte long.
+        min_junk = 1 if hidden else 0
+        # WAVE, the chunks, the JUNK and data headers, and the JUNK's shortest body
+        chunks = 4 + len(fmt) + len(tags) + len(hidden) + 16 + min_junk
         ds64 = b""
         if self._riff_size(chunks) > _U32_MAX:  # RF64: the sizes go in a ds64 chunk up front
             ds64 = _ds64(
@@ -181,9 +184,8 @@ class WavLayout:
             head, data_size = b"RF64" + struct.pack("<I", _U32_MAX), _U32_MAX
         else:
             head, data_size = b"RIFF" + struct.pack("<I", self._riff_size(chunks)), self.data_bytes
-        # The JUNK fills up to the PCM's offset; with ``hidden`` it is odd-sized, so that
-        # ``hidden`` starts at its pad byte.
-        size = pcm_offset(8 + chunks, self.data_bytes) - 8 - chunks + (1 if hidden else 0)
+        # The JUNK's body fills up to the PCM's offset.
+        size = pcm_offset(8 + chunks, self.data_bytes) - 8 - chunks + min_junk
         junk = b"JUNK" + struct.pack("<I", size) + bytes(size) + hidden
         return head + b"WAVE" + ds64 + fmt + tags + junk + b"data" + struct.pack("<I", data_size)
 
