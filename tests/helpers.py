@@ -37,11 +37,7 @@ def read_everything(audio, timeout: float) -> tuple[str, float]:
     def run() -> None:
         reader = audio.reader()
         try:
-            out, offset = bytearray(), 0
-            while chunk := reader.read(offset, READ):
-                out += chunk
-                offset += len(chunk)
-            assert len(out) == audio.size
+            assert len(read_all(reader)) == audio.size
             result.append("ok")
         except EcdcError as exc:
             result.append(f"error: {exc}")
